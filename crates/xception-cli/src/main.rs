@@ -1,1 +1,1 @@
-fn main() { xception::hello(); }
+fn main() {}

@@ -1,4 +1,16 @@
 //! Xception (Chollet, CVPR 2017) and the DeepLab aligned Xception family, exact against Keras
 //! and timm.
+//!
+//! The architecture is data ([`arch::Network`], from the `xception-arch` crate); [`model::Xception`]
+//! runs it on burn; [`weights`] reads and writes the weight files.
 
+pub mod device;
+pub mod model;
+pub mod npy;
+pub mod preprocess;
+pub mod weights;
+
+pub use model::{Outputs, Xception};
+pub use weights::{HostTensor, TensorMap};
 pub use xception_arch::{self as arch, Error, ModelConfig, Network, Pooling, Result, Variant};
+pub(crate) use xception_arch::error;

@@ -1,0 +1,222 @@
+//! The network as burn modules, run by interpreting the architecture description.
+//!
+//! Parameters live in flat lists in the description's op order; each op's hyper-parameters
+//! (stride, padding, dilation, groups, epsilon) come from [`Network`], so there is one source of
+//! truth for the architecture. Weight names are the description's timm keys.
+
+use crate::arch::{Block, Network, Op, Pooling, Shortcut};
+use crate::error::{Error, Result};
+use crate::weights::{HostTensor, TensorMap};
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::activation::relu;
+use burn::tensor::module::{conv2d, max_pool2d};
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+
+/// Convolution weight, PyTorch OIHW layout, no bias.
+#[derive(Module, Debug)]
+pub struct Conv2d {
+    pub weight: Param<Tensor<4>>,
+}
+
+/// BatchNorm with PyTorch's parameter names.
+#[derive(Module, Debug)]
+pub struct BatchNorm2d {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
+}
+
+/// Linear classifier, PyTorch layout: weight (out, in), bias (out).
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+/// An Xception-family network on burn.
+#[derive(Module, Debug)]
+pub struct Xception {
+    pub convs: Vec<Conv2d>,
+    pub norms: Vec<BatchNorm2d>,
+    pub head: Option<Linear>,
+    #[module(skip)]
+    pub net: Network,
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Final feature map (N, C, H, W), after the last activation.
+    pub features: Tensor<4>,
+    /// Multi-level features at timm's `feature_info` taps, in order (see [`Network::info`]).
+    pub taps: Vec<Tensor<4>>,
+}
+
+fn tensor_from<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+}
+
+/// Parameters handed out in the description's op order while building or running.
+struct Cursor {
+    conv: usize,
+    norm: usize,
+}
+
+impl Xception {
+    /// Builds the network and loads `weights`, which must hold every tensor the description
+    /// lists with the right shape (unused extra tensors are allowed and ignored).
+    pub fn from_weights(net: Network, weights: &TensorMap, device: &Device) -> Result<Xception> {
+        weights.check(&net)?;
+        let get = |name: String| weights.get(&name).expect("checked above");
+        let mut convs = Vec::new();
+        let mut norms = Vec::new();
+        for op in net.ops() {
+            match op {
+                Op::Conv(c) => convs.push(Conv2d {
+                    weight: Param::from_tensor(tensor_from(get(format!("{}.weight", c.key)), device)),
+                }),
+                Op::Norm(n) => norms.push(BatchNorm2d {
+                    weight: Param::from_tensor(tensor_from(get(format!("{}.weight", n.key)), device)),
+                    bias: Param::from_tensor(tensor_from(get(format!("{}.bias", n.key)), device)),
+                    running_mean: RunningState::new(tensor_from(get(format!("{}.running_mean", n.key)), device)),
+                    running_var: RunningState::new(tensor_from(get(format!("{}.running_var", n.key)), device)),
+                }),
+                _ => {}
+            }
+        }
+        let head = net.head.as_ref().map(|h| Linear {
+            weight: Param::from_tensor(tensor_from(get(format!("{}.weight", h.key)), device)),
+            bias: Param::from_tensor(tensor_from(get(format!("{}.bias", h.key)), device)),
+        });
+        Ok(Xception { convs, norms, head, net })
+    }
+
+    /// The weights as named host tensors (timm names), e.g. to save as safetensors.
+    pub fn to_tensor_map(&self) -> TensorMap {
+        fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
+            let shape = t.dims().to_vec();
+            HostTensor::new(shape, t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float tensor"))
+        }
+        let mut map = TensorMap::new(self.net.variant().name());
+        let mut cursor = Cursor { conv: 0, norm: 0 };
+        for op in self.net.ops() {
+            match op {
+                Op::Conv(c) => {
+                    map.insert(format!("{}.weight", c.key), host(self.convs[cursor.conv].weight.val()));
+                    cursor.conv += 1;
+                }
+                Op::Norm(n) => {
+                    let bn = &self.norms[cursor.norm];
+                    map.insert(format!("{}.weight", n.key), host(bn.weight.val()));
+                    map.insert(format!("{}.bias", n.key), host(bn.bias.val()));
+                    map.insert(format!("{}.running_mean", n.key), host(bn.running_mean.value()));
+                    map.insert(format!("{}.running_var", n.key), host(bn.running_var.value()));
+                    cursor.norm += 1;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(h), Some(spec)) = (&self.head, &self.net.head) {
+            map.insert(format!("{}.weight", spec.key), host(h.weight.val()));
+            map.insert(format!("{}.bias", spec.key), host(h.bias.val()));
+        }
+        map
+    }
+
+    /// Runs the backbone on an NCHW batch (values already preprocessed).
+    pub fn forward_features(&self, x: Tensor<4>) -> Result<Outputs> {
+        let [_, c, h, w] = x.dims();
+        if c != 3 {
+            return Err(Error::Shape(format!("expected 3 input channels, got an input of shape {:?}", x.dims())));
+        }
+        self.net.check_input_size(h, w)?;
+        let mut cursor = Cursor { conv: 0, norm: 0 };
+        let mut taps = Vec::new();
+        let mut x = self.run(&self.net.stem, x, &mut cursor, &mut taps);
+        for block in &self.net.blocks {
+            x = self.block(block, x, &mut cursor, &mut taps);
+        }
+        let x = self.run(&self.net.tail, x, &mut cursor, &mut taps);
+        Ok(Outputs { features: x, taps })
+    }
+
+    /// Global pooling of a feature map: the embedding, (N, C).
+    pub fn pool(&self, features: Tensor<4>) -> Tensor<2> {
+        let pooled = match self.net.config.pooling {
+            Pooling::Avg => features.mean_dims(&[2, 3]),
+            Pooling::Max => features.max_dims(&[2, 3]),
+        };
+        let [n, c, _, _] = pooled.dims();
+        pooled.reshape([n, c])
+    }
+
+    /// Classifier logits from pooled features. Errors if the model was built without a top.
+    pub fn classify(&self, pooled: Tensor<2>) -> Result<Tensor<2>> {
+        let head = self.head.as_ref().ok_or_else(|| Error::Config("this model was built without a classifier".into()))?;
+        Ok(pooled.matmul(head.weight.val().transpose()) + head.bias.val().unsqueeze_dim(0))
+    }
+
+    /// Logits for an NCHW batch.
+    pub fn forward(&self, x: Tensor<4>) -> Result<Tensor<2>> {
+        let out = self.forward_features(x)?;
+        self.classify(self.pool(out.features))
+    }
+
+    fn block(&self, block: &Block, x: Tensor<4>, cursor: &mut Cursor, taps: &mut Vec<Tensor<4>>) -> Tensor<4> {
+        let input = self.run(&block.pre, x, cursor, taps);
+        let branch = self.run(&block.body, input.clone(), cursor, taps);
+        match &block.shortcut {
+            Shortcut::None => branch,
+            Shortcut::Identity => branch + input,
+            Shortcut::Project(ops) => branch + self.run(ops, input, cursor, taps),
+        }
+    }
+
+    fn run(&self, ops: &[Op], mut x: Tensor<4>, cursor: &mut Cursor, taps: &mut Vec<Tensor<4>>) -> Tensor<4> {
+        for op in ops {
+            x = match op {
+                Op::Conv(c) => {
+                    let [_, _, h, w] = x.dims();
+                    let (t, b, _) = c.padding.resolve(h, c.kernel, c.stride, c.dilation);
+                    let (l, r, _) = c.padding.resolve(w, c.kernel, c.stride, c.dilation);
+                    let options = ConvOptions::new_with_padding(
+                        [c.stride, c.stride],
+                        [(t, b), (l, r)],
+                        [c.dilation, c.dilation],
+                        c.groups,
+                    );
+                    let weight = self.convs[cursor.conv].weight.val();
+                    cursor.conv += 1;
+                    conv2d(x, weight, None, options)
+                }
+                Op::Norm(n) => {
+                    let bn = &self.norms[cursor.norm];
+                    cursor.norm += 1;
+                    // Inference BatchNorm folded to one scale and shift per channel, as PyTorch's
+                    // CPU kernel does: y = x * (gamma / sqrt(var + eps)) + (beta - mean * scale).
+                    let scale = bn.weight.val() / (bn.running_var.value() + n.eps).sqrt();
+                    let shift = bn.bias.val() - bn.running_mean.value() * scale.clone();
+                    let c = n.channels;
+                    x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+                }
+                Op::Relu => relu(x),
+                Op::MaxPool { kernel, stride, padding } => {
+                    let [_, _, h, w] = x.dims();
+                    let (t, b, _) = padding.resolve(h, *kernel, *stride, 1);
+                    let (l, r, _) = padding.resolve(w, *kernel, *stride, 1);
+                    let options = MaxPoolOptions::new([*kernel, *kernel])
+                        .with_stride([*stride, *stride])
+                        .with_padding_pairs([(t, b), (l, r)]);
+                    max_pool2d(x, options)
+                }
+                Op::Tap { .. } => {
+                    taps.push(x.clone());
+                    x
+                }
+            };
+        }
+        x
+    }
+}

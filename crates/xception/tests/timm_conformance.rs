@@ -1,0 +1,207 @@
+//! Conformance against the real timm: outputs produced by `tools/make_fixtures.py` (timm 1.0.31,
+//! torch 2.15) from deterministic weights, compared with ours within 1e-4 of each output's scale.
+//!
+//! Conv and linear weights and BN affine parameters follow the formula both sides implement
+//! (`weights::deterministic`); the calibrated BN running statistics come from the fixture.
+
+use burn::tensor::{Tensor, TensorData};
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+use xception::arch::{ModelConfig, Network, Pooling, Variant};
+use xception::device::default_device;
+use xception::weights::{deterministic, TensorMap};
+use xception::Xception;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/timm")
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    file: String,
+    variant: String,
+    size: usize,
+    output_stride: usize,
+    pool: String,
+    taps: Vec<Tap>,
+}
+
+#[derive(serde::Deserialize)]
+struct Tap {
+    reduction: usize,
+    shape: Vec<usize>,
+}
+
+fn raw(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<u8>) {
+    let v = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+    (v.shape().to_vec(), v.data().to_vec())
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn i64s(bytes: &[u8]) -> Vec<i64> {
+    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// A reference output: whole, or (for large tensors) a seeded sample of flat indices and values.
+struct Reference {
+    shape: Vec<usize>,
+    index: Option<Vec<usize>>,
+    values: Vec<f32>,
+}
+
+fn reference(st: &SafeTensors, name: &str) -> Reference {
+    let names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    if names.iter().any(|n| n == name) {
+        let (shape, bytes) = raw(st, name);
+        Reference { shape, index: None, values: f32s(&bytes) }
+    } else {
+        let shape = i64s(&raw(st, &format!("{name}.shape")).1).into_iter().map(|d| d as usize).collect();
+        let index = i64s(&raw(st, &format!("{name}.index")).1).into_iter().map(|i| i as usize).collect();
+        Reference { shape, index: Some(index), values: f32s(&raw(st, &format!("{name}.values")).1) }
+    }
+}
+
+/// max |ours - reference| / max |reference| over the stored elements.
+fn relative_error(ours: &[f32], reference: &Reference) -> f32 {
+    let picked: Vec<f32> = match &reference.index {
+        Some(index) => index.iter().map(|&i| ours[i]).collect(),
+        None => ours.to_vec(),
+    };
+    assert_eq!(picked.len(), reference.values.len());
+    let scale = reference.values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = picked.iter().zip(&reference.values).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+    (t.dims().to_vec(), t.into_data().try_into_vec::<f32>().unwrap())
+}
+
+/// The fixture's weights: formula weights with the fixture's calibrated norm tensors.
+fn fixture_weights(net: &Network) -> TensorMap {
+    let mut weights = deterministic(net);
+    let path = fixtures().join(format!("{}_norms.safetensors", net.variant()));
+    let norms = TensorMap::read_safetensors(&path).unwrap();
+    for (name, t) in norms.tensors {
+        if weights.tensors.contains_key(&name) {
+            weights.insert(name, t);
+        }
+    }
+    weights
+}
+
+fn manifest() -> Vec<Case> {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The case's model (as `variant`, normally the case's own) and its input batch, NCHW, with the
+/// input optionally rolled right by `shift` pixels.
+fn model_and_input(case: &Case, st: &SafeTensors, variant: &str, shift: usize) -> (Network, Xception, Tensor<4>) {
+    let device = default_device();
+    let mut config = ModelConfig::new(Variant::parse(variant).unwrap());
+    config.output_stride = case.output_stride;
+    config.pooling = Pooling::parse(&case.pool).unwrap();
+    let net = Network::build(&config).unwrap();
+    let model = Xception::from_weights(net.clone(), &fixture_weights(&net), &device).unwrap();
+
+    let input = st.tensor("input_u8").unwrap();
+    let [n, h, w, c]: [usize; 4] = input.shape().try_into().unwrap();
+    assert_eq!((h, w, c), (case.size, case.size, 3));
+    let x: Vec<f32> = input.data().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(x, [n, h, w, c]), &device).permute([0, 3, 1, 2]);
+    let x = if shift > 0 { Tensor::cat(vec![x.clone().narrow(3, w - shift, shift), x.narrow(3, 0, w - shift)], 3) } else { x };
+    (net, model, x)
+}
+
+fn check_variant(variant: &str) {
+    let mut ran = 0;
+    for case in manifest().iter().filter(|c| c.variant == variant) {
+        let bytes = std::fs::read(fixtures().join(&case.file)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (net, model, x) = model_and_input(case, &st, variant, 0);
+        let [_, _, h, w] = x.dims();
+
+        let out = model.forward_features(x).unwrap();
+        let pooled = model.pool(out.features.clone());
+        let logits = model.classify(pooled.clone()).unwrap();
+        let mut report = Vec::new();
+        let mut compare = |what: &str, ours: (Vec<usize>, Vec<f32>)| {
+            let reference = reference(&st, what);
+            assert_eq!(ours.0, reference.shape, "{}: {what} shape", case.file);
+            let err = relative_error(&ours.1, &reference);
+            report.push(format!("{what} {err:.1e}"));
+            assert!(err <= TOLERANCE, "{}: {what} differs from timm by {err:.2e} of its scale", case.file);
+        };
+        compare("logits", host(logits));
+        compare("pooled", host(pooled));
+        compare("features", host(out.features));
+        if !case.taps.is_empty() {
+            let expected = net.info(h, w).unwrap().features;
+            assert_eq!(out.taps.len(), case.taps.len(), "{}: number of feature taps", case.file);
+            for (i, (tap, t)) in out.taps.into_iter().zip(&case.taps).enumerate() {
+                assert_eq!(expected[i].reduction, t.reduction, "{}: tap {i} reduction", case.file);
+                assert_eq!(&expected[i].shape[..], &t.shape[1..], "{}: tap {i} shape in `info`", case.file);
+                compare(&format!("tap{i}"), host(tap));
+            }
+        }
+        eprintln!("{}: {}", case.file, report.join(", "));
+        ran += 1;
+    }
+    assert!(ran > 0, "no fixtures for {variant}");
+}
+
+/// The fixtures are sensitive: the other padding rule and epsilon, or a one-pixel shift of the
+/// input, move the logits far beyond the tolerance.
+#[test]
+fn deliberate_mistakes_are_far_outside_the_tolerance() {
+    let cases = manifest();
+    let case = cases.iter().find(|c| c.file == "xception_s224_os32_avg.safetensors").unwrap();
+    let bytes = std::fs::read(fixtures().join(&case.file)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let expected = reference(&st, "logits");
+    for (variant, shift) in [("legacy_xception", 0), ("xception", 1)] {
+        let (_, model, x) = model_and_input(case, &st, variant, shift);
+        let err = relative_error(&host(model.forward(x).unwrap()).1, &expected);
+        assert!(err > 100.0 * TOLERANCE, "{variant} shifted {shift}: only {err:.2e} away");
+    }
+}
+
+#[test]
+fn legacy_xception_matches_timm() {
+    check_variant("legacy_xception");
+}
+
+#[test]
+fn keras_xception_matches_timm_with_keras_padding_and_epsilon() {
+    check_variant("xception");
+}
+
+#[test]
+fn xception41_matches_timm() {
+    check_variant("xception41");
+}
+
+#[test]
+fn xception65_matches_timm() {
+    check_variant("xception65");
+}
+
+#[test]
+fn xception71_matches_timm() {
+    check_variant("xception71");
+}
+
+#[test]
+fn xception41p_matches_timm() {
+    check_variant("xception41p");
+}
+
+#[test]
+fn xception65p_matches_timm() {
+    check_variant("xception65p");
+}
