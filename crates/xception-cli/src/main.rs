@@ -1,1 +1,327 @@
-fn main() {}
+//! `xception`: classify and embed images, inspect and convert models.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use xception::arch::{ModelConfig, Network, Pooling, Variant};
+use xception::device::default_device;
+use xception::preprocess::{load_items, Preprocess, Resize};
+use xception::{Labels, TensorMap, Xception};
+
+#[derive(Parser)]
+#[command(name = "xception", version, about = "Xception and the aligned Xception family, exact against Keras and timm")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Top-k classes for each image (or preprocessed .npy array).
+    Classify(ClassifyArgs),
+    /// Pooled embeddings of the inputs, written as an (N, C) float32 .npy file.
+    Embed(EmbedArgs),
+    /// Per-stage output shapes, parameter and multiply-add counts of a model.
+    Info(InfoArgs),
+    /// Converts timm weights (.safetensors or .pth) to our canonical safetensors.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model name (xception, legacy_xception, xception41, xception65, xception71, xception41p,
+    /// xception65p). Read from the weight file when omitted.
+    #[arg(long)]
+    model: Option<String>,
+    /// Weight file: our safetensors, timm .safetensors or .pth.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Output stride (aligned family: 32, 16 or 8).
+    #[arg(long, default_value_t = 32)]
+    output_stride: usize,
+    /// Input size the images are resized/cropped to.
+    #[arg(long, default_value_t = 299)]
+    size: usize,
+    /// Resampling filter (default: the reference's, nearest for Keras, bicubic for timm).
+    #[arg(long, value_parser = ["nearest", "bilinear", "bicubic"])]
+    resize: Option<String>,
+    /// Preprocessing pipeline (default: the reference's for the model).
+    #[arg(long, value_parser = ["keras", "timm"])]
+    preprocess: Option<String>,
+    /// Inputs run together in one forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Number of classes to show per input.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Class names: `imagenet` or a file with one label per line.
+    #[arg(long, default_value = "imagenet")]
+    labels: String,
+    /// Print one JSON object (with all logits) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output .npy file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Global pooling of the final feature map.
+    #[arg(long, default_value = "avg", value_parser = ["avg", "max"])]
+    pooling: String,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value_t = 299)]
+    input_size: usize,
+    #[arg(long, default_value_t = 32)]
+    output_stride: usize,
+    #[arg(long, default_value_t = 1000)]
+    num_classes: usize,
+    /// Without the classifier.
+    #[arg(long)]
+    no_top: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// timm weights: .safetensors or .pth
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Model the weights belong to (detected from the tensor names when omitted).
+    #[arg(long)]
+    model: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                _ => 1,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Classify(a) => classify(a),
+        Command::Embed(a) => embed(a),
+        Command::Info(a) => info(a),
+        Command::Convert(a) => convert(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_variant(name: &Option<String>) -> Result<Option<Variant>> {
+    Ok(name.as_deref().map(Variant::parse).transpose()?)
+}
+
+/// The preprocessing the flags ask for, defaulting to the reference's for the variant.
+fn preprocessing(args: &ModelArgs, variant: Variant) -> Result<Preprocess> {
+    let reference = Preprocess::default_for(variant, args.size);
+    let chosen = match args.preprocess.as_deref() {
+        None => reference,
+        Some("keras") => Preprocess::Keras { size: args.size, resize: Resize::Nearest },
+        Some(_) => match reference {
+            Preprocess::Timm { .. } => reference,
+            // The Keras graph has no timm config; timm's port of the same weights uses these.
+            Preprocess::Keras { .. } => Preprocess::default_for(Variant::LegacyXception, args.size),
+        },
+    };
+    Ok(match &args.resize {
+        Some(r) => chosen.with_resize(Resize::parse(r)?),
+        None => chosen,
+    })
+}
+
+/// Loads weights, builds the model they fit, runs every input.
+fn run_model(args: &ModelArgs, want_top: bool, pooling: Pooling) -> Result<(ModelConfig, Vec<xception::Prediction>)> {
+    let weights = TensorMap::read(&args.weights)?;
+    let mut config = weights.infer_config(parse_variant(&args.model)?)?;
+    if want_top && !config.include_top {
+        bail!(
+            "{}: the weights have no classifier ({}.weight); use `xception embed` for features",
+            args.weights.display(),
+            config.variant.classifier_key()
+        );
+    }
+    config.include_top = want_top;
+    config.output_stride = args.output_stride;
+    config.pooling = pooling;
+    let net = Network::build(&config)?;
+    let device = default_device();
+    let model = Xception::from_weights(net, &weights, &device)?;
+    drop(weights);
+    let items = load_items(&args.inputs, &preprocessing(args, config.variant)?)?;
+    let predictions = model.predict(&items, args.batch_size, &device)?;
+    Ok((config, predictions))
+}
+
+#[derive(Serialize)]
+struct TopClass {
+    index: usize,
+    label: String,
+    probability: f64,
+}
+
+#[derive(Serialize)]
+struct ClassifyResult {
+    input: String,
+    logits: Vec<f32>,
+    top: Vec<TopClass>,
+}
+
+#[derive(Serialize)]
+struct ClassifyOutput {
+    model: String,
+    weights: String,
+    results: Vec<ClassifyResult>,
+}
+
+fn softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let exp: Vec<f64> = logits.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
+}
+
+fn classify(args: ClassifyArgs) -> Result<()> {
+    let labels = match args.labels.as_str() {
+        "imagenet" => Labels::imagenet(),
+        file => Labels::from_file(&PathBuf::from(file))?,
+    };
+    let (config, predictions) = run_model(&args.model, true, Pooling::Avg)?;
+    let results: Vec<ClassifyResult> = predictions
+        .into_iter()
+        .map(|p| {
+            let logits = p.logits.expect("model has a classifier");
+            let probs = softmax(&logits);
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            let top = order
+                .into_iter()
+                .take(args.top)
+                .map(|i| TopClass { index: i, label: labels.name(i), probability: probs[i] })
+                .collect();
+            ClassifyResult { input: p.name, logits, top }
+        })
+        .collect();
+    if args.json {
+        let out = ClassifyOutput {
+            model: config.variant.name().into(),
+            weights: args.model.weights.display().to_string(),
+            results,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        for r in &results {
+            println!("{}", r.input);
+            for (rank, t) in r.top.iter().enumerate() {
+                println!("  {:>2}. {:>6.2}%  {} ({})", rank + 1, 100.0 * t.probability, t.label, t.index);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn embed(args: EmbedArgs) -> Result<()> {
+    let pooling = Pooling::parse(&args.pooling)?;
+    let (config, predictions) = run_model(&args.model, false, pooling)?;
+    let n = predictions.len();
+    let c = predictions.first().map(|p| p.pooled.len()).unwrap_or(0);
+    let data: Vec<f32> = predictions.iter().flat_map(|p| p.pooled.iter().copied()).collect();
+    xception::npy::write_f32(&args.out, &[n, c], &data)?;
+    eprintln!("{}: {n} x {c} {} embeddings ({} pooling)", args.out.display(), config.variant, args.pooling);
+    Ok(())
+}
+
+fn info(args: InfoArgs) -> Result<()> {
+    let mut config = ModelConfig::new(Variant::parse(&args.model)?);
+    config.output_stride = args.output_stride;
+    config.num_classes = args.num_classes;
+    config.include_top = !args.no_top;
+    let net = Network::build(&config)?;
+    net.check_input_size(args.input_size, args.input_size)?;
+    let info = net.info(args.input_size, args.input_size)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    let s = args.input_size;
+    println!("{} at {s}x{s}, output stride {}\n", info.model, info.output_stride);
+    println!("{:<12} {:>16} {:>7} {:>9} {:>12} {:>16}", "stage", "output (HxWxC)", "stride", "dilation", "params", "multiply-adds");
+    for st in &info.stages {
+        let shape = st.output.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        println!("{:<12} {:>16} {:>7} {:>9} {:>12} {:>16}", st.name, shape, st.stride, st.dilation, group(st.params as u64), group(st.macs));
+    }
+    println!();
+    println!("parameters      {:>16}", group(info.params_total as u64));
+    println!("  trainable     {:>16}", group(info.params_trainable as u64));
+    println!("  non-trainable {:>16}", group(info.params_non_trainable as u64));
+    println!("multiply-adds   {:>16}  ({:.3} G)", group(info.macs), info.macs as f64 / 1e9);
+    println!("\nfeature taps (timm feature_info):");
+    for f in &info.features {
+        println!("  stride {:>2}  {:>4} x {:>3} x {:>3}  {}", f.reduction, f.shape[0], f.shape[1], f.shape[2], f.module);
+    }
+    Ok(())
+}
+
+fn group(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let mut weights = TensorMap::read(&args.input)?;
+    let config = weights.infer_config(parse_variant(&args.model)?)?;
+    let net = Network::build(&config)?;
+    let unused = weights.check(&net)?;
+    let mut out = weights.restricted_to(&net);
+    out.metadata.insert("model".into(), config.variant.name().into());
+    out.metadata.insert("format".into(), "xception-rs canonical: timm state_dict names, PyTorch layouts, float32".into());
+    out.metadata.insert("converted_from".into(), args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    weights.tensors.clear();
+    out.write_safetensors(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    let classes = if config.include_top { format!("{} classes", config.num_classes) } else { "no classifier".into() };
+    eprintln!("{}: {} ({classes}), {} tensors", args.out.display(), config.variant, out.tensors.len());
+    if !unused.is_empty() {
+        eprintln!("ignored {} tensors the model does not use, e.g. '{}'", unused.len(), unused[0]);
+    }
+    Ok(())
+}

@@ -5,12 +5,15 @@
 //! runs it on burn; [`weights`] reads and writes the weight files.
 
 pub mod device;
+pub mod labels;
 pub mod model;
 pub mod npy;
 pub mod preprocess;
 pub mod weights;
 
-pub use model::{Outputs, Xception};
+pub use labels::Labels;
+pub use model::{Outputs, Prediction, Xception};
+pub use preprocess::{Item, Preprocess, Resize};
 pub use weights::{HostTensor, TensorMap};
 pub use xception_arch::{self as arch, Error, ModelConfig, Network, Pooling, Result, Variant};
 pub(crate) use xception_arch::error;

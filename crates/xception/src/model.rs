@@ -4,8 +4,9 @@
 //! (stride, padding, dilation, groups, epsilon) come from [`Network`], so there is one source of
 //! truth for the architecture. Weight names are the description's timm keys.
 
-use crate::arch::{Block, Network, Op, Pooling, Shortcut};
+use crate::arch::{Block, ModelConfig, Network, Op, Pooling, Shortcut};
 use crate::error::{Error, Result};
+use crate::preprocess::Item;
 use crate::weights::{HostTensor, TensorMap};
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::activation::relu;
@@ -54,8 +55,22 @@ pub struct Outputs {
     pub taps: Vec<Tensor<4>>,
 }
 
+fn rows(t: Tensor<2>) -> Vec<Vec<f32>> {
+    let [_, c] = t.dims();
+    let data = t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float tensor");
+    data.chunks(c).map(|r| r.to_vec()).collect()
+}
+
 fn tensor_from<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+}
+
+/// Pooled embedding and (with a classifier) logits of one input.
+#[derive(Clone, Debug)]
+pub struct Prediction {
+    pub name: String,
+    pub pooled: Vec<f32>,
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Parameters handed out in the description's op order while building or running.
@@ -91,6 +106,43 @@ impl Xception {
             bias: Param::from_tensor(tensor_from(get(format!("{}.bias", h.key)), device)),
         });
         Ok(Xception { convs, norms, head, net })
+    }
+
+    /// Builds `config` and loads its weights from a file (safetensors or PyTorch).
+    pub fn load(config: &ModelConfig, weights: &std::path::Path, device: &Device) -> Result<Xception> {
+        let net = Network::build(config)?;
+        Xception::from_weights(net, &TensorMap::read(weights)?, device)
+    }
+
+    /// Runs inputs in batches of at most `batch_size` (consecutive inputs of equal size share a
+    /// batch): pooled embeddings and, when the model has a classifier, logits.
+    pub fn predict(&self, items: &[Item], batch_size: usize, device: &Device) -> Result<Vec<Prediction>> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut start = 0;
+        while start < items.len() {
+            let (h, w) = (items[start].height, items[start].width);
+            let mut end = start + 1;
+            while end < items.len() && end - start < batch_size.max(1) && (items[end].height, items[end].width) == (h, w) {
+                end += 1;
+            }
+            let batch = &items[start..end];
+            let data: Vec<f32> = batch.iter().flat_map(|i| i.data.iter().copied()).collect();
+            let x = Tensor::<4>::from_data(TensorData::new(data, [batch.len(), h, w, 3]), device).permute([0, 3, 1, 2]);
+            let features = self.forward_features(x).map_err(|e| match e {
+                Error::Shape(m) => Error::Shape(format!("{}: {m}", batch[0].name)),
+                other => other,
+            })?;
+            let pooled = self.pool(features.features);
+            let logits = match self.head {
+                Some(_) => Some(rows(self.classify(pooled.clone())?)),
+                None => None,
+            };
+            for (i, (item, p)) in batch.iter().zip(rows(pooled)).enumerate() {
+                out.push(Prediction { name: item.name.clone(), pooled: p, logits: logits.as_ref().map(|l| l[i].clone()) });
+            }
+            start = end;
+        }
+        Ok(out)
     }
 
     /// The weights as named host tensors (timm names), e.g. to save as safetensors.

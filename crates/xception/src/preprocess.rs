@@ -6,6 +6,7 @@
 //! resampler for bilinear/bicubic (coefficients in double, 22-bit fixed point, uint8 rounding
 //! between the horizontal and the vertical pass).
 
+use crate::arch::Variant;
 use crate::error::{Error, Result};
 use image::RgbImage;
 use std::path::Path;
@@ -49,6 +50,26 @@ impl Preprocess {
     /// timm's eval transform for a variant's pretrained config (mean/std 0.5: Inception style).
     pub fn timm(size: usize, crop_pct: f64, resize: Resize) -> Preprocess {
         Preprocess::Timm { size, resize, crop_pct, mean: [0.5; 3], std: [0.5; 3] }
+    }
+
+    /// What the reference of `variant` does with its published weights: Keras' nearest resize
+    /// for `xception`; timm's bicubic resize and centre crop with the pretrained config's crop_pct
+    /// (0.8975 legacy_xception, 0.903 the TF-ported aligned nets, 0.94 the ra3 pre-act nets).
+    pub fn default_for(variant: Variant, size: usize) -> Preprocess {
+        match variant {
+            Variant::Xception => Preprocess::Keras { size, resize: Resize::Nearest },
+            Variant::LegacyXception => Preprocess::timm(size, 0.8975, Resize::Bicubic),
+            Variant::Xception41 | Variant::Xception65 | Variant::Xception71 => Preprocess::timm(size, 0.903, Resize::Bicubic),
+            Variant::Xception41p | Variant::Xception65p => Preprocess::timm(size, 0.94, Resize::Bicubic),
+        }
+    }
+
+    /// The same pipeline with another resampling filter.
+    pub fn with_resize(self, resize: Resize) -> Preprocess {
+        match self {
+            Preprocess::Keras { size, .. } => Preprocess::Keras { size, resize },
+            Preprocess::Timm { size, crop_pct, mean, std, .. } => Preprocess::Timm { size, resize, crop_pct, mean, std },
+        }
     }
 
     /// Applies the pipeline to a decoded RGB image: HWC float32.
@@ -235,45 +256,27 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
-/// A batch ready for the network: NHWC float32 plus the name of each item.
+/// One preprocessed input: HWC float32 and where it came from.
 #[derive(Clone, Debug)]
-pub struct Batch {
-    pub data: Vec<f32>,
-    pub n: usize,
+pub struct Item {
+    pub name: String,
     pub height: usize,
     pub width: usize,
-    pub names: Vec<String>,
+    pub data: Vec<f32>,
 }
 
-impl Batch {
-    fn push(&mut self, name: String, height: usize, width: usize, data: Vec<f32>) -> Result<()> {
-        if self.n > 0 && (height, width) != (self.height, self.width) {
-            return Err(Error::Shape(format!(
-                "{name}: input is {height}x{width} but earlier inputs are {}x{}; all inputs of a batch must share a size",
-                self.height, self.width
-            )));
-        }
-        self.height = height;
-        self.width = width;
-        self.n += 1;
-        self.names.push(name);
-        self.data.extend(data);
-        Ok(())
-    }
-}
-
-/// Loads images and `.npy` arrays (float32 (N,H,W,3) or (H,W,3), already preprocessed) into one batch.
-pub fn load_inputs(paths: &[impl AsRef<Path>], preprocess: &Preprocess) -> Result<Batch> {
+/// Loads images and `.npy` arrays (float32 (N,H,W,3) or (H,W,3), already preprocessed).
+pub fn load_items(paths: &[impl AsRef<Path>], preprocess: &Preprocess) -> Result<Vec<Item>> {
     if paths.is_empty() {
         return Err(Error::Config("no input given".into()));
     }
-    let mut batch = Batch { data: vec![], n: 0, height: 0, width: 0, names: vec![] };
+    let mut items = Vec::new();
     for p in paths {
         let path = p.as_ref();
         let name = path.display().to_string();
         if path.extension().and_then(|e| e.to_str()) == Some("npy") {
             let (shape, data) = crate::npy::read_f32(path)?;
-            let (n, h, w) = match shape[..] {
+            let (n, height, width) = match shape[..] {
                 [n, h, w, 3] => (n, h, w),
                 [h, w, 3] => (1, h, w),
                 _ => {
@@ -286,18 +289,20 @@ pub fn load_inputs(paths: &[impl AsRef<Path>], preprocess: &Preprocess) -> Resul
             if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                 return Err(Error::file(path, format!("array holds a non-finite value at flat index {i}")));
             }
-            let per = h * w * 3;
-            for (i, item) in data.chunks_exact(per).enumerate() {
-                let item_name = if n == 1 { name.clone() } else { format!("{name}[{i}]") };
-                batch.push(item_name, h, w, item.to_vec())?;
+            if n == 0 || height == 0 || width == 0 {
+                return Err(Error::file(path, format!("array of shape {shape:?} is empty")));
+            }
+            for (i, chunk) in data.chunks_exact(height * width * 3).enumerate() {
+                let name = if n == 1 { name.clone() } else { format!("{name}[{i}]") };
+                items.push(Item { name, height, width, data: chunk.to_vec() });
             }
         } else {
             let img = load_image(path)?;
             let size = preprocess.size();
-            batch.push(name, size, size, preprocess.apply(&img))?;
+            items.push(Item { name, height: size, width: size, data: preprocess.apply(&img) });
         }
     }
-    Ok(batch)
+    Ok(items)
 }
 
 #[cfg(test)]

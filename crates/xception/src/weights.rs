@@ -1,7 +1,7 @@
 //! Weight files: our canonical safetensors (timm `state_dict` names, PyTorch layouts, float32),
 //! timm `.pth` checkpoints, validation against the architecture, and deterministic weights.
 
-use crate::arch::{Network, TensorRole};
+use crate::arch::{ModelConfig, Network, TensorRole, Variant};
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -27,6 +27,8 @@ impl HostTensor {
 pub struct TensorMap {
     pub source: String,
     pub tensors: BTreeMap<String, HostTensor>,
+    /// safetensors `__metadata__` (our files record `model`).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Tensors in checkpoints that carry no weights we use.
@@ -71,7 +73,7 @@ fn f16_to_f32(h: u16) -> f32 {
 
 impl TensorMap {
     pub fn new(source: impl Into<String>) -> TensorMap {
-        TensorMap { source: source.into(), tensors: BTreeMap::new() }
+        TensorMap { source: source.into(), tensors: BTreeMap::new(), metadata: BTreeMap::new() }
     }
 
     fn error(&self, message: impl Into<String>) -> Error {
@@ -104,6 +106,11 @@ impl TensorMap {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::Weights { source_name: source.into(), message: format!("not a valid safetensors file: {e}") })?;
         let mut map = TensorMap::new(source);
+        if let Ok((_, meta)) = SafeTensors::read_metadata(bytes) {
+            if let Some(m) = meta.metadata() {
+                map.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            }
+        }
         for (name, view) in st.tensors() {
             if is_bookkeeping(&name) {
                 continue;
@@ -131,19 +138,17 @@ impl TensorMap {
             None => pytorch_reader::PytorchReader::new(path),
             Some(k) => pytorch_reader::PytorchReader::with_top_level_key(path, k),
         };
-        let reader = match open(None) {
-            Ok(r) if !r.is_empty() => r,
-            first => ["state_dict", "model", "state_dict_ema"]
-                .iter()
-                .find_map(|k| open(Some(k)).ok().filter(|r| !r.is_empty()))
-                .ok_or_else(|| {
-                    let why = match first {
-                        Err(e) => e.to_string(),
-                        Ok(_) => "no tensors found".into(),
-                    };
-                    Error::file(path, format!("not a readable PyTorch checkpoint: {why}"))
-                })?,
-        };
+        // Training scripts wrap the state dict: {"state_dict": ..., "epoch": ...}. Prefer the
+        // wrapped dict when there is one, else the file's own top level.
+        let reader = ["state_dict", "model", "state_dict_ema"]
+            .iter()
+            .find_map(|k| open(Some(k)).ok().filter(|r| !r.is_empty()))
+            .map(Ok)
+            .unwrap_or_else(|| open(None))
+            .map_err(|e| Error::file(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+        if reader.is_empty() {
+            return Err(Error::file(path, "PyTorch checkpoint holds no tensors"));
+        }
         let mut map = TensorMap::new(source.clone());
         for (name, t) in reader.tensors() {
             if is_bookkeeping(name) {
@@ -169,7 +174,8 @@ impl TensorMap {
 
     /// Writes float32 safetensors atomically (temporary file, fsync, rename): an interrupted
     /// write never leaves a half-written file under the final name.
-    pub fn write_safetensors(&self, path: &Path, metadata: BTreeMap<String, String>) -> Result<()> {
+    pub fn write_safetensors(&self, path: &Path) -> Result<()> {
+        let metadata = &self.metadata;
         let mut header = serde_json::Map::new();
         let mut offset = 0usize;
         for (name, t) in &self.tensors {
@@ -246,6 +252,43 @@ impl TensorMap {
         }
         let used: std::collections::HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
         Ok(self.tensors.keys().filter(|k| !used.contains(k.as_str())).cloned().collect())
+    }
+
+    /// The configuration these weights were saved for: `variant` if given, else the `model` our
+    /// files record, else the variant whose tensor names and shapes they match. The classifier
+    /// (and its number of classes) is taken from the file. `xception` and `legacy_xception` share
+    /// their tensor names; without metadata, timm's `legacy_xception` is assumed.
+    pub fn infer_config(&self, variant: Option<Variant>) -> Result<ModelConfig> {
+        let named = match variant {
+            Some(v) => Some(v),
+            None => self.metadata.get("model").map(|m| Variant::parse(m)).transpose()?,
+        };
+        let candidates: Vec<Variant> = match named {
+            Some(v) => vec![v],
+            None => Variant::ALL.into_iter().filter(|v| *v != Variant::Xception).collect(),
+        };
+        let mut first_error = None;
+        for v in candidates {
+            let mut config = ModelConfig::new(v);
+            let head = format!("{}.weight", v.classifier_key());
+            match self.tensors.get(&head).map(|t| t.shape.clone()) {
+                Some(shape) if shape.len() == 2 => config.num_classes = shape[0],
+                Some(shape) => return Err(self.error(format!("tensor '{head}' has shape {shape:?}, expected (classes, features)"))),
+                None => config.include_top = false,
+            }
+            let net = Network::build(&config)?;
+            match self.check(&net) {
+                Ok(unused) if named.is_some() || unused.is_empty() => return Ok(config),
+                Ok(_) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match (named, first_error) {
+            (Some(_), Some(e)) => Err(e),
+            _ => Err(self.error("does not match any known model; pass --model")),
+        }
     }
 
     /// Only the tensors the network uses (drops a classifier when exporting a no-top model, etc.).
