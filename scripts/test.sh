@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: unit tests, conformance against timm/Pillow/torch fixtures, CLI end to end.
+# One release build serves the binary and the tests (a cold build of burn takes ~10 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+cargo test --release --locked --workspace
