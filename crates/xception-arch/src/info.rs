@@ -167,7 +167,7 @@ impl Network {
             stages.push(stage(&walker, "tail", 1, 1, op_params(&self.tail), before));
         }
         let mut macs = walker.macs;
-        if let Some(h) = &self.head {
+        for h in &self.head {
             let m = (h.in_features * h.out_features) as u64;
             macs += m;
             stages.push(StageInfo {
@@ -187,8 +187,8 @@ impl Network {
             model: self.variant().name().to_string(),
             input_size: [height, width],
             output_stride: self.config.output_stride,
-            include_top: self.head.is_some(),
-            num_classes: self.head.as_ref().map(|h| h.out_features),
+            include_top: !self.head.is_empty(),
+            num_classes: self.head.last().map(|h| h.out_features),
             params_total,
             params_trainable,
             params_non_trainable: params_total - params_trainable,

@@ -5,6 +5,6 @@ pub mod arch;
 pub mod error;
 pub mod info;
 
-pub use arch::{Block, Conv, Family, Linear, ModelConfig, Network, Norm, Op, Padding, Pooling, Shortcut, TensorRole, TensorSpec, Variant};
+pub use arch::{Activation, Block, Conv, Dense, DenseSpec, Family, ModelConfig, Network, Norm, Op, Padding, Pooling, Shortcut, TensorRole, TensorSpec, Variant};
 pub use error::{Error, Result};
 pub use info::{FeatureInfo, NetworkInfo, Shape, StageInfo};

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use xception::arch::{ModelConfig, Network, Pooling, Variant};
+use xception::arch::{Activation, ModelConfig, Network, Pooling, Variant};
 use xception::device::default_device;
 use xception::preprocess::{load_items, Preprocess, Resize};
 use xception::{Labels, TensorMap, Xception};
@@ -25,8 +25,27 @@ enum Command {
     Embed(EmbedArgs),
     /// Per-stage output shapes, parameter and multiply-add counts of a model.
     Info(InfoArgs),
-    /// Converts timm weights (.safetensors or .pth) to our canonical safetensors.
+    /// Converts timm (.safetensors, .pth) and Keras (.keras, .weights.h5) weights to our canonical safetensors.
     Convert(ConvertArgs),
+    /// Writes the inputs exactly as the network would see them: an (N, H, W, 3) float32 .npy.
+    Preprocess(PreprocessArgs),
+}
+
+#[derive(Args)]
+struct PreprocessArgs {
+    /// Model whose reference preprocessing to apply.
+    #[arg(long, default_value = "xception")]
+    model: String,
+    #[arg(long, default_value_t = 299)]
+    size: usize,
+    #[arg(long, value_parser = ["nearest", "bilinear", "bicubic"])]
+    resize: Option<String>,
+    #[arg(long, value_parser = ["keras", "timm"])]
+    preprocess: Option<String>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -41,9 +60,10 @@ struct ModelArgs {
     /// Output stride (aligned family: 32, 16 or 8).
     #[arg(long, default_value_t = 32)]
     output_stride: usize,
-    /// Input size the images are resized/cropped to.
-    #[arg(long, default_value_t = 299)]
-    size: usize,
+    /// Input size the images are resized/cropped to (default: the size a Keras model was built
+    /// for, else 299).
+    #[arg(long)]
+    size: Option<usize>,
     /// Resampling filter (default: the reference's, nearest for Keras, bicubic for timm).
     #[arg(long, value_parser = ["nearest", "bilinear", "bicubic"])]
     resize: Option<String>,
@@ -80,9 +100,9 @@ struct EmbedArgs {
     /// Output .npy file.
     #[arg(long)]
     out: PathBuf,
-    /// Global pooling of the final feature map.
-    #[arg(long, default_value = "avg", value_parser = ["avg", "max"])]
-    pooling: String,
+    /// Global pooling of the final feature map (default: the model's, else avg).
+    #[arg(long, value_parser = ["avg", "max"])]
+    pooling: Option<String>,
 }
 
 #[derive(Args)]
@@ -131,6 +151,7 @@ fn main() -> ExitCode {
         Command::Embed(a) => embed(a),
         Command::Info(a) => info(a),
         Command::Convert(a) => convert(a),
+        Command::Preprocess(a) => preprocess(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,26 +167,40 @@ fn parse_variant(name: &Option<String>) -> Result<Option<Variant>> {
 }
 
 /// The preprocessing the flags ask for, defaulting to the reference's for the variant.
-fn preprocessing(args: &ModelArgs, variant: Variant) -> Result<Preprocess> {
-    let reference = Preprocess::default_for(variant, args.size);
-    let chosen = match args.preprocess.as_deref() {
+fn preprocessing(size: usize, mode: Option<&str>, resize: Option<&str>, variant: Variant) -> Result<Preprocess> {
+    let reference = Preprocess::default_for(variant, size);
+    let chosen = match mode {
         None => reference,
-        Some("keras") => Preprocess::Keras { size: args.size, resize: Resize::Nearest },
+        Some("keras") => Preprocess::Keras { size, resize: Resize::Nearest },
         Some(_) => match reference {
             Preprocess::Timm { .. } => reference,
             // The Keras graph has no timm config; timm's port of the same weights uses these.
-            Preprocess::Keras { .. } => Preprocess::default_for(Variant::LegacyXception, args.size),
+            Preprocess::Keras { .. } => Preprocess::default_for(Variant::LegacyXception, size),
         },
     };
-    Ok(match &args.resize {
+    Ok(match resize {
         Some(r) => chosen.with_resize(Resize::parse(r)?),
         None => chosen,
     })
 }
 
+fn preprocess(args: PreprocessArgs) -> Result<()> {
+    let p = preprocessing(args.size, args.preprocess.as_deref(), args.resize.as_deref(), Variant::parse(&args.model)?)?;
+    let items = load_items(&args.inputs, &p)?;
+    let (h, w) = (items[0].height, items[0].width);
+    if let Some(odd) = items.iter().find(|i| (i.height, i.width) != (h, w)) {
+        bail!("{}: {}x{} differs from the first input's {h}x{w}", odd.name, odd.height, odd.width);
+    }
+    let data: Vec<f32> = items.iter().flat_map(|i| i.data.iter().copied()).collect();
+    xception::npy::write_f32(&args.out, &[items.len(), h, w, 3], &data)?;
+    eprintln!("{}: {} x {h} x {w} x 3", args.out.display(), items.len());
+    Ok(())
+}
+
 /// Loads weights, builds the model they fit, runs every input.
-fn run_model(args: &ModelArgs, want_top: bool, pooling: Pooling) -> Result<(ModelConfig, Vec<xception::Prediction>)> {
+fn run_model(args: &ModelArgs, want_top: bool, pooling: Option<Pooling>) -> Result<(ModelConfig, Vec<xception::Prediction>)> {
     let weights = TensorMap::read(&args.weights)?;
+    let weights_input_size = weights.input_size();
     let mut config = weights.infer_config(parse_variant(&args.model)?)?;
     if want_top && !config.include_top {
         bail!(
@@ -176,12 +211,20 @@ fn run_model(args: &ModelArgs, want_top: bool, pooling: Pooling) -> Result<(Mode
     }
     config.include_top = want_top;
     config.output_stride = args.output_stride;
-    config.pooling = pooling;
+    if let Some(p) = pooling {
+        config.pooling = p;
+    }
     let net = Network::build(&config)?;
     let device = default_device();
     let model = Xception::from_weights(net, &weights, &device)?;
     drop(weights);
-    let items = load_items(&args.inputs, &preprocessing(args, config.variant)?)?;
+    let size = match (args.size, weights_input_size) {
+        (Some(s), _) => s,
+        (None, Some((h, w))) if h == w => h,
+        _ => 299,
+    };
+    let p = preprocessing(size, args.preprocess.as_deref(), args.resize.as_deref(), config.variant)?;
+    let items = load_items(&args.inputs, &p)?;
     let predictions = model.predict(&items, args.batch_size, &device)?;
     Ok((config, predictions))
 }
@@ -219,12 +262,14 @@ fn classify(args: ClassifyArgs) -> Result<()> {
         "imagenet" => Labels::imagenet(),
         file => Labels::from_file(&PathBuf::from(file))?,
     };
-    let (config, predictions) = run_model(&args.model, true, Pooling::Avg)?;
+    let (config, predictions) = run_model(&args.model, true, None)?;
+    // Probabilities as the model's own output activation gives them (softmax unless sigmoid).
+    let sigmoid = config.custom_head.as_ref().and_then(|h| h.last()).is_some_and(|d| d.activation == Activation::Sigmoid);
     let results: Vec<ClassifyResult> = predictions
         .into_iter()
         .map(|p| {
             let logits = p.logits.expect("model has a classifier");
-            let probs = softmax(&logits);
+            let probs = if sigmoid { logits.iter().map(|&v| 1.0 / (1.0 + (-v as f64).exp())).collect() } else { softmax(&logits) };
             let mut order: Vec<usize> = (0..logits.len()).collect();
             order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
             let top = order
@@ -254,13 +299,13 @@ fn classify(args: ClassifyArgs) -> Result<()> {
 }
 
 fn embed(args: EmbedArgs) -> Result<()> {
-    let pooling = Pooling::parse(&args.pooling)?;
+    let pooling = args.pooling.as_deref().map(Pooling::parse).transpose()?;
     let (config, predictions) = run_model(&args.model, false, pooling)?;
     let n = predictions.len();
     let c = predictions.first().map(|p| p.pooled.len()).unwrap_or(0);
     let data: Vec<f32> = predictions.iter().flat_map(|p| p.pooled.iter().copied()).collect();
     xception::npy::write_f32(&args.out, &[n, c], &data)?;
-    eprintln!("{}: {n} x {c} {} embeddings ({} pooling)", args.out.display(), config.variant, args.pooling);
+    eprintln!("{}: {n} x {c} {} embeddings ({:?} pooling)", args.out.display(), config.variant, config.pooling);
     Ok(())
 }
 

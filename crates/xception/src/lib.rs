@@ -5,6 +5,7 @@
 //! runs it on burn; [`weights`] reads and writes the weight files.
 
 pub mod device;
+pub mod keras;
 pub mod labels;
 pub mod model;
 pub mod npy;

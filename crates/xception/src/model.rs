@@ -4,7 +4,7 @@
 //! (stride, padding, dilation, groups, epsilon) come from [`Network`], so there is one source of
 //! truth for the architecture. Weight names are the description's timm keys.
 
-use crate::arch::{Block, ModelConfig, Network, Op, Pooling, Shortcut};
+use crate::arch::{Activation, Block, ModelConfig, Network, Op, Pooling, Shortcut};
 use crate::error::{Error, Result};
 use crate::preprocess::Item;
 use crate::weights::{HostTensor, TensorMap};
@@ -41,7 +41,8 @@ pub struct Linear {
 pub struct Xception {
     pub convs: Vec<Conv2d>,
     pub norms: Vec<BatchNorm2d>,
-    pub head: Option<Linear>,
+    /// Dense layers after pooling, in the description's order (empty without a top).
+    pub head: Vec<Linear>,
     #[module(skip)]
     pub net: Network,
 }
@@ -53,6 +54,17 @@ pub struct Outputs {
     pub features: Tensor<4>,
     /// Multi-level features at timm's `feature_info` taps, in order (see [`Network::info`]).
     pub taps: Vec<Tensor<4>>,
+}
+
+fn activate(x: Tensor<2>, activation: Activation) -> Tensor<2> {
+    use burn::tensor::activation as act;
+    match activation {
+        Activation::Linear => x,
+        Activation::Relu => act::relu(x),
+        Activation::Softmax => act::softmax(x, 1),
+        Activation::Sigmoid => act::sigmoid(x),
+        Activation::Tanh => x.tanh(),
+    }
 }
 
 fn rows(t: Tensor<2>) -> Vec<Vec<f32>> {
@@ -101,10 +113,14 @@ impl Xception {
                 _ => {}
             }
         }
-        let head = net.head.as_ref().map(|h| Linear {
-            weight: Param::from_tensor(tensor_from(get(format!("{}.weight", h.key)), device)),
-            bias: Param::from_tensor(tensor_from(get(format!("{}.bias", h.key)), device)),
-        });
+        let head = net
+            .head
+            .iter()
+            .map(|h| Linear {
+                weight: Param::from_tensor(tensor_from(get(format!("{}.weight", h.key)), device)),
+                bias: Param::from_tensor(tensor_from(get(format!("{}.bias", h.key)), device)),
+            })
+            .collect();
         Ok(Xception { convs, norms, head, net })
     }
 
@@ -133,9 +149,9 @@ impl Xception {
                 other => other,
             })?;
             let pooled = self.pool(features.features);
-            let logits = match self.head {
-                Some(_) => Some(rows(self.classify(pooled.clone())?)),
-                None => None,
+            let logits = match self.head.is_empty() {
+                false => Some(rows(self.classify(pooled.clone())?)),
+                true => None,
             };
             for (i, (item, p)) in batch.iter().zip(rows(pooled)).enumerate() {
                 out.push(Prediction { name: item.name.clone(), pooled: p, logits: logits.as_ref().map(|l| l[i].clone()) });
@@ -170,7 +186,7 @@ impl Xception {
                 _ => {}
             }
         }
-        if let (Some(h), Some(spec)) = (&self.head, &self.net.head) {
+        for (h, spec) in self.head.iter().zip(&self.net.head) {
             map.insert(format!("{}.weight", spec.key), host(h.weight.val()));
             map.insert(format!("{}.bias", spec.key), host(h.bias.val()));
         }
@@ -204,10 +220,27 @@ impl Xception {
         pooled.reshape([n, c])
     }
 
-    /// Classifier logits from pooled features. Errors if the model was built without a top.
+    /// Classifier logits from pooled features: every dense layer of the head, with the
+    /// activations of all but the last (the last layer's activation is [`Self::output_activation`]).
+    /// Errors if the model was built without a top.
     pub fn classify(&self, pooled: Tensor<2>) -> Result<Tensor<2>> {
-        let head = self.head.as_ref().ok_or_else(|| Error::Config("this model was built without a classifier".into()))?;
-        Ok(pooled.matmul(head.weight.val().transpose()) + head.bias.val().unsqueeze_dim(0))
+        if self.head.is_empty() {
+            return Err(Error::Config("this model was built without a classifier".into()));
+        }
+        let mut x = pooled;
+        for (i, (layer, spec)) in self.head.iter().zip(&self.net.head).enumerate() {
+            x = x.matmul(layer.weight.val().transpose()) + layer.bias.val().unsqueeze_dim(0);
+            if i + 1 < self.head.len() {
+                x = activate(x, spec.activation);
+            }
+        }
+        Ok(x)
+    }
+
+    /// The activation the reference applies to the logits (softmax for Keras' ImageNet top,
+    /// linear for timm and most transfer heads).
+    pub fn output_activation(&self) -> Option<Activation> {
+        self.net.head.last().map(|d| d.activation)
     }
 
     /// Logits for an NCHW batch.

@@ -238,10 +238,17 @@ fn resample_axis(img: &RgbImage, out_size: u32, filter: Resize, horizontal: bool
 pub const MAX_IMAGE_SIDE: u32 = 16384;
 
 /// Decodes a JPEG, PNG or WebP file to 8-bit RGB as Pillow's `convert('RGB')` does (grey is
-/// replicated, alpha dropped). No EXIF rotation, like Keras' and timm's loaders.
+/// replicated, alpha dropped). No EXIF rotation, like Keras' and timm's loaders. JPEG goes
+/// through libjpeg-turbo with Pillow's settings (accurate integer IDCT, fancy upsampling), so the
+/// pixels are the ones Keras and timm see.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let mut reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        if let Some(img) = decode_jpeg(&bytes, path)? {
+            return Ok(img);
+        }
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
@@ -254,6 +261,30 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     reader.limits(limits);
     let img = reader.decode().map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
     Ok(img.to_rgb8())
+}
+
+/// libjpeg-turbo decode of RGB and greyscale JPEGs; None for colour spaces it cannot turn into
+/// RGB (CMYK), which the pure-Rust decoder then handles.
+fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<Option<RgbImage>> {
+    let err = |e: turbojpeg::Error| Error::file(path, format!("cannot decode JPEG: {e}"));
+    let mut d = turbojpeg::Decompressor::new().map_err(err)?;
+    let header = d.read_header(bytes).map_err(err)?;
+    let (w, h) = (header.width, header.height);
+    if w == 0 || h == 0 || w > MAX_IMAGE_SIDE as usize || h > MAX_IMAGE_SIDE as usize {
+        return Err(Error::file(path, format!("JPEG declares {w}x{h} pixels; at most {MAX_IMAGE_SIDE} per side are accepted")));
+    }
+    let grey = match header.colorspace {
+        turbojpeg::Colorspace::Gray => true,
+        turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::RGB => false,
+        _ => return Ok(None),
+    };
+    let format = if grey { turbojpeg::PixelFormat::GRAY } else { turbojpeg::PixelFormat::RGB };
+    let pitch = w * format.size();
+    let mut pixels = vec![0u8; h * pitch];
+    let image = turbojpeg::Image { pixels: &mut pixels[..], width: w, pitch, height: h, format };
+    d.decompress(bytes, image).map_err(err)?;
+    let rgb = if grey { pixels.iter().flat_map(|&v| [v, v, v]).collect() } else { pixels };
+    Ok(Some(RgbImage::from_raw(w as u32, h as u32, rgb).expect("buffer matches dimensions")))
 }
 
 /// One preprocessed input: HWC float32 and where it came from.

@@ -1,7 +1,7 @@
 //! Weight files: our canonical safetensors (timm `state_dict` names, PyTorch layouts, float32),
 //! timm `.pth` checkpoints, validation against the architecture, and deterministic weights.
 
-use crate::arch::{ModelConfig, Network, TensorRole, Variant};
+use crate::arch::{DenseSpec, ModelConfig, Network, TensorRole, Variant};
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -88,13 +88,21 @@ impl TensorMap {
         self.tensors.get(name)
     }
 
-    /// Reads a weight file by its extension: `.safetensors`, or a PyTorch `.pth` / `.pt` / `.bin`.
+    /// Reads a weight file by its extension: `.safetensors`, a PyTorch `.pth` / `.pt` / `.bin`,
+    /// or a Keras `.keras` / `.weights.h5` (converted to our names and layouts).
     pub fn read(path: &Path) -> Result<TensorMap> {
         match path.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => TensorMap::read_safetensors(path),
             Some("pth") | Some("pt") | Some("bin") => TensorMap::read_pytorch(path),
-            _ => Err(Error::file(path, "unknown weight format (expected .safetensors, .pth or .pt)")),
+            Some("keras") | Some("h5") => Ok(crate::keras::read_keras(path)?.into_tensor_map()),
+            _ => Err(Error::file(path, "unknown weight format (expected .safetensors, .pth, .pt, .keras or .weights.h5)")),
         }
+    }
+
+    /// The input size recorded by the file (Keras models are built for one), if any.
+    pub fn input_size(&self) -> Option<(usize, usize)> {
+        let (h, w) = self.metadata.get("input_size")?.split_once(',')?;
+        Some((h.trim().parse().ok()?, w.trim().parse().ok()?))
     }
 
     pub fn read_safetensors(path: &Path) -> Result<TensorMap> {
@@ -267,10 +275,20 @@ impl TensorMap {
             Some(v) => vec![v],
             None => Variant::ALL.into_iter().filter(|v| *v != Variant::Xception).collect(),
         };
+        let custom_head: Option<Vec<DenseSpec>> = match self.metadata.get("head") {
+            Some(json) => Some(serde_json::from_str(json).map_err(|e| self.error(format!("metadata 'head' is not a valid head description: {e}")))?),
+            None => None,
+        };
+        let pooling = self.metadata.get("pooling").map(|p| crate::arch::Pooling::parse(p)).transpose()?;
         let mut first_error = None;
         for v in candidates {
             let mut config = ModelConfig::new(v);
-            let head = format!("{}.weight", v.classifier_key());
+            config.pooling = pooling.unwrap_or(config.pooling);
+            let head = match &custom_head {
+                Some(layers) => format!("head.{}.weight", layers.len() - 1),
+                None => format!("{}.weight", v.classifier_key()),
+            };
+            config.custom_head = custom_head.clone();
             match self.tensors.get(&head).map(|t| t.shape.clone()) {
                 Some(shape) if shape.len() == 2 => config.num_classes = shape[0],
                 Some(shape) => return Err(self.error(format!("tensor '{head}' has shape {shape:?}, expected (classes, features)"))),
@@ -291,9 +309,11 @@ impl TensorMap {
         }
     }
 
-    /// Only the tensors the network uses (drops a classifier when exporting a no-top model, etc.).
+    /// Only the tensors the network uses (drops a classifier when exporting a no-top model, etc.),
+    /// with the same metadata.
     pub fn restricted_to(&self, net: &Network) -> TensorMap {
         let mut out = TensorMap::new(self.source.clone());
+        out.metadata = self.metadata.clone();
         for spec in net.tensors() {
             if let Some(t) = self.tensors.get(&spec.name) {
                 out.insert(spec.name, t.clone());

