@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use xception::arch::{Activation, ModelConfig, Network, Pooling, Variant};
 use xception::device::default_device;
 use xception::preprocess::{load_items, Preprocess, Resize};
-use xception::{Labels, TensorMap, Xception};
+use xception::{zoo, Labels, TensorMap, Xception};
 
 #[derive(Parser)]
 #[command(name = "xception", version, about = "Xception and the aligned Xception family, exact against Keras and timm")]
@@ -29,6 +29,11 @@ enum Command {
     Convert(ConvertArgs),
     /// Writes the inputs exactly as the network would see them: an (N, H, W, 3) float32 .npy.
     Preprocess(PreprocessArgs),
+    /// Lists the named pretrained weights, their checksums and whether they are cached.
+    Zoo {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -54,9 +59,14 @@ struct ModelArgs {
     /// xception65p). Read from the weight file when omitted.
     #[arg(long)]
     model: Option<String>,
-    /// Weight file: our safetensors, timm .safetensors or .pth.
+    /// Weight file (our safetensors, timm .safetensors or .pth, Keras .keras or .h5) or named
+    /// weights: `imagenet` (the model's default) or a registry name (`xception zoo` lists them),
+    /// downloaded once into the cache.
     #[arg(long)]
     weights: PathBuf,
+    /// Never download: use only cached named weights (also XCEPTION_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
     /// Output stride (aligned family: 32, 16 or 8).
     #[arg(long, default_value_t = 32)]
     output_stride: usize,
@@ -152,6 +162,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info(a),
         Command::Convert(a) => convert(a),
         Command::Preprocess(a) => preprocess(a),
+        Command::Zoo { json } => list_zoo(json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -197,11 +208,23 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
     Ok(())
 }
 
+/// The weight file `--weights` names: a path, or registry weights fetched into the cache.
+fn weight_file(args: &ModelArgs, want_top: bool) -> Result<(PathBuf, Option<&'static zoo::Entry>)> {
+    let given = args.weights.to_string_lossy();
+    if args.weights.exists() || !zoo::is_name(&given) {
+        return Ok((args.weights.clone(), None));
+    }
+    let entry = zoo::lookup(&given, parse_variant(&args.model)?, want_top)?;
+    let options = zoo::FetchOptions { offline: args.offline, progress: true, cache: None };
+    Ok((zoo::fetch(entry, &options)?, Some(entry)))
+}
+
 /// Loads weights, builds the model they fit, runs every input.
 fn run_model(args: &ModelArgs, want_top: bool, pooling: Option<Pooling>) -> Result<(ModelConfig, Vec<xception::Prediction>)> {
-    let weights = TensorMap::read(&args.weights)?;
+    let (path, entry) = weight_file(args, want_top)?;
+    let weights = TensorMap::read(&path)?;
     let weights_input_size = weights.input_size();
-    let mut config = weights.infer_config(parse_variant(&args.model)?)?;
+    let mut config = weights.infer_config(parse_variant(&args.model)?.or(entry.map(|e| e.model)))?;
     if want_top && !config.include_top {
         bail!(
             "{}: the weights have no classifier ({}.weight); use `xception embed` for features",
@@ -223,7 +246,10 @@ fn run_model(args: &ModelArgs, want_top: bool, pooling: Option<Pooling>) -> Resu
         (None, Some((h, w))) if h == w => h,
         _ => 299,
     };
-    let p = preprocessing(size, args.preprocess.as_deref(), args.resize.as_deref(), config.variant)?;
+    let mut p = preprocessing(size, args.preprocess.as_deref(), args.resize.as_deref(), config.variant)?;
+    if let (Some(crop), Preprocess::Timm { crop_pct, .. }) = (entry.and_then(|e| e.crop_pct), &mut p) {
+        *crop_pct = crop; // the evaluation crop these weights were published with
+    }
     let items = load_items(&args.inputs, &p)?;
     let predictions = model.predict(&items, args.batch_size, &device)?;
     Ok((config, predictions))
@@ -336,6 +362,35 @@ fn info(args: InfoArgs) -> Result<()> {
     println!("\nfeature taps (timm feature_info):");
     for f in &info.features {
         println!("  stride {:>2}  {:>4} x {:>3} x {:>3}  {}", f.reduction, f.shape[0], f.shape[1], f.shape[2], f.module);
+    }
+    Ok(())
+}
+
+fn list_zoo(json: bool) -> Result<()> {
+    let dir = zoo::cache_dir();
+    let rows: Vec<serde_json::Value> = zoo::REGISTRY
+        .iter()
+        .map(|e| {
+            let checksum = match e.checksum {
+                zoo::Checksum::Sha256(h) => format!("sha256 {h}"),
+                zoo::Checksum::Md5(h) => format!("md5 {h}"),
+                zoo::Checksum::Sha256Prefix(h) => format!("sha256 {h}..."),
+                zoo::Checksum::Unpublished => "none published".into(),
+            };
+            serde_json::json!({
+                "name": e.name, "model": e.model.name(), "url": e.url, "checksum": checksum,
+                "cached": dir.join(e.file_name).is_file(), "source": e.source,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("cache: {}\n", dir.display());
+    println!("{:<30} {:<16} {:<48} {}", "name", "model", "checksum", "cached");
+    for r in &rows {
+        println!("{:<30} {:<16} {:<48} {}", r["name"].as_str().unwrap(), r["model"].as_str().unwrap(), r["checksum"].as_str().unwrap(), r["cached"]);
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod model;
 pub mod npy;
 pub mod preprocess;
 pub mod weights;
+pub mod zoo;
 
 pub use labels::Labels;
 pub use model::{Outputs, Prediction, Xception};
