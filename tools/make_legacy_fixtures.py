@@ -59,12 +59,32 @@ def main():
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xception")
     legacy = os.path.join(cache, "keras3_legacy_xception_notop.h5")
     net.save(legacy)  # Keras 3 writes the legacy HDF5 layout for a .h5 path
+    bare = os.path.join(cache, "keras3_xception_notop.weights.h5")
+    net.save_weights(bare)  # the bare Keras 3 weights layout
     x = np.stack([keras.utils.img_to_array(keras.utils.load_img(os.path.join(ROOT, "fixtures/images", n), target_size=(150, 150)))
                   for n in ("chelsea.png", "coffee.png")]) / 127.5 - 1.0
-    pooled = net.predict(x.astype(np.float32), verbose=0)
+    x = x.astype(np.float32)
+    pooled = net.predict(x, verbose=0)
+
+    # A transfer model as users build them: max pooling, Flatten, Dense(tanh), Dropout, Dense(softmax).
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((150, 150, 3))
+    base = keras.applications.Xception(weights=None, include_top=False, input_shape=(150, 150, 3))
+    base.set_weights(backbone.get_weights())
+    h = keras.layers.GlobalMaxPooling2D()(base(inputs))
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(32, activation="tanh")(h)
+    h = keras.layers.Dropout(0.3)(h)
+    outputs = keras.layers.Dense(4, activation="softmax")(h)
+    transfer = keras.Model(inputs, outputs)
+    transfer_path = os.path.join(cache, "keras3_transfer_gmp_tanh_softmax.keras")
+    transfer.save(transfer_path)
+    probs = transfer.predict(x, verbose=0)
     with open(os.path.join(out, "legacy_xception.json"), "w") as f:
-        json.dump({"file": legacy, "keras": keras.__version__, "size": 150, "images": ["chelsea.png", "coffee.png"],
-                   "layers": [l["layer"] for l in listing(legacy)], "pooled": pooled.tolist()}, f)
+        json.dump({"file": legacy, "bare_weights_file": bare, "transfer_file": transfer_path,
+                   "keras": keras.__version__, "size": 150, "images": ["chelsea.png", "coffee.png"],
+                   "layers": [l["layer"] for l in listing(legacy)], "pooled": pooled.tolist(),
+                   "transfer_probabilities": probs.tolist()}, f)
     print("fer:", len(listing(fer)), "weighted layers; legacy Xception written to", legacy)
 
 

@@ -120,3 +120,36 @@ fn imagenet_backbone_matches_keras_at_odd_and_even_sizes() {
         assert!(pooled_err <= 1e-4 && feat_err <= 1e-4, "at {size}: pooled {pooled_err:e}, features {feat_err:e}");
     }
 }
+
+/// A Keras model with a layer the importer does not support is refused with the layer's name.
+#[test]
+fn unsupported_keras_layers_are_named() {
+    use std::io::{Read, Write};
+    let kw = kitchenware();
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(keras_file(&kw)).unwrap()).unwrap();
+    let mut config = String::new();
+    archive.by_name("config.json").unwrap().read_to_string(&mut config).unwrap();
+    let mut weights = Vec::new();
+    archive.by_name("model.weights.h5").unwrap().read_to_end(&mut weights).unwrap();
+    let dir = std::env::temp_dir().join(format!("xception-keras-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, to, needle) in [
+        ("\"class_name\": \"Dropout\"", "\"class_name\": \"LSTM\"", "unsupported layer 'dropout' (LSTM) in the head"),
+        ("\"activation\": \"relu\", \"use_bias\": true", "\"activation\": \"gelu\", \"use_bias\": true", "unsupported activation 'gelu'"),
+        ("\"epsilon\": 0.001", "\"epsilon\": 0.01", "BatchNormalization with epsilon 0.01"),
+    ] {
+        assert!(config.contains(from), "the kitchenware config should contain {from}");
+        let changed = config.replacen(from, to, 1);
+        let path = dir.join("changed.keras");
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        z.start_file("config.json", o).unwrap();
+        z.write_all(changed.as_bytes()).unwrap();
+        z.start_file("model.weights.h5", o).unwrap();
+        z.write_all(&weights).unwrap();
+        z.finish().unwrap();
+        let err = TensorMap::read(&path).unwrap_err().to_string();
+        assert!(err.contains(needle) && err.contains("changed.keras"), "expected '{needle}' in: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

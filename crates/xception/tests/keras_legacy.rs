@@ -40,26 +40,56 @@ fn fer_mini_xception_lists_and_loads_like_h5py() {
     }
 }
 
-/// Keras' Xception written by Keras 3 in the legacy layout (block names plus auto-named residual
-/// layers) by tools/make_legacy_fixtures.py into the cache: 88 MB, so not in CI.
-#[test]
-#[ignore = "needs the file tools/make_legacy_fixtures.py writes with Keras"]
-fn keras3_legacy_xception_matches_keras() {
+fn keras_files() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/keras/legacy_xception.json")).unwrap()).unwrap()
+}
+
+/// Pooled features (and logits, with a head) of the two CC0 photos at 150x150 from `file`.
+fn run(file: &str) -> Vec<xception::Prediction> {
     use xception::preprocess::{load_items, Preprocess, Resize};
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/keras/legacy_xception.json")).unwrap()).unwrap();
-    let path = PathBuf::from(expected["file"].as_str().unwrap());
-    let weights = xception::TensorMap::read(&path).unwrap();
+    let weights = xception::TensorMap::read(&PathBuf::from(file)).unwrap();
     let config = weights.infer_config(None).unwrap();
     let device = xception::device::default_device();
     let model = xception::Xception::from_weights(xception::Network::build(&config).unwrap(), &weights, &device).unwrap();
     let photos = [root().join("fixtures/images/chelsea.png"), root().join("fixtures/images/coffee.png")];
     let items = load_items(&photos, &Preprocess::Keras { size: 150, resize: Resize::Nearest }).unwrap();
-    let out = model.predict(&items, 2, &device).unwrap();
+    model.predict(&items, 2, &device).unwrap()
+}
+
+fn assert_close(ours: &[f32], reference: &serde_json::Value, what: &str) {
+    let reference: Vec<f32> = reference.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = ours.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    assert!(err <= 1e-4, "{what} differs from Keras by {err:e} of its scale");
+}
+
+/// Keras' Xception written by Keras 3 in the legacy layout (block names plus auto-named residual
+/// layers) and as a bare `.weights.h5`, by tools/make_legacy_fixtures.py into the cache: 88 MB
+/// each, so not in CI (`cargo test --release -- --ignored`).
+#[test]
+#[ignore = "needs the files tools/make_legacy_fixtures.py writes with Keras"]
+fn keras3_legacy_and_bare_weights_match_keras() {
+    let expected = keras_files();
+    for key in ["file", "bare_weights_file"] {
+        let out = run(expected[key].as_str().unwrap());
+        for (i, p) in out.iter().enumerate() {
+            assert_close(&p.pooled, &expected["pooled"][i], key);
+        }
+    }
+}
+
+/// A transfer model with GlobalMaxPooling2D, Flatten, Dense(tanh), Dropout, Dense(softmax).
+#[test]
+#[ignore = "needs the files tools/make_legacy_fixtures.py writes with Keras"]
+fn keras3_transfer_head_matches_keras() {
+    let expected = keras_files();
+    let out = run(expected["transfer_file"].as_str().unwrap());
     for (i, p) in out.iter().enumerate() {
-        let reference: Vec<f32> = expected["pooled"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = p.pooled.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-        assert!(err <= 1e-4, "pooled differs by {err:e} of its scale");
+        let logits = p.logits.as_ref().unwrap();
+        let max = logits.iter().fold(f32::MIN, |m, &v| m.max(v));
+        let exp: Vec<f32> = logits.iter().map(|&v| (v - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
+        assert_close(&probs, &expected["transfer_probabilities"][i], "softmax output");
     }
 }
