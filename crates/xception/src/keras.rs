@@ -77,35 +77,31 @@ fn keras_layers_in(net: &Network, construction: bool) -> Vec<KerasLayer> {
         i += 1;
         Some(stem_names[i - 1].to_string())
     });
-    for (b, block) in net.blocks.iter().enumerate() {
-        let k = b + 2; // Keras block number
-        if construction {
-            if let Shortcut::Project(ops) = &block.shortcut {
-                push_ops(&mut out, ops, &mut |_| None);
-            }
-        }
+    // Keras block k's layers are block{k}_sepconv{j} and block{k}_sepconv{j}_bn.
+    let sepconv_names = |k: usize| {
         let mut sep = 0;
-        push_ops(&mut out, &block.body, &mut |class| match class {
+        move |class: KerasClass| match class {
             KerasClass::SeparableConv2D => {
                 sep += 1;
                 Some(format!("block{k}_sepconv{sep}"))
             }
             _ => Some(format!("block{k}_sepconv{sep}_bn")),
-        });
+        }
+    };
+    for (b, block) in net.blocks.iter().enumerate() {
+        let shortcut: &[Op] = match &block.shortcut {
+            Shortcut::Project(ops) => ops,
+            _ => &[],
+        };
+        if construction {
+            push_ops(&mut out, shortcut, &mut |_| None);
+        }
+        push_ops(&mut out, &block.body, &mut sepconv_names(b + 2));
         if !construction {
-            if let Shortcut::Project(ops) = &block.shortcut {
-                push_ops(&mut out, ops, &mut |_| None);
-            }
+            push_ops(&mut out, shortcut, &mut |_| None);
         }
     }
-    let mut sep = 0;
-    push_ops(&mut out, &net.tail, &mut |class| match class {
-        KerasClass::SeparableConv2D => {
-            sep += 1;
-            Some(format!("block14_sepconv{sep}"))
-        }
-        _ => Some(format!("block14_sepconv{sep}_bn")),
-    });
+    push_ops(&mut out, &net.tail, &mut sepconv_names(14));
     out
 }
 
