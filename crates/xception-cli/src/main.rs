@@ -6,9 +6,8 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use xception::arch::{Activation, ModelConfig, Network, Pooling, Variant};
-use xception::device::default_device;
 use xception::preprocess::{load_items, Preprocess, Resize};
-use xception::{zoo, Labels, TensorMap, Xception};
+use xception::{zoo, Backend, Labels, Runner, TensorMap};
 
 #[derive(Parser)]
 #[command(name = "xception", version, about = "Xception and the aligned Xception family, exact against Keras and timm")]
@@ -29,11 +28,35 @@ enum Command {
     Convert(ConvertArgs),
     /// Writes the inputs exactly as the network would see them: an (N, H, W, 3) float32 .npy.
     Preprocess(PreprocessArgs),
+    /// Times inference: median latency, images/s, GFLOP/s and the fraction of this CPU's peak.
+    Bench(BenchArgs),
     /// Lists the named pretrained weights, their checksums and whether they are cached.
     Zoo {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "xception")]
+    model: String,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value_t = 299)]
+    input_size: usize,
+    #[arg(long, default_value_t = 32)]
+    output_stride: usize,
+    /// Timed runs after one warm-up run.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
+    backend: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -83,10 +106,21 @@ struct ModelArgs {
     /// Inputs run together in one forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// engine: the fused CPU engine; burn: burn modules (CPU flex, or CUDA in a `cuda` build).
+    #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
+    backend: String,
+    /// CPU threads for the engine (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
 }
+
+#[cfg(feature = "cuda")]
+const DEFAULT_BACKEND: &str = "burn";
+#[cfg(not(feature = "cuda"))]
+const DEFAULT_BACKEND: &str = "engine";
 
 #[derive(Args)]
 struct ClassifyArgs {
@@ -163,6 +197,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert(a),
         Command::Preprocess(a) => preprocess(a),
         Command::Zoo { json } => list_zoo(json),
+        Command::Bench(a) => bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,8 +273,7 @@ fn run_model(args: &ModelArgs, want_top: bool, pooling: Option<Pooling>) -> Resu
         config.pooling = p;
     }
     let net = Network::build(&config)?;
-    let device = default_device();
-    let model = Xception::from_weights(net, &weights, &device)?;
+    let runner = Runner::new(Backend::parse(&args.backend)?, net, &weights, args.threads)?;
     drop(weights);
     let size = match (args.size, weights_input_size) {
         (Some(s), _) => s,
@@ -251,7 +285,7 @@ fn run_model(args: &ModelArgs, want_top: bool, pooling: Option<Pooling>) -> Resu
         *crop_pct = crop; // the evaluation crop these weights were published with
     }
     let items = load_items(&args.inputs, &p)?;
-    let predictions = model.predict(&items, args.batch_size, &device)?;
+    let predictions = runner.predict(&items, args.batch_size)?;
     Ok((config, predictions))
 }
 
@@ -362,6 +396,76 @@ fn info(args: InfoArgs) -> Result<()> {
     println!("\nfeature taps (timm feature_info):");
     for f in &info.features {
         println!("  stride {:>2}  {:>4} x {:>3} x {:>3}  {}", f.reduction, f.shape[0], f.shape[1], f.shape[2], f.module);
+    }
+    Ok(())
+}
+
+/// The CPU clock in GHz as the kernel reports it (mean over cores of /proc/cpuinfo `cpu MHz`).
+fn cpu_ghz() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("cpu MHz"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse().ok())
+        .collect();
+    (!mhz.is_empty()).then(|| mhz.iter().sum::<f64>() / mhz.len() as f64 / 1000.0)
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let mut config = ModelConfig::new(Variant::parse(&args.model)?);
+    config.output_stride = args.output_stride;
+    let net = Network::build(&config)?;
+    let s = args.input_size;
+    let info = net.info(s, s)?;
+    // Timing does not depend on the values: deterministic weights, a constant input.
+    let weights = xception::weights::deterministic(&net);
+    let threads = if args.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { args.threads };
+    let runner = Runner::new(Backend::parse(&args.backend)?, net, &weights, threads)?;
+    drop(weights);
+    let item = xception::Item { name: "bench".into(), height: s, width: s, data: vec![0.1; s * s * 3] };
+    let items = vec![item; args.batch];
+    runner.predict(&items, args.batch)?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let t = std::time::Instant::now();
+        runner.predict(&items, args.batch)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let flops = 2.0 * info.macs as f64 * args.batch as f64;
+    let gflops = flops / median / 1e9;
+    let ghz = cpu_ghz();
+    // 2 FMA units x 8 fp32 lanes x 2 flops per FMA, per core (AVX2).
+    let peak = ghz.map(|g| g * 32.0 * threads as f64);
+    let out = serde_json::json!({
+        "model": args.model, "backend": args.backend, "batch": args.batch, "threads": threads,
+        "input_size": s, "output_stride": args.output_stride, "runs": times.len(),
+        "median_ms": median * 1e3, "images_per_s": args.batch as f64 / median, "gflops": gflops,
+        "cpu_ghz": ghz, "peak_gflops": peak, "peak_fraction": peak.map(|p| gflops / p),
+        "peak_rss_mb": peak_rss_mb(), "macs_per_image": info.macs,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{} batch {} on {threads} threads ({}): median {:.1} ms, {:.2} images/s, {:.1} GFLOP/s{}, peak RSS {:.0} MB",
+            args.model,
+            args.batch,
+            args.backend,
+            median * 1e3,
+            args.batch as f64 / median,
+            gflops,
+            peak.map(|p| format!(" = {:.0}% of {:.1} GFLOP/s peak", 100.0 * gflops / p, p)).unwrap_or_default(),
+            peak_rss_mb().unwrap_or(0.0)
+        );
     }
     Ok(())
 }

@@ -10,12 +10,15 @@ pub mod labels;
 pub mod model;
 pub mod npy;
 pub mod preprocess;
+pub mod runner;
 pub mod weights;
 pub mod zoo;
 
 pub use labels::Labels;
 pub use model::{Outputs, Prediction, Xception};
 pub use preprocess::{Item, Preprocess, Resize};
+pub use runner::{Backend, Runner};
 pub use weights::{HostTensor, TensorMap};
 pub use xception_arch::{self as arch, Error, ModelConfig, Network, Pooling, Result, Variant};
+pub use xception_engine::{self as engine, Engine};
 pub(crate) use xception_arch::error;

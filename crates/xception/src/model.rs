@@ -134,14 +134,8 @@ impl Xception {
     /// batch): pooled embeddings and, when the model has a classifier, logits.
     pub fn predict(&self, items: &[Item], batch_size: usize, device: &Device) -> Result<Vec<Prediction>> {
         let mut out = Vec::with_capacity(items.len());
-        let mut start = 0;
-        while start < items.len() {
-            let (h, w) = (items[start].height, items[start].width);
-            let mut end = start + 1;
-            while end < items.len() && end - start < batch_size.max(1) && (items[end].height, items[end].width) == (h, w) {
-                end += 1;
-            }
-            let batch = &items[start..end];
+        for batch in crate::runner::equal_size_batches(items, batch_size) {
+            let (h, w) = (batch[0].height, batch[0].width);
             let data: Vec<f32> = batch.iter().flat_map(|i| i.data.iter().copied()).collect();
             let x = Tensor::<4>::from_data(TensorData::new(data, [batch.len(), h, w, 3]), device).permute([0, 3, 1, 2]);
             let features = self.forward_features(x).map_err(|e| match e {
@@ -156,7 +150,6 @@ impl Xception {
             for (i, (item, p)) in batch.iter().zip(rows(pooled)).enumerate() {
                 out.push(Prediction { name: item.name.clone(), pooled: p, logits: logits.as_ref().map(|l| l[i].clone()) });
             }
-            start = end;
         }
         Ok(out)
     }

@@ -386,3 +386,9 @@ mod tests {
         assert!(mean.abs() < 0.1);
     }
 }
+
+impl xception_engine::Weights for TensorMap {
+    fn get(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.get(name).map(|t| t.data.as_slice())
+    }
+}

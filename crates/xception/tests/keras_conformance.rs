@@ -77,6 +77,17 @@ fn kitchenware_model_matches_keras() {
     }
     eprintln!("kitchenware: identical input max |diff| {same_worst:.2e}; Keras' own decode {keras_worst:.2e}; {right} labelled right");
     assert!(same_worst <= 1e-4, "logits differ from Keras by {same_worst:e} on identical input");
+
+    // The fused CPU engine on the same model and inputs.
+    let engine = xception::Runner::new(xception::Backend::Engine, Network::build(&config).unwrap(), &weights, 0).unwrap();
+    let engine_out = engine.predict(&items, 6).unwrap();
+    let mut engine_worst = 0f64;
+    for (i, p) in engine_out.iter().enumerate() {
+        let same: Vec<f64> = fixture["logits_same_input"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        engine_worst = engine_worst.max(max_abs(p.logits.as_ref().unwrap(), &same));
+    }
+    eprintln!("kitchenware, engine: max |diff| {engine_worst:.2e}");
+    assert!(engine_worst <= 1e-4, "engine logits differ from Keras by {engine_worst:e}");
     assert!(keras_worst <= 1e-2, "logits differ from Keras' own pipeline by {keras_worst:e}");
     assert_eq!(right, 9);
 

@@ -83,7 +83,7 @@ fn check_variant(variant: &str) {
         let bytes = std::fs::read(fixtures().join(&case.file)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let (net, model, x) = model_and_input(case, &st, variant, 0);
-        let [_, _, h, w] = x.dims();
+        let [batch, _, h, w] = x.dims();
 
         let out = model.forward_features(x).unwrap();
         let pooled = model.pool(out.features.clone());
@@ -108,7 +108,32 @@ fn check_variant(variant: &str) {
                 compare(&format!("tap{i}"), host(tap));
             }
         }
-        eprintln!("{}: {}", case.file, report.join(", "));
+        eprintln!("{}: burn {}", case.file, report.join(", "));
+
+        // The fused CPU engine, from the same description and weights, against the same references.
+        let weights = fixture_weights(&net);
+        let engine = xception::Engine::new(&net, &weights, 0).unwrap();
+        let input: Vec<f32> = st.tensor("input_u8").unwrap().data().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        let out = engine.forward(&input, batch, h, w).unwrap();
+        let f = &out.features;
+        let mut report = Vec::new();
+        let mut compare = |what: &str, shape: Vec<usize>, ours: Vec<f32>| {
+            let reference = reference(&st, what);
+            assert_eq!(shape, reference.shape, "{}: engine {what} shape", case.file);
+            let err = relative_error(&ours, &reference);
+            report.push(format!("{what} {err:.1e}"));
+            assert!(err <= TOLERANCE, "{}: engine {what} differs from timm by {err:.2e} of its scale", case.file);
+        };
+        let n = f.n;
+        compare("logits", vec![n, out.logits.as_ref().unwrap().len() / n], out.logits.clone().unwrap());
+        compare("pooled", vec![n, f.c], out.pooled.clone());
+        compare("features", vec![n, f.c, f.h, f.w], f.to_nchw());
+        if !case.taps.is_empty() {
+            for (i, t) in out.taps.iter().enumerate() {
+                compare(&format!("tap{i}"), vec![t.n, t.c, t.h, t.w], t.to_nchw());
+            }
+        }
+        eprintln!("{}: engine {}", case.file, report.join(", "));
         ran += 1;
     }
     assert!(ran > 0, "no fixtures for {variant}");

@@ -1,0 +1,224 @@
+//! The hot loops: depthwise conv (NHWC, channels innermost so each tap is a contiguous vector
+//! multiply-add), im2col for the few dense convs, max pool, and the `gemm` crate for every matrix
+//! product.
+
+use crate::{Activations, DenseConv, SepConv};
+use rayon::prelude::*;
+use xception_arch::Padding;
+
+/// dst (m x n) = [dst +] lhs (m x k) * rhs (k x n), all row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32], accumulate: bool, threads: usize) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every access the strides describe.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+fn out_size(p: Padding, n: usize, k: usize, s: usize, d: usize) -> (usize, usize) {
+    let (before, _, out) = p.resolve(n, k, s, d);
+    (before, out)
+}
+
+/// Rows filled with the bias, ready for an accumulating GEMM.
+fn bias_rows(rows: usize, bias: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * bias.len());
+    for _ in 0..rows {
+        out.extend_from_slice(bias);
+    }
+    out
+}
+
+fn relu_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+}
+
+pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize) -> Activations {
+    let (pt, oh) = out_size(d.padding, x.h, d.k, d.stride, d.dilation);
+    let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
+    let rows = x.n * oh * ow;
+    let kk = d.k * d.k * d.cin;
+    let direct = d.k == 1 && d.stride == 1 && pt == 0 && pl == 0;
+    let cols: Vec<f32>;
+    let lhs: &[f32] = if direct {
+        &x.data
+    } else {
+        let mut buf = vec![0f32; rows * kk];
+        buf.par_chunks_mut(ow * kk).enumerate().for_each(|(row, out)| {
+            let (b, oy) = (row / oh, row % oh);
+            for ox in 0..ow {
+                let dst = &mut out[ox * kk..][..kk];
+                for ky in 0..d.k {
+                    let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
+                    for kx in 0..d.k {
+                        let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
+                        let seg = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];
+                        if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
+                            let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
+                            seg.copy_from_slice(&x.data[src..src + d.cin]);
+                        }
+                    }
+                }
+            }
+        });
+        cols = buf;
+        &cols
+    };
+    let mut out = bias_rows(rows, &d.bias);
+    gemm(rows, d.cout, kk, lhs, &d.weight, &mut out, true, threads);
+    if d.relu {
+        relu_in_place(&mut out);
+    }
+    Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
+}
+
+/// How the depthwise kernel transforms each input value as it loads it.
+#[derive(Clone, Copy)]
+enum Load<'a> {
+    Plain,
+    Relu,
+    Affine(&'a [f32], &'a [f32], bool),
+}
+
+/// One output row of a depthwise conv. `FMA` selects fused multiply-add (only compiled into the
+/// AVX2+FMA clone below, where it is one instruction).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_row<const FMA: bool>(x: &Activations, s: &SepConv, load: Load, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+    let c = s.channels;
+    let madd = |acc: &mut [f32], src: &[f32], w: &[f32]| {
+        for ((a, &v), &k) in acc.iter_mut().zip(src).zip(w) {
+            *a = if FMA { v.mul_add(k, *a) } else { *a + v * k };
+        }
+    };
+    let mut tmp = vec![0f32; if matches!(load, Load::Plain) { 0 } else { c }];
+    for ox in 0..ow {
+        let acc = &mut out[ox * c..][..c];
+        match &s.dw_bias {
+            Some(bias) => acc.copy_from_slice(bias),
+            None => acc.fill(0.0),
+        }
+        for ky in 0..s.k {
+            let iy = (oy * s.stride + ky * s.dilation) as isize - pt as isize;
+            if iy < 0 || iy as usize >= x.h {
+                continue;
+            }
+            for kx in 0..s.k {
+                let ix = (ox * s.stride + kx * s.dilation) as isize - pl as isize;
+                if ix < 0 || ix as usize >= x.w {
+                    continue;
+                }
+                let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
+                let w = &s.dw[(ky * s.k + kx) * c..][..c];
+                match load {
+                    Load::Plain => madd(acc, src, w),
+                    Load::Relu => {
+                        tmp.iter_mut().zip(src).for_each(|(t, &v)| *t = v.max(0.0));
+                        madd(acc, &tmp, w);
+                    }
+                    Load::Affine(scale, shift, relu) => {
+                        for (((t, &v), &sc), &sh) in tmp.iter_mut().zip(src).zip(scale).zip(shift) {
+                            let y = if FMA { v.mul_add(sc, sh) } else { v * sc + sh };
+                            *t = if relu { y.max(0.0) } else { y };
+                        }
+                        madd(acc, &tmp, w);
+                    }
+                }
+            }
+        }
+        if s.mid_relu {
+            acc.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_row_avx2(x: &Activations, s: &SepConv, load: Load, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+    dw_row::<true>(x, s, load, b, oy, ow, pt, pl, out)
+}
+
+pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize) -> Activations {
+    let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+    let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+    let c = s.channels;
+    let load = match (&s.in_affine, s.in_relu) {
+        (Some(a), relu) => Load::Affine(&a.scale, &a.shift, relu),
+        (None, true) => Load::Relu,
+        (None, false) => Load::Plain,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let mut mid = vec![0f32; x.n * oh * ow * c];
+    mid.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+        let (b, oy) = (row / oh, row % oh);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { dw_row_avx2(x, s, load, b, oy, ow, pt, pl, out) };
+            return;
+        }
+        dw_row::<false>(x, s, load, b, oy, ow, pt, pl, out);
+    });
+    let rows = x.n * oh * ow;
+    let mut out = bias_rows(rows, &s.pw_bias);
+    gemm(rows, s.cout, c, &mid, &s.pw, &mut out, true, threads);
+    if s.out_relu {
+        relu_in_place(&mut out);
+    }
+    Activations { n: x.n, h: oh, w: ow, c: s.cout, data: out }
+}
+
+pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding) -> Activations {
+    let (pt, oh) = out_size(padding, x.h, k, stride, 1);
+    let (pl, ow) = out_size(padding, x.w, k, stride, 1);
+    let c = x.c;
+    let mut out = vec![f32::NEG_INFINITY; x.n * oh * ow * c];
+    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+        let (b, oy) = (row / oh, row % oh);
+        for ox in 0..ow {
+            let acc = &mut dst[ox * c..][..c];
+            for ky in 0..k {
+                let iy = (oy * stride + ky) as isize - pt as isize;
+                if iy < 0 || iy as usize >= x.h {
+                    continue;
+                }
+                for kx in 0..k {
+                    let ix = (ox * stride + kx) as isize - pl as isize;
+                    if ix < 0 || ix as usize >= x.w {
+                        continue;
+                    }
+                    let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
+                    acc.iter_mut().zip(src).for_each(|(a, &v)| *a = a.max(v));
+                }
+            }
+        }
+    });
+    Activations { n: x.n, h: oh, w: ow, c, data: out }
+}
