@@ -55,6 +55,10 @@ struct BenchArgs {
     runs: usize,
     #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
     backend: String,
+    /// Time the engine's depthwise and pointwise kernels alone at the entry, middle and exit
+    /// flow shapes instead of the whole network.
+    #[arg(long)]
+    ops: bool,
     #[arg(long)]
     json: bool,
 }
@@ -419,6 +423,25 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if args.ops {
+        let threads = if args.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { args.threads };
+        let peak = cpu_ghz().map(|g| g * 32.0 * threads as f64);
+        let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs)
+            .into_iter()
+            .map(|t| {
+                serde_json::json!({"op": t.op, "flow": t.flow, "shape": [t.shape.0, t.shape.1, t.shape.2, t.shape.3],
+                    "ms": t.seconds * 1e3, "gflops": t.gflops, "peak_fraction": peak.map(|p| t.gflops / p)})
+            })
+            .collect();
+        if args.json {
+            println!("{}", serde_json::Value::from(rows));
+        } else {
+            for r in rows {
+                println!("{:<14} {:<7} {:>20} {:>8.3} ms {:>6.1} GFLOP/s", r["op"].as_str().unwrap(), r["flow"].as_str().unwrap(), r["shape"].to_string(), r["ms"].as_f64().unwrap(), r["gflops"].as_f64().unwrap());
+            }
+        }
+        return Ok(());
+    }
     let mut config = ModelConfig::new(Variant::parse(&args.model)?);
     config.output_stride = args.output_stride;
     let net = Network::build(&config)?;

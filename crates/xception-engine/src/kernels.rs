@@ -97,30 +97,59 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize) -> Activations
     Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
 }
 
-/// How the depthwise kernel transforms each input value as it loads it.
-#[derive(Clone, Copy)]
-enum Load<'a> {
-    Plain,
-    Relu,
-    Affine(&'a [f32], &'a [f32], bool),
+/// How the depthwise kernel transforms each input value as it loads it (a preceding ReLU, or
+/// BatchNorm + ReLU); monomorphised so the innermost loop has no branch on it.
+trait Load: Copy + Sync {
+    fn apply(&self, v: f32, channel: usize) -> f32;
 }
 
-/// One output row of a depthwise conv. `FMA` selects fused multiply-add (only compiled into the
-/// AVX2+FMA clone below, where it is one instruction).
+#[derive(Clone, Copy)]
+struct Plain;
+impl Load for Plain {
+    #[inline(always)]
+    fn apply(&self, v: f32, _: usize) -> f32 {
+        v
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Relu;
+impl Load for Relu {
+    #[inline(always)]
+    fn apply(&self, v: f32, _: usize) -> f32 {
+        v.max(0.0)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AffineRelu<'a> {
+    scale: &'a [f32],
+    shift: &'a [f32],
+    relu: bool,
+}
+impl Load for AffineRelu<'_> {
+    #[inline(always)]
+    fn apply(&self, v: f32, ch: usize) -> f32 {
+        let y = v * self.scale[ch] + self.shift[ch];
+        if self.relu {
+            y.max(0.0)
+        } else {
+            y
+        }
+    }
+}
+
+/// One output row of a depthwise conv: per output pixel, per tap, one multiply-add over the
+/// contiguous channel vector. `FMA` selects fused multiply-add (used in the AVX2+FMA clone,
+/// where it is one instruction).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dw_row<const FMA: bool>(x: &Activations, s: &SepConv, load: Load, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+fn dw_row<const FMA: bool, L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
     let c = s.channels;
-    let madd = |acc: &mut [f32], src: &[f32], w: &[f32]| {
-        for ((a, &v), &k) in acc.iter_mut().zip(src).zip(w) {
-            *a = if FMA { v.mul_add(k, *a) } else { *a + v * k };
-        }
-    };
-    let mut tmp = vec![0f32; if matches!(load, Load::Plain) { 0 } else { c }];
     for ox in 0..ow {
         let acc = &mut out[ox * c..][..c];
         match &s.dw_bias {
-            Some(bias) => acc.copy_from_slice(bias),
+            Some(bias) => acc.copy_from_slice(&bias[..c]),
             None => acc.fill(0.0),
         }
         for ky in 0..s.k {
@@ -135,19 +164,9 @@ fn dw_row<const FMA: bool>(x: &Activations, s: &SepConv, load: Load, b: usize, o
                 }
                 let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
                 let w = &s.dw[(ky * s.k + kx) * c..][..c];
-                match load {
-                    Load::Plain => madd(acc, src, w),
-                    Load::Relu => {
-                        tmp.iter_mut().zip(src).for_each(|(t, &v)| *t = v.max(0.0));
-                        madd(acc, &tmp, w);
-                    }
-                    Load::Affine(scale, shift, relu) => {
-                        for (((t, &v), &sc), &sh) in tmp.iter_mut().zip(src).zip(scale).zip(shift) {
-                            let y = if FMA { v.mul_add(sc, sh) } else { v * sc + sh };
-                            *t = if relu { y.max(0.0) } else { y };
-                        }
-                        madd(acc, &tmp, w);
-                    }
+                for i in 0..c {
+                    let v = load.apply(src[i], i);
+                    acc[i] = if FMA { v.mul_add(w[i], acc[i]) } else { acc[i] + v * w[i] };
                 }
             }
         }
@@ -160,19 +179,14 @@ fn dw_row<const FMA: bool>(x: &Activations, s: &SepConv, load: Load, b: usize, o
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_avx2(x: &Activations, s: &SepConv, load: Load, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
-    dw_row::<true>(x, s, load, b, oy, ow, pt, pl, out)
+unsafe fn dw_row_avx2<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+    dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
 }
 
-pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize) -> Activations {
+fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L) -> Activations {
     let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
     let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
     let c = s.channels;
-    let load = match (&s.in_affine, s.in_relu) {
-        (Some(a), relu) => Load::Affine(&a.scale, &a.shift, relu),
-        (None, true) => Load::Relu,
-        (None, false) => Load::Plain,
-    };
     #[cfg(target_arch = "x86_64")]
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let mut mid = vec![0f32; x.n * oh * ow * c];
@@ -184,15 +198,39 @@ pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize) -> Activations {
             unsafe { dw_row_avx2(x, s, load, b, oy, ow, pt, pl, out) };
             return;
         }
-        dw_row::<false>(x, s, load, b, oy, ow, pt, pl, out);
+        dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
     });
-    let rows = x.n * oh * ow;
+    Activations { n: x.n, h: oh, w: ow, c, data: mid }
+}
+
+pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize) -> Activations {
+    let mid = depthwise(x, s);
+    pointwise(&mid.data, mid.n * mid.h * mid.w, s, threads).with_shape(mid.n, mid.h, mid.w)
+}
+
+/// The pointwise half: (rows, c) x (c, cout) + bias, ReLU if asked.
+pub fn pointwise(mid: &[f32], rows: usize, s: &SepConv, threads: usize) -> Activations {
     let mut out = bias_rows(rows, &s.pw_bias);
-    gemm(rows, s.cout, c, &mid, &s.pw, &mut out, true, threads);
+    gemm(rows, s.cout, s.channels, mid, &s.pw, &mut out, true, threads);
     if s.out_relu {
         relu_in_place(&mut out);
     }
-    Activations { n: x.n, h: oh, w: ow, c: s.cout, data: out }
+    Activations { n: 1, h: 1, w: rows, c: s.cout, data: out }
+}
+
+impl Activations {
+    fn with_shape(self, n: usize, h: usize, w: usize) -> Activations {
+        Activations { n, h, w, ..self }
+    }
+}
+
+/// The depthwise half, with the input transform and the folded norm.
+pub fn depthwise(x: &Activations, s: &SepConv) -> Activations {
+    match (&s.in_affine, s.in_relu) {
+        (Some(a), relu) => depthwise_with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }),
+        (None, true) => depthwise_with(x, s, Relu),
+        (None, false) => depthwise_with(x, s, Plain),
+    }
 }
 
 pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding) -> Activations {

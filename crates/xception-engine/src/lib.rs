@@ -558,3 +558,59 @@ fn global_pool(x: &Activations, pooling: Pooling) -> Vec<f32> {
     }
     out
 }
+
+/// One layer kind timed alone (for `xception bench --ops`).
+#[derive(Clone, Debug)]
+pub struct OpTiming {
+    pub op: &'static str,
+    pub flow: &'static str,
+    /// (h, w, c_in, c_out)
+    pub shape: (usize, usize, usize, usize),
+    pub seconds: f64,
+    pub gflops: f64,
+}
+
+/// Times the depthwise 3x3 and the pointwise 1x1 kernels at the entry, middle and exit flow
+/// shapes of Xception at 299 (median of `runs`).
+pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
+    let shapes = [("entry", 147, 147, 128, 128), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)];
+    let mut out = Vec::new();
+    for (flow, h, w, c, cout) in shapes {
+        let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect() };
+        let sep = SepConv {
+            k: 3,
+            stride: 1,
+            dilation: 1,
+            padding: Padding::Symmetric(1),
+            channels: c,
+            in_affine: None,
+            in_relu: true,
+            dw: (0..9 * c).map(|i| ((i % 13) as f32 - 6.0) / 10.0).collect(),
+            dw_bias: None,
+            mid_relu: false,
+            cout,
+            pw: (0..c * cout).map(|i| ((i % 17) as f32 - 8.0) / 100.0).collect(),
+            pw_bias: vec![0.0; cout],
+            out_relu: false,
+        };
+        let time = |f: &dyn Fn()| {
+            f();
+            let mut t: Vec<f64> = (0..runs.max(1))
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        let dw = pool.install(|| time(&|| drop(kernels::depthwise(&x, &sep))));
+        let mid = pool.install(|| kernels::depthwise(&x, &sep));
+        let pw = pool.install(|| time(&|| drop(kernels::pointwise(&mid.data, h * w, &sep, threads))));
+        out.push(OpTiming { op: "depthwise 3x3", flow, shape: (h, w, c, c), seconds: dw, gflops: 2.0 * (h * w * c * 9) as f64 / dw / 1e9 });
+        out.push(OpTiming { op: "pointwise 1x1", flow, shape: (h, w, c, cout), seconds: pw, gflops: 2.0 * (h * w * c * cout) as f64 / pw / 1e9 });
+    }
+    out
+}

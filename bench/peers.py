@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Whole-network inference, ours against PyTorch (timm: eager, channels-last, torch.compile),
+ONNX Runtime (all graph optimisations) and TensorFlow/Keras (compiled tf.function), on this
+machine, same thread count, fp32, and per-op figures for the depthwise and pointwise convs.
+
+Rounds are interleaved: every round times one forward of each contender in turn, so a slow
+patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
+its own process (its thread pool cannot share one with torch) and is interleaved per round too.
+
+Usage: bench/peers.py [--models xception,xception65] [--batches 1,8] [--threads 2] [--rounds 7]
+                      [--out bench/RESULTS.md]
+Needs the built `xception` binary and tools/setup_python.sh + `pip install onnxruntime onnx
+onnxscript tensorflow-cpu` (see bench/README.md).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("XCEPTION_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/xception/target")), "release/xception")
+TIMM_NAME = {"xception": "legacy_xception", "xception65": "xception65", "xception41": "xception41", "xception71": "xception71"}
+
+TF_WORKER = r'''
+import os, sys, time, json
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf
+threads, batch, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+import keras
+model = keras.applications.Xception(weights=None, input_shape=(size, size, 3))
+f = tf.function(lambda x: model(x, training=False))
+x = tf.random.uniform((batch, size, size, 3))
+f(x); f(x)
+print("ready", flush=True)
+for line in sys.stdin:
+    t = time.perf_counter(); f(x).numpy(); dt = time.perf_counter() - t
+    print(json.dumps(dt), flush=True)
+'''
+
+
+def ours(model, batch, threads, size):
+    out = subprocess.check_output([BIN, "bench", "--model", model, "--batch", str(batch), "--threads", str(threads),
+                                   "--input-size", str(size), "--runs", "1", "--json"], text=True)
+    return json.loads(out)["median_ms"] / 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="xception,xception65")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=299)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench/RESULTS.md"))
+    args = ap.parse_args()
+
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+
+    macs = {}
+    rows = []
+    for model_name in args.models.split(","):
+        info = json.loads(subprocess.check_output([BIN, "info", "--model", model_name, "--input-size", str(args.size), "--json"], text=True))
+        macs[model_name] = info["macs"]
+        for batch in [int(b) for b in args.batches.split(",")]:
+            m = timm.create_model(TIMM_NAME[model_name], pretrained=False).eval()
+            x = torch.randn(batch, 3, args.size, args.size)
+            contenders = {}
+            with torch.inference_mode():
+                contenders["PyTorch eager"] = lambda m=m, x=x: m(x)
+                m_cl = timm.create_model(TIMM_NAME[model_name], pretrained=False).eval().to(memory_format=torch.channels_last)
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                contenders["PyTorch channels-last"] = lambda m=m_cl, x=x_cl: m(x)
+                if not args.no_compile:
+                    compiled = torch.compile(m)
+                    compiled(x)
+                    contenders["torch.compile"] = lambda c=compiled, x=x: c(x)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "m.onnx")
+                torch.onnx.export(m, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = args.threads
+                so.inter_op_num_threads = 1
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            xn = x.numpy()
+            contenders["ONNX Runtime"] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
+            tf_proc = None
+            if model_name == "xception":  # Keras ships only the original Xception
+                tf_proc = subprocess.Popen([sys.executable, "-c", TF_WORKER, str(args.threads), str(batch), str(args.size)],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert tf_proc.stdout.readline().strip() == "ready"
+            for f in contenders.values():  # warm-up
+                with torch.inference_mode():
+                    f()
+            times = {k: [] for k in ["ours (engine)", *contenders, "TensorFlow tf.function"]}
+            for _ in range(args.rounds):
+                times["ours (engine)"].append(ours(model_name, batch, args.threads, args.size))
+                for name, f in contenders.items():
+                    with torch.inference_mode():
+                        t = time.perf_counter()
+                        f()
+                        times[name].append(time.perf_counter() - t)
+                if tf_proc:
+                    tf_proc.stdin.write("go\n")
+                    tf_proc.stdin.flush()
+                    times["TensorFlow tf.function"].append(json.loads(tf_proc.stdout.readline()))
+            if tf_proc:
+                tf_proc.stdin.close()
+                tf_proc.wait()
+            for name, ts in times.items():
+                if ts:
+                    med = statistics.median(ts)
+                    rows.append((model_name, batch, name, med, 2 * macs[model_name] * batch / med / 1e9))
+                    print(f"{model_name} b{batch} {name}: {med * 1e3:.0f} ms", flush=True)
+
+    write(args, rows)
+
+
+def write(args, rows):
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
+    ghz = sum(mhz) / len(mhz) / 1000 if mhz else float("nan")
+    peak = ghz * 32 * args.threads
+    import onnxruntime, timm, torch
+    lines = [
+        "# Inference benchmark: ours against PyTorch, ONNX Runtime and TensorFlow",
+        "",
+        f"Machine: {cpu}, {os.cpu_count()} cores, {ghz:.2f} GHz (/proc/cpuinfo); fp32 peak with {args.threads} threads "
+        f"= {args.threads} x {ghz:.2f} GHz x 2 FMA x 8 lanes x 2 = {peak:.1f} GFLOP/s.",
+        f"Input {args.size}x{args.size}, {args.threads} threads each, median of {args.rounds} interleaved rounds. "
+        f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
+        f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}`",
+        "",
+        "| model | batch | contender | median ms | images/s | GFLOP/s | % of peak | ratio to fastest peer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(r[0] for r in rows):
+        for batch in dict.fromkeys(r[1] for r in rows if r[0] == model):
+            group = [r for r in rows if r[0] == model and r[1] == batch]
+            fastest_peer = min(r[3] for r in group if not r[2].startswith("ours"))
+            for _, _, name, med, gf in group:
+                lines.append(f"| {model} | {batch} | {name} | {med * 1e3:.0f} | {batch / med:.2f} | {gf:.1f} | "
+                             f"{100 * gf / peak:.0f}% | {fastest_peer / med:.2f}x |")
+    lines.append("")
+    lines.append("Ratio: the fastest peer's median time divided by this contender's (above 1: faster than every peer).")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
