@@ -415,6 +415,15 @@ fn cpu_ghz() -> Option<f64> {
     (!mhz.is_empty()).then(|| mhz.iter().sum::<f64>() / mhz.len() as f64 / 1000.0)
 }
 
+/// fp32 flops per cycle per core: 2 FMA units x lanes (16 with AVX-512, 8 with AVX2) x 2.
+fn flops_per_cycle() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return 64.0;
+    }
+    32.0
+}
+
 /// Peak resident memory of this process (VmHWM), in MiB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -425,7 +434,7 @@ fn peak_rss_mb() -> Option<f64> {
 fn bench(args: BenchArgs) -> Result<()> {
     if args.ops {
         let threads = if args.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { args.threads };
-        let peak = cpu_ghz().map(|g| g * 32.0 * threads as f64);
+        let peak = cpu_ghz().map(|g| g * flops_per_cycle() * threads as f64);
         let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs)
             .into_iter()
             .map(|t| {
@@ -466,8 +475,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let flops = 2.0 * info.macs as f64 * args.batch as f64;
     let gflops = flops / median / 1e9;
     let ghz = cpu_ghz();
-    // 2 FMA units x 8 fp32 lanes x 2 flops per FMA, per core (AVX2).
-    let peak = ghz.map(|g| g * 32.0 * threads as f64);
+    let peak = ghz.map(|g| g * flops_per_cycle() * threads as f64);
     let out = serde_json::json!({
         "model": args.model, "backend": args.backend, "batch": args.batch, "threads": threads,
         "input_size": s, "output_stride": args.output_stride, "runs": times.len(),

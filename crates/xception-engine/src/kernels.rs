@@ -183,15 +183,30 @@ unsafe fn dw_row_avx2<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, 
     dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_row_avx512<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+    dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
+}
+
 fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L) -> Activations {
     let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
     let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
     let c = s.channels;
     #[cfg(target_arch = "x86_64")]
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = avx2 && is_x86_feature_detected!("avx512f");
     let mut mid = vec![0f32; x.n * oh * ow * c];
     mid.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
         let (b, oy) = (row / oh, row % oh);
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
+            unsafe { dw_row_avx512(x, s, load, b, oy, ow, pt, pl, out) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
