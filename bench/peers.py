@@ -128,20 +128,74 @@ def main():
                     rows.append((model_name, batch, name, med, 2 * macs[model_name] * batch / med / 1e9))
                     print(f"{model_name} b{batch} {name}: {med * 1e3:.0f} ms", flush=True)
 
-    write(args, rows)
+    op_rows = per_op(args)
+    write(args, rows, op_rows)
 
 
-def write(args, rows):
+OP_SHAPES = [("entry", 147, 147, 128, 128), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)]
+
+
+def per_op(args):
+    """Depthwise 3x3 and pointwise 1x1 alone at the entry/middle/exit shapes, batch 1."""
+    import onnxruntime as ort
+    import torch
+    ours = json.loads(subprocess.check_output([BIN, "bench", "--ops", "--threads", str(args.threads), "--runs", "21", "--json"], text=True))
+    rows = [(r["op"], r["flow"], "ours (engine)", r["ms"] / 1e3, r["gflops"]) for r in ours]
+
+    def timed(f, runs=21):
+        f()
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    for flow, h, w, c, cout in OP_SHAPES:
+        for op, conv, flops in [
+            ("depthwise 3x3", torch.nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), 2 * h * w * c * 9),
+            ("pointwise 1x1", torch.nn.Conv2d(c, cout, 1, bias=False), 2 * h * w * c * cout),
+        ]:
+            conv = conv.eval()
+            x = torch.randn(1, c, h, w)
+            with torch.inference_mode():
+                t = timed(lambda: conv(x))
+                rows.append((op, flow, "PyTorch eager", t, flops / t / 1e9))
+                conv_cl = conv.to(memory_format=torch.channels_last)
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                t = timed(lambda: conv_cl(x_cl))
+                rows.append((op, flow, "PyTorch channels-last", t, flops / t / 1e9))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "op.onnx")
+                torch.onnx.export(conv.to(memory_format=torch.contiguous_format), (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = args.threads
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            xn = x.numpy()
+            t = timed(lambda: sess.run(None, {"x": xn}))
+            rows.append((op, flow, "ONNX Runtime", t, flops / t / 1e9))
+    return rows
+
+
+def flops_per_cycle():
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    return 64 if " avx512f" in flags else 32  # 2 FMA units x 16 or 8 fp32 lanes x 2
+
+
+def write(args, rows, op_rows):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
     ghz = sum(mhz) / len(mhz) / 1000 if mhz else float("nan")
-    peak = ghz * 32 * args.threads
+    peak = ghz * flops_per_cycle() * args.threads
     import onnxruntime, timm, torch
     lines = [
         "# Inference benchmark: ours against PyTorch, ONNX Runtime and TensorFlow",
         "",
-        f"Machine: {cpu}, {os.cpu_count()} cores, {ghz:.2f} GHz (/proc/cpuinfo); fp32 peak with {args.threads} threads "
-        f"= {args.threads} x {ghz:.2f} GHz x 2 FMA x 8 lanes x 2 = {peak:.1f} GFLOP/s.",
+        f"Machine: {cpu}, {os.cpu_count()} cores, {ghz:.2f} GHz (/proc/cpuinfo), "
+        f"{'AVX-512' if flops_per_cycle() == 64 else 'AVX2'}; fp32 peak with {args.threads} threads "
+        f"= {args.threads} x {ghz:.2f} GHz x 2 FMA x {flops_per_cycle() // 4} lanes x 2 = {peak:.1f} GFLOP/s "
+        f"(the nominal clock: a turbo clock makes the real peak higher).",
         f"Input {args.size}x{args.size}, {args.threads} threads each, median of {args.rounds} interleaved rounds. "
         f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
         f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}`",
@@ -158,6 +212,11 @@ def write(args, rows):
                              f"{100 * gf / peak:.0f}% | {fastest_peer / med:.2f}x |")
     lines.append("")
     lines.append("Ratio: the fastest peer's median time divided by this contender's (above 1: faster than every peer).")
+    lines += ["", "## Per op (batch 1, median of 21)", "",
+              "| op | flow | shape (HxWxCin->Cout) | contender | ms | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|"]
+    shapes = {f: f"{h}x{w}x{c}->{co}" for f, h, w, c, co in OP_SHAPES}
+    for op, flow, name, t, gf in op_rows:
+        lines.append(f"| {op} | {flow} | {shapes[flow]} | {name} | {t * 1e3:.3f} | {gf:.1f} | {100 * gf / peak:.0f}% |")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
