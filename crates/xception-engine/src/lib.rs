@@ -142,6 +142,8 @@ pub struct Engine {
     head: Vec<DenseLayer>,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// XCEPTION_ENGINE_PROFILE=1: print each step's time to stderr.
+    profile: bool,
 }
 
 /// Weight lookup: the tensor's data by its checkpoint name (timm names, PyTorch layouts).
@@ -390,7 +392,8 @@ impl Engine {
             .num_threads(threads)
             .build()
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, pool, threads })
+        let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, pool, threads, profile })
     }
 
     pub fn network(&self) -> &Network {
@@ -430,11 +433,15 @@ impl Engine {
                     ShortcutPlan::Project(steps) => Some(self.run(steps, input.clone(), &mut taps)),
                 };
                 let mut out = self.run(&b.body, input, &mut taps);
+                let started = self.profile.then(std::time::Instant::now);
                 if let Some(s) = skip {
                     debug_assert_eq!((s.h, s.w, s.c), (out.h, out.w, out.c));
                     out.data.par_chunks_mut(1 << 14).zip(s.data.par_chunks(1 << 14)).for_each(|(o, s)| {
                         o.iter_mut().zip(s).for_each(|(o, s)| *o += s);
                     });
+                }
+                if let Some(t) = started {
+                    eprintln!("engine step {:>8.3} ms  residual add", t.elapsed().as_secs_f64() * 1e3);
                 }
                 x = out;
             }
@@ -463,6 +470,7 @@ impl Engine {
 
     fn run(&self, steps: &[Step], mut x: Activations, taps: &mut Vec<Activations>) -> Activations {
         for step in steps {
+            let started = self.profile.then(std::time::Instant::now);
             x = match step {
                 Step::Dense(d) => kernels::dense_conv(&x, d, self.threads),
                 Step::Sep(s) => kernels::sep_conv(&x, s, self.threads),
@@ -489,6 +497,17 @@ impl Engine {
                     x
                 }
             };
+            if let Some(t) = started {
+                let kind = match step {
+                    Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
+                    Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.cout, x.h, x.w),
+                    Step::MaxPool { .. } => "max pool".into(),
+                    Step::Affine { .. } => "norm".into(),
+                    Step::Relu => "relu".into(),
+                    Step::Tap => "tap".into(),
+                };
+                eprintln!("engine step {:>8.3} ms  {kind}", t.elapsed().as_secs_f64() * 1e3);
+            }
         }
         x
     }
