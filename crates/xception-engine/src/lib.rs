@@ -393,6 +393,7 @@ impl Engine {
             .build()
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
+        keep_freed_memory();
         Ok(Engine { net: net.clone(), stem, blocks, tail, head, pool, threads, profile })
     }
 
@@ -510,6 +511,23 @@ impl Engine {
             }
         }
         x
+    }
+}
+
+/// Each layer allocates activations of up to 25 MB. By default glibc returns such blocks to the
+/// kernel on free and page-faults them in again on the next allocation, which measured as much as
+/// the arithmetic on the large early layers; keep freed memory in the heap instead.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator tuning parameters.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        });
     }
 }
 
