@@ -190,7 +190,8 @@ unsafe fn dw_row_avx512<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize
     dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
 }
 
-fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L) -> Activations {
+/// Writes the depthwise output into `mid` (resized, reused across layers); returns (h, w).
+fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L, mid: &mut Vec<f32>) -> (usize, usize) {
     let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
     let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
     let c = s.channels;
@@ -198,7 +199,7 @@ fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L) -> Activations
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     #[cfg(target_arch = "x86_64")]
     let avx512 = avx2 && is_x86_feature_detected!("avx512f");
-    let mut mid = vec![0f32; x.n * oh * ow * c];
+    mid.resize(x.n * oh * ow * c, 0.0);
     mid.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
         let (b, oy) = (row / oh, row % oh);
         #[cfg(target_arch = "x86_64")]
@@ -215,36 +216,50 @@ fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L) -> Activations
         }
         dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
     });
-    Activations { n: x.n, h: oh, w: ow, c, data: mid }
+    (oh, ow)
 }
 
-pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize) -> Activations {
-    let mid = depthwise(x, s);
-    pointwise(&mid.data, mid.n * mid.h * mid.w, s, threads).with_shape(mid.n, mid.h, mid.w)
+/// A separable conv. With `residual` (the block's shortcut, same shape as the output), the
+/// pointwise GEMM accumulates onto it: the residual add costs no extra pass.
+pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, scratch: &mut Vec<f32>, residual: Option<Vec<f32>>) -> Activations {
+    let (oh, ow) = depthwise_into(x, s, scratch);
+    let rows = x.n * oh * ow;
+    let mut out = match residual {
+        Some(mut r) => {
+            assert_eq!(r.len(), rows * s.cout, "residual shape");
+            r.par_chunks_mut(s.cout * 64).for_each(|chunk| {
+                for px in chunk.chunks_mut(s.cout) {
+                    px.iter_mut().zip(&s.pw_bias).for_each(|(v, b)| *v += b);
+                }
+            });
+            r
+        }
+        None => bias_rows(rows, &s.pw_bias),
+    };
+    gemm(rows, s.cout, s.channels, &scratch[..rows * s.channels], &s.pw, &mut out, true, threads);
+    if s.out_relu {
+        relu_in_place(&mut out);
+    }
+    Activations { n: x.n, h: oh, w: ow, c: s.cout, data: out }
 }
 
 /// The pointwise half: (rows, c) x (c, cout) + bias, ReLU if asked.
-pub fn pointwise(mid: &[f32], rows: usize, s: &SepConv, threads: usize) -> Activations {
+pub fn pointwise(mid: &[f32], rows: usize, s: &SepConv, threads: usize) -> Vec<f32> {
     let mut out = bias_rows(rows, &s.pw_bias);
     gemm(rows, s.cout, s.channels, mid, &s.pw, &mut out, true, threads);
     if s.out_relu {
         relu_in_place(&mut out);
     }
-    Activations { n: 1, h: 1, w: rows, c: s.cout, data: out }
+    out
 }
 
-impl Activations {
-    fn with_shape(self, n: usize, h: usize, w: usize) -> Activations {
-        Activations { n, h, w, ..self }
-    }
-}
 
-/// The depthwise half, with the input transform and the folded norm.
-pub fn depthwise(x: &Activations, s: &SepConv) -> Activations {
+/// The depthwise half, with the input transform and the folded norm, into `mid`; returns (h, w).
+pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usize, usize) {
     match (&s.in_affine, s.in_relu) {
-        (Some(a), relu) => depthwise_with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }),
-        (None, true) => depthwise_with(x, s, Relu),
-        (None, false) => depthwise_with(x, s, Plain),
+        (Some(a), relu) => depthwise_with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, mid),
+        (None, true) => depthwise_with(x, s, Relu, mid),
+        (None, false) => depthwise_with(x, s, Plain, mid),
     }
 }
 

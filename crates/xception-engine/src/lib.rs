@@ -144,6 +144,8 @@ pub struct Engine {
     threads: usize,
     /// XCEPTION_ENGINE_PROFILE=1: print each step's time to stderr.
     profile: bool,
+    /// The depthwise output of the separable conv being run, reused by every layer.
+    scratch: std::sync::Mutex<Vec<f32>>,
 }
 
 /// Weight lookup: the tensor's data by its checkpoint name (timm names, PyTorch layouts).
@@ -394,7 +396,7 @@ impl Engine {
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, pool, threads, profile })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, pool, threads, profile, scratch: Default::default() })
     }
 
     pub fn network(&self) -> &Network {
@@ -428,11 +430,20 @@ impl Engine {
             x = self.run(&self.stem, x, &mut taps);
             for b in &self.blocks {
                 let input = self.run(&b.pre, x, &mut taps);
-                let skip = match &b.shortcut {
+                let mut skip = match &b.shortcut {
                     ShortcutPlan::None => None,
                     ShortcutPlan::Identity => Some(input.clone()),
                     ShortcutPlan::Project(steps) => Some(self.run(steps, input.clone(), &mut taps)),
                 };
+                // A body ending in a separable conv without ReLU takes the shortcut into its GEMM.
+                if let Some((Step::Sep(last), rest)) = b.body.split_last() {
+                    if !last.out_relu && skip.is_some() {
+                        let residual = skip.take().expect("checked").data;
+                        let partial = self.run(rest, input, &mut taps);
+                        x = kernels::sep_conv(&partial, last, self.threads, &mut self.scratch.lock().unwrap(), Some(residual));
+                        continue;
+                    }
+                }
                 let mut out = self.run(&b.body, input, &mut taps);
                 let started = self.profile.then(std::time::Instant::now);
                 if let Some(s) = skip {
@@ -474,7 +485,7 @@ impl Engine {
             let started = self.profile.then(std::time::Instant::now);
             x = match step {
                 Step::Dense(d) => kernels::dense_conv(&x, d, self.threads),
-                Step::Sep(s) => kernels::sep_conv(&x, s, self.threads),
+                Step::Sep(s) => kernels::sep_conv(&x, s, self.threads, &mut self.scratch.lock().unwrap(), None),
                 Step::MaxPool { k, stride, padding } => kernels::max_pool(&x, *k, *stride, *padding),
                 Step::Affine { affine, relu } => {
                     let c = x.c;
@@ -643,9 +654,12 @@ pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
             t.sort_by(f64::total_cmp);
             t[t.len() / 2]
         };
-        let dw = pool.install(|| time(&|| drop(kernels::depthwise(&x, &sep))));
-        let mid = pool.install(|| kernels::depthwise(&x, &sep));
-        let pw = pool.install(|| time(&|| drop(kernels::pointwise(&mid.data, h * w, &sep, threads))));
+        let scratch = std::sync::Mutex::new(Vec::new());
+        let dw = pool.install(|| time(&|| {
+            kernels::depthwise_into(&x, &sep, &mut scratch.lock().unwrap());
+        }));
+        let mid = scratch.into_inner().unwrap();
+        let pw = pool.install(|| time(&|| drop(kernels::pointwise(&mid, h * w, &sep, threads))));
         out.push(OpTiming { op: "depthwise 3x3", flow, shape: (h, w, c, c), seconds: dw, gflops: 2.0 * (h * w * c * 9) as f64 / dw / 1e9 });
         out.push(OpTiming { op: "pointwise 1x1", flow, shape: (h, w, c, cout), seconds: pw, gflops: 2.0 * (h * w * c * cout) as f64 / pw / 1e9 });
     }
