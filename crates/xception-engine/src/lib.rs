@@ -184,6 +184,18 @@ impl Compiler<'_> {
         Ok(Affine { scale, shift })
     }
 
+    /// If `ops[at]` is a norm, folds it into `weight` (row-major, `width` output channels per row):
+    /// scales each output column and returns the shift as the bias. Also reports how many ops it
+    /// consumed (0 or 1).
+    fn fold_norm(&self, ops: &[Op], at: usize, weight: &mut [f32], width: usize) -> Result<(Option<Vec<f32>>, usize)> {
+        let Some(Op::Norm(n)) = ops.get(at) else { return Ok((None, 0)) };
+        let a = self.affine(n)?;
+        for (j, w) in weight.iter_mut().enumerate() {
+            *w *= a.scale[j % width];
+        }
+        Ok((Some(a.shift), 1))
+    }
+
     /// OIHW weight of a conv.
     fn conv_weight(&self, c: &Conv) -> Result<&[f32]> {
         let len: usize = c.weight_shape().iter().product();
@@ -230,15 +242,9 @@ impl Compiler<'_> {
                             }
                         }
                     }
-                    let mut bias = vec![0f32; cout];
-                    if let Some(Op::Norm(n)) = ops.get(i + used) {
-                        let a = self.affine(n)?;
-                        for (j, w) in weight.iter_mut().enumerate() {
-                            *w *= a.scale[j % cout];
-                        }
-                        bias = a.shift;
-                        used += 1;
-                    }
+                    let (bias, folded) = self.fold_norm(ops, i + used, &mut weight, cout)?;
+                    let bias = bias.unwrap_or_else(|| vec![0f32; cout]);
+                    used += folded;
                     let relu = next_is(i + used, &is_relu);
                     if relu {
                         used += 1;
@@ -292,16 +298,8 @@ impl Compiler<'_> {
                 dw_w[t * c + ch] = w[ch * k * k + t];
             }
         }
-        let mut used = 1;
-        let mut dw_bias = None;
-        if let Some(Op::Norm(n)) = ops.get(at + used) {
-            let a = self.affine(n)?;
-            for (j, v) in dw_w.iter_mut().enumerate() {
-                *v *= a.scale[j % c];
-            }
-            dw_bias = Some(a.shift);
-            used += 1;
-        }
+        let (dw_bias, folded) = self.fold_norm(ops, at + 1, &mut dw_w, c)?;
+        let mut used = 1 + folded;
         let mid_relu = matches!(ops.get(at + used), Some(Op::Relu));
         if mid_relu {
             used += 1;
@@ -322,15 +320,9 @@ impl Compiler<'_> {
                 pw_w[ch * cout + o] = pw_src[o * c + ch];
             }
         }
-        let mut pw_bias = vec![0f32; cout];
-        if let Some(Op::Norm(n)) = ops.get(at + used) {
-            let a = self.affine(n)?;
-            for (j, v) in pw_w.iter_mut().enumerate() {
-                *v *= a.scale[j % cout];
-            }
-            pw_bias = a.shift;
-            used += 1;
-        }
+        let (pw_bias, folded) = self.fold_norm(ops, at + used, &mut pw_w, cout)?;
+        let pw_bias = pw_bias.unwrap_or_else(|| vec![0f32; cout]);
+        used += folded;
         let out_relu = matches!(ops.get(at + used), Some(Op::Relu));
         if out_relu {
             used += 1;
