@@ -63,34 +63,40 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize) -> Activations
     let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
     let rows = x.n * oh * ow;
     let kk = d.k * d.k * d.cin;
-    let direct = d.k == 1 && d.stride == 1 && pt == 0 && pl == 0;
-    let cols: Vec<f32>;
-    let lhs: &[f32] = if direct {
-        &x.data
+    let mut out = bias_rows(rows, &d.bias);
+    if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
+        gemm(rows, d.cout, kk, &x.data, &d.weight, &mut out, true, threads);
     } else {
-        let mut buf = vec![0f32; rows * kk];
-        buf.par_chunks_mut(ow * kk).enumerate().for_each(|(row, out)| {
-            let (b, oy) = (row / oh, row % oh);
-            for ox in 0..ow {
-                let dst = &mut out[ox * kk..][..kk];
-                for ky in 0..d.k {
-                    let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
-                    for kx in 0..d.k {
-                        let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
-                        let seg = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];
-                        if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
-                            let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
-                            seg.copy_from_slice(&x.data[src..src + d.cin]);
+        // im2col in tiles of output rows, each tile's GEMM right after its gather, so the
+        // gathered patches stay in cache (the stem's full im2col would be 25 MB).
+        let tile = (8 * 1024 * 1024 / 4 / (ow * kk).max(1)).clamp(1, 16);
+        let image_rows: Vec<(usize, usize)> = (0..x.n).flat_map(|b| (0..oh).step_by(tile).map(move |oy| (b, oy))).collect();
+        let out_addr = out.as_mut_ptr() as usize;
+        image_rows.par_iter().for_each(|&(b, oy0)| {
+            let oy1 = (oy0 + tile).min(oh);
+            let mut cols = vec![0f32; (oy1 - oy0) * ow * kk];
+            for oy in oy0..oy1 {
+                for ox in 0..ow {
+                    let dst = &mut cols[((oy - oy0) * ow + ox) * kk..][..kk];
+                    for ky in 0..d.k {
+                        let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
+                        for kx in 0..d.k {
+                            let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
+                                let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
+                                dst[(ky * d.k + kx) * d.cin..][..d.cin].copy_from_slice(&x.data[src..src + d.cin]);
+                            }
                         }
                     }
                 }
             }
+            let first = (b * oh + oy0) * ow;
+            let m = (oy1 - oy0) * ow;
+            // SAFETY: tiles cover disjoint output rows [first, first + m) of `out`.
+            let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(first * d.cout), m * d.cout) };
+            gemm(m, d.cout, kk, &cols, &d.weight, dst, true, 1);
         });
-        cols = buf;
-        &cols
-    };
-    let mut out = bias_rows(rows, &d.bias);
-    gemm(rows, d.cout, kk, lhs, &d.weight, &mut out, true, threads);
+    }
     if d.relu {
         relu_in_place(&mut out);
     }
