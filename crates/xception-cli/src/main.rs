@@ -433,7 +433,7 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     if args.ops {
-        let threads = if args.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { args.threads };
+        let threads = xception::engine::resolve_threads(args.threads);
         let peak = cpu_ghz().map(|g| g * flops_per_cycle() * threads as f64);
         let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs)
             .into_iter()
@@ -458,7 +458,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let info = net.info(s, s)?;
     // Timing does not depend on the values: deterministic weights, a constant input.
     let weights = xception::weights::deterministic(&net);
-    let threads = if args.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { args.threads };
+    let threads = xception::engine::resolve_threads(args.threads);
     let runner = Runner::new(Backend::parse(&args.backend)?, net, &weights, threads)?;
     drop(weights);
     let item = xception::Item { name: "bench".into(), height: s, width: s, data: vec![0.1; s * s * 3] };

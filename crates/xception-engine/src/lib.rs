@@ -381,7 +381,7 @@ impl Engine {
                 Ok(DenseLayer { weight, bias, n_in: d.in_features, n_out: d.out_features, activation: d.activation })
             })
             .collect::<Result<Vec<_>>>()?;
-        let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        let threads = resolve_threads(threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -514,6 +514,15 @@ impl Engine {
             }
         }
         x
+    }
+}
+
+/// `threads`, or every core for 0.
+pub fn resolve_threads(threads: usize) -> usize {
+    if threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        threads
     }
 }
 

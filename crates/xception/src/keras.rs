@@ -215,10 +215,16 @@ impl H5 {
         Error::file(&self.path, message)
     }
 
-    /// `vars/i` of a layer group as float32 with its shape; refuses absurd sizes before reading.
+    /// `vars/i` of a layer group as float32 with its shape.
     fn var(&self, group: &str, i: usize, layer: &str) -> Result<HostTensor> {
         let name = format!("{group}/vars/{i}");
         let ds = self.file.dataset(&name).map_err(|_| self.err(format!("layer '{layer}': missing dataset '{name}'")))?;
+        self.read(&ds, &name)
+    }
+
+    /// A dataset as float32; a declared size out of all proportion to the file is refused before
+    /// anything is allocated.
+    fn read(&self, ds: &hdf5::Dataset, name: &str) -> Result<HostTensor> {
         let shape = ds.shape();
         let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if count.is_none_or(|c| c as u64 > 4 * self.file.size() + 1024) {
@@ -560,13 +566,8 @@ fn legacy_layers(h5: &H5) -> Result<Vec<LegacyLayer>> {
         let mut weights = Vec::new();
         for w in weight_names {
             let ds = group.dataset(&w).map_err(|_| h5.err(format!("layer '{name}': missing dataset '{w}'")))?;
-            let shape = ds.shape();
-            let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            if count.is_none_or(|c| c as u64 > 4 * h5.file.size() + 1024) {
-                return Err(h5.err(format!("dataset '{name}/{w}' declares shape {shape:?}, larger than the file")));
-            }
-            let data = ds.read_raw::<f32>().map_err(|e| h5.err(format!("dataset '{name}/{w}': {e}")))?;
-            weights.push((w, HostTensor::new(shape, data)));
+            let tensor = h5.read(&ds, &format!("{name}/{w}"))?;
+            weights.push((w, tensor));
         }
         if !weights.is_empty() {
             layers.push(LegacyLayer { name, weights });
