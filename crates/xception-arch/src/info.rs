@@ -57,6 +57,10 @@ struct Walker {
 }
 
 impl Walker {
+    fn new(height: usize, width: usize) -> Walker {
+        Walker { shape: Shape { channels: 3, height, width }, macs: 0, features: vec![] }
+    }
+
     fn run(&mut self, ops: &[Op], what: &str) -> Result<()> {
         for op in ops {
             match op {
@@ -133,16 +137,19 @@ impl Network {
                 self.variant()
             )));
         }
-        Ok(self.info(height, width)?.final_shape())
+        // Shapes only: this runs before every forward pass, so no parameter listing.
+        let mut walker = Walker::new(height, width);
+        walker.run(&self.stem, "stem")?;
+        for b in &self.blocks {
+            walker.block(b)?;
+        }
+        walker.run(&self.tail, "tail")?;
+        Ok(walker.shape)
     }
 
     /// Shapes, parameters and multiply-adds at the given input size.
     pub fn info(&self, height: usize, width: usize) -> Result<NetworkInfo> {
-        let mut walker = Walker {
-            shape: Shape { channels: 3, height, width },
-            macs: 0,
-            features: vec![],
-        };
+        let mut walker = Walker::new(height, width);
         let mut stages = Vec::new();
         let stage = |walker: &Walker, name: &str, s: usize, d: usize, params: usize, macs_before: u64| {
             StageInfo {

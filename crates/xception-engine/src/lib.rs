@@ -153,12 +153,6 @@ pub trait Weights {
     fn get(&self, name: &str) -> Option<&[f32]>;
 }
 
-impl<F: Fn(&str) -> Option<&'static [f32]>> Weights for F {
-    fn get(&self, name: &str) -> Option<&[f32]> {
-        self(name)
-    }
-}
-
 struct Compiler<'a> {
     weights: &'a dyn Weights,
 }

@@ -36,21 +36,32 @@ fn is_bookkeeping(name: &str) -> bool {
     name.ends_with("num_batches_tracked")
 }
 
-fn to_f32(bytes: &[u8], dtype: &str, name: &str, source: &str) -> Result<Vec<f32>> {
-    let err = |m: String| Error::Weights { source_name: source.to_string(), message: m };
+/// The floating-point element types weight files store.
+#[derive(Clone, Copy, Debug)]
+enum Float {
+    F32,
+    F64,
+    F16,
+    BF16,
+}
+
+/// Little-endian `dtype` values as float32.
+fn to_f32(bytes: &[u8], dtype: Float, name: &str, source: &str) -> Result<Vec<f32>> {
     let chunks = |n: usize| {
         if bytes.len() % n != 0 {
-            Err(err(format!("tensor '{name}': {} bytes is not a whole number of {dtype} values", bytes.len())))
+            Err(Error::Weights {
+                source_name: source.to_string(),
+                message: format!("tensor '{name}': {} bytes is not a whole number of {dtype:?} values", bytes.len()),
+            })
         } else {
             Ok(bytes.chunks_exact(n))
         }
     };
     Ok(match dtype {
-        "f32" => chunks(4)?.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        "f64" => chunks(8)?.map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        "f16" => chunks(2)?.map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
-        "bf16" => chunks(2)?.map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
-        other => return Err(err(format!("tensor '{name}' has dtype {other}; weights must be floating point"))),
+        Float::F32 => chunks(4)?.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Float::F64 => chunks(8)?.map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        Float::F16 => chunks(2)?.map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        Float::BF16 => chunks(2)?.map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
     })
 }
 
@@ -124,10 +135,10 @@ impl TensorMap {
                 continue;
             }
             let dtype = match view.dtype() {
-                Dtype::F32 => "f32",
-                Dtype::F64 => "f64",
-                Dtype::F16 => "f16",
-                Dtype::BF16 => "bf16",
+                Dtype::F32 => Float::F32,
+                Dtype::F64 => Float::F64,
+                Dtype::F16 => Float::F16,
+                Dtype::BF16 => Float::BF16,
                 other => {
                     return Err(map.error(format!("tensor '{name}' has dtype {other:?}; weights must be floating point")))
                 }
@@ -164,10 +175,10 @@ impl TensorMap {
             }
             use pytorch_reader::DType;
             let dtype = match t.dtype() {
-                DType::F32 => "f32",
-                DType::F64 => "f64",
-                DType::F16 => "f16",
-                DType::BF16 => "bf16",
+                DType::F32 => Float::F32,
+                DType::F64 => Float::F64,
+                DType::F16 => Float::F16,
+                DType::BF16 => Float::BF16,
                 other => return Err(map.error(format!("tensor '{name}' has dtype {other:?}; weights must be floating point"))),
             };
             let bytes = t.read().map_err(|e| map.error(format!("tensor '{name}': {e}")))?;
