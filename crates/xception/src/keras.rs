@@ -176,9 +176,9 @@ pub fn read_keras(path: &Path) -> Result<KerasImport> {
             let net = Network::build(&ModelConfig { include_top: false, ..ModelConfig::new(Variant::Xception) })?;
             let mut weights = TensorMap::new(path.display().to_string());
             // A bare `model.save_weights()` of keras.applications.Xception: its layers, in order.
-            let classes: Vec<&str> = keras_layers(&net).iter().map(|l| l.class.name()).collect();
-            let generic = generic_names(classes.iter().copied());
-            for (layer, g) in keras_layers(&net).iter().zip(generic) {
+            let layers = keras_layers(&net);
+            let generic = generic_names(layers.iter().map(|l| l.class.name()));
+            for (layer, g) in layers.iter().zip(generic) {
                 h5.convert_layer(layer, &format!("layers/{g}"), &mut weights)?;
             }
             let mut config = ModelConfig::new(Variant::Xception);
