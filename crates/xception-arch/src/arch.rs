@@ -199,6 +199,14 @@ impl ModelConfig {
         }
     }
 
+    /// Number of classes the network outputs, None without a classifier.
+    pub fn classes(&self) -> Option<usize> {
+        if !self.include_top {
+            return None;
+        }
+        Some(self.custom_head.as_ref().and_then(|h| h.last()).map_or(self.num_classes, |d| d.units))
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !self.variant.output_strides().contains(&self.output_stride) {
             return Err(Error::Config(format!(

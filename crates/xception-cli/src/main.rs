@@ -2,11 +2,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use xception::arch::{Activation, ModelConfig, Network, Pooling, Variant};
-use xception::preprocess::{load_items, Preprocess, Resize};
+use xception::arch::{ModelConfig, Network, Pooling, Variant};
+use xception::pipeline::{preprocessing, ClassifyOutput, Head, LoadOptions, Pipeline, PreprocessKind};
+use xception::preprocess::{load_items, Resize};
 use xception::{zoo, Backend, Labels, Runner, TensorMap};
 
 #[derive(Parser)]
@@ -30,11 +30,71 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Times inference: median latency, images/s, GFLOP/s and the fraction of this CPU's peak.
     Bench(BenchArgs),
+    /// Serves models over HTTP: classify, embed, models, health, readiness, metrics.
+    Serve(ServeArgs),
     /// Lists the named pretrained weights, their checksums and whether they are cached.
     Zoo {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML file with the address, limits and [[model]] entries (see the README).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0: any free port); default 127.0.0.1:8080.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Weights of one model to serve (besides any in --config); named weights work too.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Its variant (read from the weight file when omitted).
+    #[arg(long)]
+    model: Option<String>,
+    /// The name requests use for it (`?model=`); default: the variant's.
+    #[arg(long)]
+    name: Option<String>,
+    /// Class names: `imagenet` or a file with one label per line.
+    #[arg(long)]
+    labels: Option<String>,
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long, value_parser = ["keras", "timm"])]
+    preprocess: Option<String>,
+    #[arg(long, value_parser = ["nearest", "bilinear", "bicubic"])]
+    resize: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    output_stride: usize,
+    /// Engine threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Most requests batched into one forward pass (1: no batching).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// How long a batch waits to fill, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    max_wait_ms: u64,
+    /// Requests that may wait for inference; beyond it new ones get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Largest request body in bytes.
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+    /// Largest image, in pixels, a request may declare.
+    #[arg(long)]
+    max_pixels: Option<u64>,
+    #[arg(long)]
+    decode_timeout_ms: Option<u64>,
+    #[arg(long)]
+    inference_timeout_ms: Option<u64>,
+    /// File holding the bearer token required on /v1/* (or set XCEPTION_SERVE_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Never download named weights.
+    #[arg(long)]
+    offline: bool,
 }
 
 #[derive(Args)]
@@ -202,6 +262,7 @@ fn main() -> ExitCode {
         Command::Preprocess(a) => preprocess(a),
         Command::Zoo { json } => list_zoo(json),
         Command::Bench(a) => bench(a),
+        Command::Serve(a) => serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,26 +277,14 @@ fn parse_variant(name: &Option<String>) -> Result<Option<Variant>> {
     Ok(name.as_deref().map(Variant::parse).transpose()?)
 }
 
-/// The preprocessing the flags ask for, defaulting to the reference's for the variant.
-fn preprocessing(size: usize, mode: Option<&str>, resize: Option<&str>, variant: Variant) -> Result<Preprocess> {
-    let reference = Preprocess::default_for(variant, size);
-    let chosen = match mode {
-        None => reference,
-        Some("keras") => Preprocess::Keras { size, resize: Resize::Nearest },
-        Some(_) => match reference {
-            Preprocess::Timm { .. } => reference,
-            // The Keras graph has no timm config; timm's port of the same weights uses these.
-            Preprocess::Keras { .. } => Preprocess::default_for(Variant::LegacyXception, size),
-        },
-    };
-    Ok(match resize {
-        Some(r) => chosen.with_resize(Resize::parse(r)?),
-        None => chosen,
-    })
+/// Parses the `--preprocess` / `--resize` flags.
+fn preprocess_flags(mode: Option<&str>, resize: Option<&str>) -> Result<(Option<PreprocessKind>, Option<Resize>)> {
+    Ok((mode.map(PreprocessKind::parse).transpose()?, resize.map(Resize::parse).transpose()?))
 }
 
 fn preprocess(args: PreprocessArgs) -> Result<()> {
-    let p = preprocessing(args.size, args.preprocess.as_deref(), args.resize.as_deref(), Variant::parse(&args.model)?)?;
+    let (kind, resize) = preprocess_flags(args.preprocess.as_deref(), args.resize.as_deref())?;
+    let p = preprocessing(args.size, kind, resize, Variant::parse(&args.model)?);
     let items = load_items(&args.inputs, &p)?;
     let (h, w) = (items[0].height, items[0].width);
     if let Some(odd) = items.iter().find(|i| (i.height, i.width) != (h, w)) {
@@ -247,78 +296,32 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
     Ok(())
 }
 
-/// The weight file `--weights` names: a path, or registry weights fetched into the cache.
-fn weight_file(args: &ModelArgs, want_top: bool) -> Result<(PathBuf, Option<&'static zoo::Entry>)> {
-    let given = args.weights.to_string_lossy();
-    if args.weights.exists() || !zoo::is_name(&given) {
-        return Ok((args.weights.clone(), None));
+impl ModelArgs {
+    fn load_options(&self, head: Head, pooling: Option<Pooling>) -> Result<LoadOptions> {
+        let (preprocess, resize) = preprocess_flags(self.preprocess.as_deref(), self.resize.as_deref())?;
+        Ok(LoadOptions {
+            model: parse_variant(&self.model)?,
+            weights: self.weights.clone(),
+            offline: self.offline,
+            progress: true,
+            output_stride: self.output_stride,
+            size: self.size,
+            resize,
+            preprocess,
+            backend: Backend::parse(&self.backend)?,
+            threads: self.threads,
+            head,
+            pooling,
+        })
     }
-    let entry = zoo::lookup(&given, parse_variant(&args.model)?, want_top)?;
-    let options = zoo::FetchOptions { offline: args.offline, progress: true, cache: None };
-    Ok((zoo::fetch(entry, &options)?, Some(entry)))
 }
 
 /// Loads weights, builds the model they fit, runs every input.
-fn run_model(args: &ModelArgs, want_top: bool, pooling: Option<Pooling>) -> Result<(ModelConfig, Vec<xception::Prediction>)> {
-    let (path, entry) = weight_file(args, want_top)?;
-    let weights = TensorMap::read(&path)?;
-    let weights_input_size = weights.input_size();
-    let mut config = weights.infer_config(parse_variant(&args.model)?.or(entry.map(|e| e.model)))?;
-    if want_top && !config.include_top {
-        bail!(
-            "{}: the weights have no classifier ({}.weight); use `xception embed` for features",
-            args.weights.display(),
-            config.variant.classifier_key()
-        );
-    }
-    config.include_top = want_top;
-    config.output_stride = args.output_stride;
-    if let Some(p) = pooling {
-        config.pooling = p;
-    }
-    let net = Network::build(&config)?;
-    let runner = Runner::new(Backend::parse(&args.backend)?, net, &weights, args.threads)?;
-    drop(weights);
-    let size = match (args.size, weights_input_size) {
-        (Some(s), _) => s,
-        (None, Some((h, w))) if h == w => h,
-        _ => 299,
-    };
-    let mut p = preprocessing(size, args.preprocess.as_deref(), args.resize.as_deref(), config.variant)?;
-    if let (Some(crop), Preprocess::Timm { crop_pct, .. }) = (entry.and_then(|e| e.crop_pct), &mut p) {
-        *crop_pct = crop; // the evaluation crop these weights were published with
-    }
-    let items = load_items(&args.inputs, &p)?;
-    let predictions = runner.predict(&items, args.batch_size)?;
-    Ok((config, predictions))
-}
-
-#[derive(Serialize)]
-struct TopClass {
-    index: usize,
-    label: String,
-    probability: f64,
-}
-
-#[derive(Serialize)]
-struct ClassifyResult {
-    input: String,
-    logits: Vec<f32>,
-    top: Vec<TopClass>,
-}
-
-#[derive(Serialize)]
-struct ClassifyOutput {
-    model: String,
-    weights: String,
-    results: Vec<ClassifyResult>,
-}
-
-fn softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let exp: Vec<f64> = logits.iter().map(|&v| (v as f64 - max).exp()).collect();
-    let sum: f64 = exp.iter().sum();
-    exp.into_iter().map(|e| e / sum).collect()
+fn run_model(args: &ModelArgs, head: Head, pooling: Option<Pooling>) -> Result<(Pipeline, Vec<xception::Prediction>)> {
+    let pipeline = Pipeline::load(&args.load_options(head, pooling)?)?;
+    let items = load_items(&args.inputs, &pipeline.preprocess)?;
+    let predictions = pipeline.predict(&items, args.batch_size)?;
+    Ok((pipeline, predictions))
 }
 
 fn classify(args: ClassifyArgs) -> Result<()> {
@@ -326,27 +329,11 @@ fn classify(args: ClassifyArgs) -> Result<()> {
         "imagenet" => Labels::imagenet(),
         file => Labels::from_file(&PathBuf::from(file))?,
     };
-    let (config, predictions) = run_model(&args.model, true, None)?;
-    // Probabilities as the model's own output activation gives them (softmax unless sigmoid).
-    let sigmoid = config.custom_head.as_ref().and_then(|h| h.last()).is_some_and(|d| d.activation == Activation::Sigmoid);
-    let results: Vec<ClassifyResult> = predictions
-        .into_iter()
-        .map(|p| {
-            let logits = p.logits.expect("model has a classifier");
-            let probs = if sigmoid { logits.iter().map(|&v| 1.0 / (1.0 + (-v as f64).exp())).collect() } else { softmax(&logits) };
-            let mut order: Vec<usize> = (0..logits.len()).collect();
-            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-            let top = order
-                .into_iter()
-                .take(args.top)
-                .map(|i| TopClass { index: i, label: labels.name(i), probability: probs[i] })
-                .collect();
-            ClassifyResult { input: p.name, logits, top }
-        })
-        .collect();
+    let (pipeline, predictions) = run_model(&args.model, Head::Require, None)?;
+    let results = pipeline.classify(predictions, &labels, args.top)?;
     if args.json {
         let out = ClassifyOutput {
-            model: config.variant.name().into(),
+            model: pipeline.config.variant.name().into(),
             weights: args.model.weights.display().to_string(),
             results,
         };
@@ -364,7 +351,8 @@ fn classify(args: ClassifyArgs) -> Result<()> {
 
 fn embed(args: EmbedArgs) -> Result<()> {
     let pooling = args.pooling.as_deref().map(Pooling::parse).transpose()?;
-    let (config, predictions) = run_model(&args.model, false, pooling)?;
+    let (pipeline, predictions) = run_model(&args.model, Head::Drop, pooling)?;
+    let config = &pipeline.config;
     let n = predictions.len();
     let c = predictions.first().map(|p| p.pooled.len()).unwrap_or(0);
     let data: Vec<f32> = predictions.iter().flat_map(|p| p.pooled.iter().copied()).collect();
@@ -498,6 +486,49 @@ fn bench(args: BenchArgs) -> Result<()> {
             peak_rss_mb().unwrap_or(0.0)
         );
     }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use xception_serve::config::{ModelEntry, ServeConfig};
+    let mut config = match &args.config {
+        Some(path) => ServeConfig::read(path)?,
+        None => ServeConfig::empty(),
+    };
+    if let Some(addr) = args.addr {
+        config.addr = addr;
+    }
+    if let Some(weights) = args.weights {
+        let mut m = ModelEntry::new(weights);
+        m.name = args.name;
+        m.model = args.model;
+        m.labels = args.labels;
+        m.size = args.size;
+        m.preprocess = args.preprocess;
+        m.resize = args.resize;
+        m.output_stride = args.output_stride;
+        m.threads = args.threads;
+        m.max_batch = args.max_batch;
+        m.max_wait_ms = args.max_wait_ms;
+        m.queue = args.queue;
+        config.models.push(m);
+    } else if args.model.is_some() || args.name.is_some() {
+        bail!("--model and --name describe the model given by --weights; add --weights");
+    }
+    let l = &mut config.limits;
+    l.max_body_bytes = args.max_body_bytes.unwrap_or(l.max_body_bytes);
+    l.max_pixels = args.max_pixels.unwrap_or(l.max_pixels);
+    l.decode_timeout_ms = args.decode_timeout_ms.unwrap_or(l.decode_timeout_ms);
+    l.inference_timeout_ms = args.inference_timeout_ms.unwrap_or(l.inference_timeout_ms);
+    if args.token_file.is_some() {
+        config.token_file = args.token_file;
+    }
+    xception_serve::run(config, args.offline, |addr| {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
+    })?;
     Ok(())
 }
 

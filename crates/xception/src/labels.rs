@@ -21,6 +21,11 @@ impl Labels {
         Labels { names }
     }
 
+    /// No names: every class is called `class N`.
+    pub fn numbered() -> Labels {
+        Labels { names: Vec::new() }
+    }
+
     /// One label per line, in class order.
     pub fn from_file(path: &Path) -> Result<Labels> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -9,6 +9,7 @@ pub mod keras;
 pub mod labels;
 pub mod model;
 pub mod npy;
+pub mod pipeline;
 pub mod preprocess;
 pub mod runner;
 pub mod weights;

@@ -243,24 +243,57 @@ pub const MAX_IMAGE_SIDE: u32 = 16384;
 /// pixels are the ones Keras and timm see.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, path, MAX_IMAGE_SIDE as u64 * MAX_IMAGE_SIDE as u64)
+}
+
+/// Width and height an encoded image declares in its header, read without decoding any pixels.
+pub fn image_dimensions(bytes: &[u8], source: &Path) -> Result<(u32, u32)> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        if let Some(img) = decode_jpeg(&bytes, path)? {
+        let err = |e: turbojpeg::Error| Error::file(source, format!("cannot read JPEG header: {e}"));
+        let header = turbojpeg::Decompressor::new().map_err(err)?.read_header(bytes).map_err(err)?;
+        let side = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        return Ok((side(header.width), side(header.height)));
+    }
+    image_reader(bytes, source)?
+        .into_dimensions()
+        .map_err(|e| Error::file(source, format!("cannot read image header: {e}")))
+}
+
+/// [`load_image`] on bytes already in memory (`source` names them in errors). The header is read
+/// first, and an image declaring more than `max_pixels` pixels, or more than [`MAX_IMAGE_SIDE`]
+/// per side, is refused before anything is allocated for it.
+pub fn decode_image(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<RgbImage> {
+    let (w, h) = image_dimensions(bytes, source)?;
+    if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+        return Err(Error::file(source, format!("image declares {w}x{h} pixels; at most {MAX_IMAGE_SIDE} per side are accepted")));
+    }
+    if w as u64 * h as u64 > max_pixels {
+        return Err(Error::file(source, format!("image declares {w}x{h} = {} pixels; at most {max_pixels} are accepted", w as u64 * h as u64)));
+    }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        if let Some(img) = decode_jpeg(bytes, source)? {
             return Ok(img);
         }
     }
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    if reader.format().is_none() {
-        return Err(Error::file(path, "not a recognised image (expected JPEG, PNG or WebP)"));
-    }
+    let mut reader = image_reader(bytes, source)?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(1 << 30);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+    let img = reader.decode().map_err(|e| Error::file(source, format!("cannot decode image: {e}")))?;
     Ok(img.to_rgb8())
+}
+
+/// The image crate's reader for a PNG or WebP (or JPEG that libjpeg-turbo cannot turn into RGB).
+fn image_reader<'a>(bytes: &'a [u8], source: &Path) -> Result<image::ImageReader<std::io::Cursor<&'a [u8]>>> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::io(source, e))?;
+    if reader.format().is_none() {
+        return Err(Error::file(source, "not a recognised image (expected JPEG, PNG or WebP)"));
+    }
+    Ok(reader)
 }
 
 /// libjpeg-turbo decode of RGB and greyscale JPEGs; None for colour spaces it cannot turn into
@@ -270,9 +303,6 @@ fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<Option<RgbImage>> {
     let mut d = turbojpeg::Decompressor::new().map_err(err)?;
     let header = d.read_header(bytes).map_err(err)?;
     let (w, h) = (header.width, header.height);
-    if w == 0 || h == 0 || w > MAX_IMAGE_SIDE as usize || h > MAX_IMAGE_SIDE as usize {
-        return Err(Error::file(path, format!("JPEG declares {w}x{h} pixels; at most {MAX_IMAGE_SIDE} per side are accepted")));
-    }
     let grey = match header.colorspace {
         turbojpeg::Colorspace::Gray => true,
         turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::RGB => false,
