@@ -228,6 +228,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+        let block = readme.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("README has a toml block");
+        let c: ServeConfig = toml::from_str(block).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.models.len(), 2);
+        let d = Limits::default();
+        assert_eq!((c.limits.max_body_bytes, c.limits.max_pixels, c.limits.inference_timeout_ms), (d.max_body_bytes, d.max_pixels, d.inference_timeout_ms), "README shows the defaults");
+    }
+
+    #[test]
     fn validation_names_the_model() {
         let mut c = ServeConfig::empty();
         assert!(c.validate().unwrap_err().to_string().contains("no model"));
