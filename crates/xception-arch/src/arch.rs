@@ -184,6 +184,8 @@ pub struct ModelConfig {
     pub output_stride: usize,
     /// Dropout before the classifier, active only in training (the paper used 0.5).
     pub drop_rate: f64,
+    /// A DeepLabv3+ segmentation head instead of a classifier (aligned non-pre-act backbones).
+    pub segmentation: Option<crate::deeplab::Segmentation>,
 }
 
 impl ModelConfig {
@@ -196,6 +198,24 @@ impl ModelConfig {
             pooling: Pooling::Avg,
             output_stride: 32,
             drop_rate: 0.0,
+            segmentation: None,
+        }
+    }
+
+    /// A model by name: a variant (`xception65`), or a DeepLabv3+ network on an aligned backbone
+    /// (`deeplabv3plus_xception65`, output stride 16 and 21 classes by default).
+    pub fn from_name(name: &str) -> Result<ModelConfig> {
+        match name.strip_prefix(crate::deeplab::PREFIX) {
+            Some(backbone) => crate::deeplab::Segmentation::config(Variant::parse(backbone)?, 21, 16),
+            None => Ok(ModelConfig::new(Variant::parse(name)?)),
+        }
+    }
+
+    /// The name `from_name` takes back.
+    pub fn name(&self) -> String {
+        match self.segmentation {
+            Some(_) => format!("{}{}", crate::deeplab::PREFIX, self.variant.name()),
+            None => self.variant.name().to_string(),
         }
     }
 
@@ -226,6 +246,9 @@ impl ModelConfig {
         }
         if !(0.0..1.0).contains(&self.drop_rate) {
             return Err(Error::Config(format!("drop rate {} is not in [0, 1)", self.drop_rate)));
+        }
+        if let Some(seg) = &self.segmentation {
+            seg.validate(self)?;
         }
         Ok(())
     }
@@ -262,7 +285,8 @@ impl Padding {
     }
 }
 
-/// A convolution without bias (every conv in the family is followed by a norm or nothing).
+/// A convolution. Only the DeepLab logits conv has a bias; every other conv in the family is
+/// followed by a norm or nothing.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Conv {
     pub key: String,
@@ -274,6 +298,7 @@ pub struct Conv {
     /// `in_channels` for a depthwise conv, 1 otherwise.
     pub groups: usize,
     pub padding: Padding,
+    pub bias: bool,
 }
 
 impl Conv {
@@ -305,6 +330,9 @@ pub enum Op {
     MaxPool { kernel: usize, stride: usize, padding: Padding },
     /// A multi-level feature is read here (timm `feature_info` position).
     Tap { reduction: usize, channels: usize, module: String },
+    /// The DeepLabv3+ decoder reads its low-level feature here: the stride-4 pointwise BN output,
+    /// before any ReLU (deeplabv3plus.md section 3). Only in segmentation networks.
+    DecoderTap,
 }
 
 /// How a block's residual connection is formed.
@@ -353,6 +381,8 @@ pub struct Network {
     pub head: Vec<Dense>,
     /// Channels of the final feature map and of the pooled embedding.
     pub num_features: usize,
+    /// The DeepLabv3+ head, for segmentation networks.
+    pub segmentation: Option<crate::deeplab::SegHead>,
 }
 
 /// Where a weight tensor lives and what it is.
@@ -360,6 +390,7 @@ pub struct Network {
 #[serde(rename_all = "snake_case")]
 pub enum TensorRole {
     ConvWeight,
+    ConvBias,
     NormWeight,
     NormBias,
     NormRunningMean,
@@ -413,7 +444,8 @@ impl Network {
             };
             b.pre.iter().chain(b.body.iter()).chain(shortcut.iter())
         });
-        self.stem.iter().chain(blocks).chain(self.tail.iter())
+        let seg = self.segmentation.iter().flat_map(|s| s.ops());
+        self.stem.iter().chain(blocks).chain(self.tail.iter()).chain(seg)
     }
 
     /// Every tensor a complete weight file holds for this network, in a stable order.
@@ -421,12 +453,13 @@ impl Network {
         let mut out = Vec::new();
         for op in self.ops() {
             match op {
-                Op::Conv(c) => out.push(TensorSpec {
-                    name: format!("{}.weight", c.key),
-                    shape: c.weight_shape().to_vec(),
-                    role: TensorRole::ConvWeight,
-                    fan_in: c.in_channels / c.groups * c.kernel * c.kernel,
-                }),
+                Op::Conv(c) => {
+                    let fan_in = c.in_channels / c.groups * c.kernel * c.kernel;
+                    out.push(TensorSpec { name: format!("{}.weight", c.key), shape: c.weight_shape().to_vec(), role: TensorRole::ConvWeight, fan_in });
+                    if c.bias {
+                        out.push(TensorSpec { name: format!("{}.bias", c.key), shape: vec![c.out_channels], role: TensorRole::ConvBias, fan_in });
+                    }
+                }
                 Op::Norm(n) => {
                     for (suffix, role) in [
                         ("weight", TensorRole::NormWeight),
@@ -491,6 +524,7 @@ fn build_original(config: &ModelConfig) -> Network {
                 dilation: 1,
                 groups: cin,
                 padding: same(1),
+                bias: false,
             }),
             Op::Conv(Conv {
                 key: format!("{key}.pointwise"),
@@ -501,6 +535,7 @@ fn build_original(config: &ModelConfig) -> Network {
                 dilation: 1,
                 groups: 1,
                 padding: Padding::Valid,
+                bias: false,
             }),
         ]
     };
@@ -515,6 +550,7 @@ fn build_original(config: &ModelConfig) -> Network {
             dilation: 1,
             groups: 1,
             padding: Padding::Valid,
+            bias: false,
         })
     };
     let stem = vec![
@@ -592,6 +628,7 @@ fn build_original(config: &ModelConfig) -> Network {
                     dilation: 1,
                     groups: 1,
                     padding: if keras { Padding::TfSame } else { Padding::Valid },
+                    bias: false,
                 }),
                 norm(format!("{name}.skipbn"), s.out_ch),
             ])
@@ -650,6 +687,7 @@ fn build_aligned(config: &ModelConfig) -> Network {
             dilation,
             groups,
             padding: Padding::Symmetric(((stride - 1) + dilation * (kernel - 1)) / 2),
+            bias: false,
         })
     };
 
@@ -705,6 +743,10 @@ fn build_aligned(config: &ModelConfig) -> Network {
                     body.extend(tap.clone());
                 }
             } else if start_with_relu {
+                // DeepLab's low-level feature: the stride-4 tap's position, before its ReLU.
+                if j == 2 && config.segmentation.is_some() && tap.as_ref().is_some_and(|t| matches!(t, Op::Tap { reduction: 4, .. })) {
+                    body.push(Op::DecoderTap);
+                }
                 body.push(Op::Relu);
                 if j == 2 {
                     body.extend(tap.clone());
@@ -766,7 +808,8 @@ fn finish(config: &ModelConfig, stem: Vec<Op>, blocks: Vec<Block>, tail: Vec<Op>
                 .collect()
         }
     };
-    Network { config: config.clone(), stem, blocks, tail, head, num_features }
+    let segmentation = config.segmentation.as_ref().map(|s| s.head(config.output_stride, num_features));
+    Network { config: config.clone(), stem, blocks, tail, head, num_features, segmentation }
 }
 
 #[cfg(test)]

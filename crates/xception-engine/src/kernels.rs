@@ -296,3 +296,58 @@ pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding) -> A
     });
     Activations { n: x.n, h: oh, w: ow, c, data: out }
 }
+
+/// Bilinear resize with align_corners=True (TF `resize_bilinear(align_corners=True)`, PyTorch
+/// `interpolate(mode='bilinear', align_corners=True)`): output pixel o samples input position
+/// o * (in - 1) / (out - 1); a 1-pixel input is broadcast.
+pub fn resize_bilinear(x: &Activations, oh: usize, ow: usize) -> Activations {
+    if (oh, ow) == (x.h, x.w) {
+        return x.clone();
+    }
+    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
+        let scale = if n_out > 1 { (n_in - 1) as f32 / (n_out - 1) as f32 } else { 0.0 };
+        (0..n_out)
+            .map(|o| {
+                let src = o as f32 * scale;
+                let i0 = (src as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                (i0, i1, src - i0 as f32)
+            })
+            .collect()
+    };
+    let (ys, xs) = (taps(x.h, oh), taps(x.w, ow));
+    let c = x.c;
+    let mut out = vec![0f32; x.n * oh * ow * c];
+    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+        let (b, oy) = (row / oh, row % oh);
+        let (y0, y1, ly) = ys[oy];
+        let line = |y: usize| &x.data[((b * x.h + y) * x.w) * c..][..x.w * c];
+        let (top, bottom) = (line(y0), line(y1));
+        for (ox, &(x0, x1, lx)) in xs.iter().enumerate() {
+            let d = &mut dst[ox * c..][..c];
+            let (a, bb, cc, dd) = (&top[x0 * c..][..c], &top[x1 * c..][..c], &bottom[x0 * c..][..c], &bottom[x1 * c..][..c]);
+            for ch in 0..c {
+                let t = (1.0 - lx) * a[ch] + lx * bb[ch];
+                let u = (1.0 - lx) * cc[ch] + lx * dd[ch];
+                d[ch] = (1.0 - ly) * t + ly * u;
+            }
+        }
+    });
+    Activations { n: x.n, h: oh, w: ow, c, data: out }
+}
+
+/// Concatenation along channels of activations of equal batch and spatial size.
+pub fn concat_channels(parts: &[Activations]) -> Activations {
+    let (n, h, w) = (parts[0].n, parts[0].h, parts[0].w);
+    debug_assert!(parts.iter().all(|p| (p.n, p.h, p.w) == (n, h, w)));
+    let c: usize = parts.iter().map(|p| p.c).sum();
+    let mut out = vec![0f32; n * h * w * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(px, dst)| {
+        let mut at = 0;
+        for p in parts {
+            dst[at..at + p.c].copy_from_slice(&p.data[px * p.c..][..p.c]);
+            at += p.c;
+        }
+    });
+    Activations { n, h, w, c, data: out }
+}

@@ -66,6 +66,7 @@ enum Step {
     Affine { affine: Affine, relu: bool },
     Relu,
     Tap,
+    DecoderTap,
 }
 
 #[derive(Clone, Debug)]
@@ -131,6 +132,27 @@ pub struct EngineOutput {
     pub logits: Option<Vec<f32>>,
     /// The multi-level feature taps, in description order.
     pub taps: Vec<Activations>,
+    /// Segmentation networks: per-pixel class logits at the input size, (n, H, W, classes).
+    pub segmentation: Option<Activations>,
+}
+
+/// Activations a forward pass keeps besides its output.
+#[derive(Default)]
+struct Captured {
+    taps: Vec<Activations>,
+    /// The DeepLab decoder's low-level feature.
+    decoder: Option<Activations>,
+}
+
+/// The DeepLabv3+ head compiled (see `xception_arch::SegHead` for the data flow).
+#[derive(Clone, Debug)]
+struct SegPlan {
+    image_pool: Vec<Step>,
+    aspp: Vec<Vec<Step>>,
+    project: Vec<Step>,
+    low_level: Vec<Step>,
+    decoder: Vec<Step>,
+    logits: Vec<Step>,
 }
 
 /// The compiled network.
@@ -140,6 +162,7 @@ pub struct Engine {
     blocks: Vec<BlockPlan>,
     tail: Vec<Step>,
     head: Vec<DenseLayer>,
+    seg: Option<SegPlan>,
     pool: rayon::ThreadPool,
     threads: usize,
     /// XCEPTION_ENGINE_PROFILE=1: print each step's time to stderr.
@@ -236,8 +259,13 @@ impl Compiler<'_> {
                             }
                         }
                     }
-                    let (bias, folded) = self.fold_norm(ops, i + used, &mut weight, cout)?;
-                    let bias = bias.unwrap_or_else(|| vec![0f32; cout]);
+                    let own_bias = if c.bias { Some(self.tensor(format!("{}.bias", c.key), cout)?.to_vec()) } else { None };
+                    let (shift, folded) = self.fold_norm(ops, i + used, &mut weight, cout)?;
+                    let bias = match (own_bias, shift) {
+                        (None, shift) => shift.unwrap_or_else(|| vec![0f32; cout]),
+                        (Some(b), None) => b,
+                        (Some(_), Some(_)) => return Err(Error::Config(format!("engine: {} has a bias and a norm", c.key))),
+                    };
                     used += folded;
                     let relu = next_is(i + used, &is_relu);
                     if relu {
@@ -274,6 +302,10 @@ impl Compiler<'_> {
                     steps.push(Step::Tap);
                     i += 1;
                 }
+                Op::DecoderTap => {
+                    steps.push(Step::DecoderTap);
+                    i += 1;
+                }
             }
         }
         Ok(steps)
@@ -283,6 +315,9 @@ impl Compiler<'_> {
     /// ops it consumed from `at`.
     fn sep(&self, ops: &[Op], at: usize, in_affine: Option<Affine>, in_relu: bool) -> Result<(Step, usize)> {
         let Op::Conv(dw) = &ops[at] else { unreachable!() };
+        if dw.bias {
+            return Err(Error::Config(format!("engine: depthwise conv {} with a bias", dw.key)));
+        }
         let (k, c) = (dw.kernel, dw.in_channels);
         let w = self.conv_weight(dw)?;
         // (C, 1, k, k) -> (k*k, C)
@@ -301,8 +336,8 @@ impl Compiler<'_> {
         let Some(Op::Conv(pw)) = ops.get(at + used) else {
             return Err(Error::Config(format!("engine: depthwise conv {} is not followed by a pointwise conv", dw.key)));
         };
-        if pw.kernel != 1 || pw.groups != 1 || pw.stride != 1 {
-            return Err(Error::Config(format!("engine: {} after {} is not a 1x1 conv", pw.key, dw.key)));
+        if pw.kernel != 1 || pw.groups != 1 || pw.stride != 1 || pw.bias {
+            return Err(Error::Config(format!("engine: {} after {} is not a 1x1 conv without bias", pw.key, dw.key)));
         }
         used += 1;
         let cout = pw.out_channels;
@@ -375,6 +410,17 @@ impl Engine {
                 Ok(DenseLayer { weight, bias, n_in: d.in_features, n_out: d.out_features, activation: d.activation })
             })
             .collect::<Result<Vec<_>>>()?;
+        let seg = match &net.segmentation {
+            None => None,
+            Some(h) => Some(SegPlan {
+                image_pool: c.compile(&h.image_pool)?,
+                aspp: h.aspp.iter().map(|b| c.compile(b)).collect::<Result<Vec<_>>>()?,
+                project: c.compile(&h.project)?,
+                low_level: c.compile(&h.low_level)?,
+                decoder: c.compile(&h.decoder)?,
+                logits: c.compile(&h.logits)?,
+            }),
+        };
         let threads = resolve_threads(threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -382,7 +428,7 @@ impl Engine {
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, pool, threads, profile, scratch: Default::default() })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, scratch: Default::default() })
     }
 
     pub fn network(&self) -> &Network {
@@ -411,7 +457,7 @@ impl Engine {
 
     fn forward_batch(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<EngineOutput> {
         self.pool.install(|| {
-            let mut taps = Vec::new();
+            let mut taps = Captured::default();
             let mut x = Activations { n, h, w, c: 3, data: input.to_vec() };
             x = self.run(&self.stem, x, &mut taps);
             for b in &self.blocks {
@@ -446,8 +492,33 @@ impl Engine {
             x = self.run(&self.tail, x, &mut taps);
             let pooled = global_pool(&x, self.net.config.pooling);
             let logits = if self.head.is_empty() { None } else { Some(self.classify(&pooled, n)) };
-            Ok(EngineOutput { features: x, pooled, logits, taps })
+            let segmentation = match &self.seg {
+                None => None,
+                Some(plan) => {
+                    let low = taps.decoder.take().ok_or_else(|| Error::Config("engine: segmentation network without a decoder tap".into()))?;
+                    Some(self.segment(plan, &x, low, h, w))
+                }
+            };
+            Ok(EngineOutput { features: x, pooled, logits, taps: taps.taps, segmentation })
         })
+    }
+
+    /// DeepLabv3+: ASPP on the encoder output, the decoder on [ASPP, low-level], logits resized
+    /// to the input. Every resize is bilinear with align_corners=True, as TF DeepLab's.
+    fn segment(&self, plan: &SegPlan, encoder: &Activations, low: Activations, h: usize, w: usize) -> Activations {
+        let mut none = Captured::default();
+        let pooled = Activations { n: encoder.n, h: 1, w: 1, c: encoder.c, data: global_pool(encoder, Pooling::Avg) };
+        let image = self.run(&plan.image_pool, pooled, &mut none);
+        let mut branches = vec![kernels::resize_bilinear(&image, encoder.h, encoder.w)];
+        for b in &plan.aspp {
+            branches.push(self.run(b, encoder.clone(), &mut none));
+        }
+        let aspp = self.run(&plan.project, kernels::concat_channels(&branches), &mut none);
+        let low = self.run(&plan.low_level, low, &mut none);
+        let up = kernels::resize_bilinear(&aspp, low.h, low.w);
+        let decoded = self.run(&plan.decoder, kernels::concat_channels(&[up, low]), &mut none);
+        let logits = self.run(&plan.logits, decoded, &mut none);
+        kernels::resize_bilinear(&logits, h, w)
     }
 
     fn classify(&self, pooled: &[f32], n: usize) -> Vec<f32> {
@@ -466,7 +537,7 @@ impl Engine {
         x
     }
 
-    fn run(&self, steps: &[Step], mut x: Activations, taps: &mut Vec<Activations>) -> Activations {
+    fn run(&self, steps: &[Step], mut x: Activations, taps: &mut Captured) -> Activations {
         for step in steps {
             let started = self.profile.then(std::time::Instant::now);
             x = match step {
@@ -491,7 +562,11 @@ impl Engine {
                     x
                 }
                 Step::Tap => {
-                    taps.push(x.clone());
+                    taps.taps.push(x.clone());
+                    x
+                }
+                Step::DecoderTap => {
+                    taps.decoder = Some(x.clone());
                     x
                 }
             };
@@ -503,6 +578,7 @@ impl Engine {
                     Step::Affine { .. } => "norm".into(),
                     Step::Relu => "relu".into(),
                     Step::Tap => "tap".into(),
+                    Step::DecoderTap => "decoder tap".into(),
                 };
                 eprintln!("engine step {:>8.3} ms  {kind}", t.elapsed().as_secs_f64() * 1e3);
             }
@@ -555,6 +631,7 @@ fn concat(parts: Vec<EngineOutput>) -> EngineOutput {
         pooled: parts.iter().flat_map(|p| p.pooled.iter().copied()).collect(),
         logits: parts[0].logits.as_ref().map(|_| parts.iter().flat_map(|p| p.logits.as_ref().unwrap().iter().copied()).collect()),
         taps,
+        segmentation: parts[0].segmentation.as_ref().map(|_| stack(parts.iter().map(|p| p.segmentation.as_ref().unwrap()).collect())),
     }
 }
 

@@ -95,6 +95,12 @@ impl Xception {
     /// Builds the network and loads `weights`, which must hold every tensor the description
     /// lists with the right shape (unused extra tensors are allowed and ignored).
     pub fn from_weights(net: Network, weights: &TensorMap, device: &Device) -> Result<Xception> {
+        if net.segmentation.is_some() {
+            return Err(Error::Config(format!(
+                "{}: the burn modules do not build the DeepLabv3+ head yet; run it on the engine (--backend engine)",
+                net.config.name()
+            )));
+        }
         weights.check(&net)?;
         let get = |name: String| weights.get(&name).expect("checked above");
         let mut convs = Vec::new();
@@ -293,6 +299,7 @@ impl Xception {
                     taps.push(x.clone());
                     x
                 }
+                Op::DecoderTap => x,
             };
         }
         x

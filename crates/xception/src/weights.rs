@@ -364,7 +364,7 @@ pub fn deterministic(net: &Network) -> TensorMap {
                 let scale = (3.0 / spec.fan_in as f64).sqrt();
                 u().into_iter().map(|v| (v * scale) as f32).collect()
             }
-            TensorRole::LinearBias => u().into_iter().map(|v| (0.1 * v) as f32).collect(),
+            TensorRole::LinearBias | TensorRole::ConvBias => u().into_iter().map(|v| (0.1 * v) as f32).collect(),
             TensorRole::NormWeight => u().into_iter().map(|v| (1.0 + 0.25 * v) as f32).collect(),
             TensorRole::NormBias => u().into_iter().map(|v| (0.25 * v) as f32).collect(),
             TensorRole::NormRunningMean => vec![0.0; n],
