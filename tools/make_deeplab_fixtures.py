@@ -184,7 +184,8 @@ def main():
         for what, dev in sens.items():
             if dev < 100 * TOLERANCE:
                 sys.exit(f"{name}: a deliberate mistake ({what}) moves logits only {dev:.2e}")
-        tensors = {"input_u8": u8}
+        # The class map too (small, stored whole): what `xception segment` writes for these pixels.
+        tensors = {"input_u8": u8, "mask": logits.argmax(1).numpy().astype(np.uint8)}
         store(tensors, "logits", logits.numpy())
         meta = {"backbone": backbone, "size": size, "output_stride": os_, "classes": classes, "sensitivity": sens,
                 "timm": timm.__version__, "torch": torch.__version__}

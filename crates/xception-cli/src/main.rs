@@ -30,6 +30,8 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Times inference: median latency, images/s, GFLOP/s and the fraction of this CPU's peak.
     Bench(BenchArgs),
+    /// Semantic segmentation (DeepLabv3+): a palette mask PNG and an overlay PNG per image.
+    Segment(SegmentArgs),
     /// Serves models over HTTP: classify, embed, models, health, readiness, metrics.
     Serve(ServeArgs),
     /// Lists the named pretrained weights, their checksums and whether they are cached.
@@ -37,6 +39,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct SegmentArgs {
+    /// DeepLabv3+ weights (our safetensors, or a PyTorch state dict with timm backbone names).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Model (deeplabv3plus_xception41/65/71); read from the weights when omitted.
+    #[arg(long)]
+    model: Option<String>,
+    /// Output stride: 16, or 8 (finer, about 3x the compute). ASPP rates follow it.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(8..=16))]
+    output_stride: u16,
+    /// Network input size: images are shrunk so their long side fits, then padded (DeepLab's
+    /// crops are 16k+1: 513, 769, 1025).
+    #[arg(long, default_value_t = 513)]
+    size: usize,
+    /// Directory for <name>.mask.png (palette PNG, pixel = class) and <name>.overlay.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Class names: `voc` or a file with one label per line (default: voc for 21 classes).
+    #[arg(long)]
+    labels: Option<String>,
+    /// Opacity of the class colours in the overlay.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f32,
+    /// Print per-image class fractions as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -263,6 +299,7 @@ fn main() -> ExitCode {
         Command::Zoo { json } => list_zoo(json),
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(a),
+        Command::Segment(a) => segment(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -362,10 +399,15 @@ fn embed(args: EmbedArgs) -> Result<()> {
 }
 
 fn info(args: InfoArgs) -> Result<()> {
-    let mut config = ModelConfig::new(Variant::parse(&args.model)?);
+    let mut config = ModelConfig::from_name(&args.model)?;
     config.output_stride = args.output_stride;
-    config.num_classes = args.num_classes;
-    config.include_top = !args.no_top;
+    match &mut config.segmentation {
+        Some(seg) => seg.num_classes = args.num_classes,
+        None => {
+            config.num_classes = args.num_classes;
+            config.include_top = !args.no_top;
+        }
+    }
     let net = Network::build(&config)?;
     net.check_input_size(args.input_size, args.input_size)?;
     let info = net.info(args.input_size, args.input_size)?;
@@ -439,7 +481,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut config = ModelConfig::new(Variant::parse(&args.model)?);
+    let mut config = ModelConfig::from_name(&args.model)?;
     config.output_stride = args.output_stride;
     let net = Network::build(&config)?;
     let s = args.input_size;
@@ -529,6 +571,73 @@ fn serve(args: ServeArgs) -> Result<()> {
         let _ = writeln!(out, "listening on http://{addr}");
         let _ = out.flush();
     })?;
+    Ok(())
+}
+
+fn segment(args: SegmentArgs) -> Result<()> {
+    use xception::segment::{class_fractions, fit, label_map, overlay, voc_palette, write_mask_png, write_png};
+    let model = args.model.as_deref().map(|m| Variant::parse(m.strip_prefix(xception::arch::deeplab::PREFIX).unwrap_or(m))).transpose()?;
+    if !(0.0..=1.0).contains(&args.alpha) {
+        bail!("--alpha {} is not in [0, 1]", args.alpha);
+    }
+    // Output names are the inputs' file stems: refuse two inputs that would write the same files.
+    let mut stems = std::collections::HashMap::new();
+    for input in &args.inputs {
+        let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(other) = stems.insert(stem.clone(), input) {
+            bail!("{} and {} would both write {stem}.mask.png; segment them into different --out directories", other.display(), input.display());
+        }
+    }
+    let mut options = LoadOptions::new(args.weights.clone(), Head::IfPresent);
+    options.model = model;
+    options.output_stride = args.output_stride as usize;
+    options.threads = args.threads;
+    let pipeline = Pipeline::load(&options)?;
+    let seg = pipeline.config.segmentation.clone().ok_or_else(|| {
+        anyhow::anyhow!("{}: {} is not a segmentation model (expected DeepLabv3+ weights with aspp.* and logits.*)", args.weights.display(), pipeline.config.name())
+    })?;
+    let labels = match args.labels.as_deref() {
+        Some("voc") => Labels::voc(),
+        Some(file) => Labels::from_file(&PathBuf::from(file))?,
+        None if seg.num_classes == 21 => Labels::voc(),
+        None => Labels::numbered(),
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let palette = voc_palette();
+    let mut results = Vec::new();
+    for input in &args.inputs {
+        let img = xception::preprocess::load_image(input)?;
+        let fitted = fit(&img, args.size);
+        let logits = pipeline.runner.segment(&fitted.data, fitted.size, fitted.size)?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mask = label_map(&logits, fitted.content_h, fitted.content_w, h, w);
+        let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let (mask_path, overlay_path) = (args.out.join(format!("{stem}.mask.png")), args.out.join(format!("{stem}.overlay.png")));
+        write_mask_png(&mask_path, &mask, w, h, &palette)?;
+        write_png(&overlay_path, &overlay(&img, &mask, &palette, args.alpha))?;
+        let fractions = class_fractions(&mask, seg.num_classes);
+        let classes: Vec<serde_json::Value> = fractions
+            .iter()
+            .enumerate()
+            .filter(|(_, &f)| f > 0.0)
+            .map(|(i, &f)| serde_json::json!({"index": i, "label": labels.name(i), "fraction": f}))
+            .collect();
+        if !args.json {
+            let shown: Vec<String> = classes.iter().map(|c| format!("{} {:.1}%", c["label"].as_str().unwrap(), 100.0 * c["fraction"].as_f64().unwrap())).collect();
+            println!("{}: {}x{} -> {} ({})", input.display(), w, h, mask_path.display(), shown.join(", "));
+        }
+        results.push(serde_json::json!({
+            "input": input.display().to_string(), "width": w, "height": h,
+            "mask": mask_path.display().to_string(), "overlay": overlay_path.display().to_string(), "classes": classes,
+        }));
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "model": pipeline.config.name(), "weights": args.weights.display().to_string(),
+            "output_stride": args.output_stride, "input_size": args.size, "results": results,
+        });
+        println!("{out}");
+    }
     Ok(())
 }
 

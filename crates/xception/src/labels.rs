@@ -21,6 +21,15 @@ impl Labels {
         Labels { names }
     }
 
+    /// The 21 PASCAL VOC 2012 segmentation classes (background first).
+    pub fn voc() -> Labels {
+        const VOC: [&str; 21] = [
+            "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+        ];
+        Labels { names: VOC.iter().map(|s| s.to_string()).collect() }
+    }
+
     /// No names: every class is called `class N`.
     pub fn numbered() -> Labels {
         Labels { names: Vec::new() }

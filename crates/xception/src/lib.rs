@@ -12,6 +12,7 @@ pub mod npy;
 pub mod pipeline;
 pub mod preprocess;
 pub mod runner;
+pub mod segment;
 pub mod weights;
 pub mod zoo;
 

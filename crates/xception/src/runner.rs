@@ -76,6 +76,20 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// Per-pixel class logits of one preprocessed `h` x `w` image, (1, h, w, classes) NHWC, for a
+    /// segmentation network (engine only).
+    pub fn segment(&self, input: &[f32], h: usize, w: usize) -> Result<xception_engine::Activations> {
+        match self {
+            Runner::Engine(engine) => engine
+                .forward(input, 1, h, w)?
+                .segmentation
+                .ok_or_else(|| Error::Config(format!("{} is not a segmentation model", engine.network().config.name()))),
+            Runner::Burn(model, _) => Err(Error::Config(format!("{}: segmentation runs on the engine only", model.net.config.name()))),
+        }
+    }
+}
+
 /// Consecutive runs of inputs sharing a size, at most `batch_size` long.
 pub fn equal_size_batches(items: &[Item], batch_size: usize) -> Vec<&[Item]> {
     let mut out = Vec::new();

@@ -278,10 +278,34 @@ impl TensorMap {
     /// (and its number of classes) is taken from the file. `xception` and `legacy_xception` share
     /// their tensor names; without metadata, timm's `legacy_xception` is assumed.
     pub fn infer_config(&self, variant: Option<Variant>) -> Result<ModelConfig> {
+        let named_config = self.metadata.get("model").map(|m| ModelConfig::from_name(m)).transpose()?;
         let named = match variant {
             Some(v) => Some(v),
-            None => self.metadata.get("model").map(|m| Variant::parse(m)).transpose()?,
+            None => named_config.as_ref().map(|c| c.variant),
         };
+        // DeepLabv3+: timm's backbone tensors plus the head's, the classes in `logits.weight`.
+        if let Some(logits) = self.tensors.get("logits.weight").filter(|_| self.tensors.contains_key("aspp.aspp0.conv.weight")) {
+            let classes = match logits.shape[..] {
+                [k, _, 1, 1] => k,
+                ref shape => return Err(self.error(format!("tensor 'logits.weight' has shape {shape:?}, expected (classes, 256, 1, 1)"))),
+            };
+            let candidates = match named {
+                Some(v) => vec![v],
+                None => vec![Variant::Xception65, Variant::Xception71, Variant::Xception41],
+            };
+            let mut first_error = None;
+            for v in candidates {
+                let config = crate::arch::Segmentation::config(v, classes, 16)?;
+                match self.check(&Network::build(&config)?) {
+                    Ok(unused) if named.is_some() || unused.is_empty() => return Ok(config),
+                    Ok(_) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            return Err(first_error.unwrap_or_else(|| self.error("holds a DeepLabv3+ head on no known backbone; pass --model")));
+        }
         let candidates: Vec<Variant> = match named {
             Some(v) => vec![v],
             None => Variant::ALL.into_iter().filter(|v| *v != Variant::Xception).collect(),

@@ -1,0 +1,152 @@
+//! `xception segment` end to end: the DeepLabv3+ fixture model (formula weights + calibrated BN
+//! statistics, as in crates/xception/tests/deeplab_conformance.rs) on the fixture's own input,
+//! whose class map the PyTorch reference stored; masks at the image's own size for larger
+//! images; errors with exit code 1 and no partial files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use xception::arch::{Network, Segmentation, Variant};
+use xception::weights::{deterministic, TensorMap};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xception-segment-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xception")).args(args).output().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The fixture case's weights written as our canonical safetensors, and its first input image.
+fn fixture_model(dir: &Path, case: &str, variant: Variant, classes: usize, os: usize) -> (PathBuf, PathBuf, Vec<u8>) {
+    let fixtures = root().join("fixtures/deeplab");
+    let net = Network::build(&Segmentation::config(variant, classes, os).unwrap()).unwrap();
+    let mut weights = deterministic(&net);
+    for (name, t) in TensorMap::read_safetensors(&fixtures.join(format!("{case}_norms.safetensors"))).unwrap().tensors {
+        weights.insert(name, t);
+    }
+    weights.metadata.insert("model".into(), net.config.name());
+    let model = dir.join("deeplab.safetensors");
+    weights.write_safetensors(&model).unwrap();
+
+    let bytes = std::fs::read(fixtures.join(format!("{case}.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let input = st.tensor("input_u8").unwrap();
+    let [_, h, w, _]: [usize; 4] = input.shape().try_into().unwrap();
+    let image = dir.join("input.png");
+    image::RgbImage::from_raw(w as u32, h as u32, input.data()[..h * w * 3].to_vec()).unwrap().save(&image).unwrap();
+    let mask = st.tensor("mask").unwrap().data()[..h * w].to_vec();
+    (model, image, mask)
+}
+
+/// A palette PNG's pixel indices and size.
+fn read_mask(path: &Path) -> (Vec<u8>, u32, u32) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    assert_eq!(reader.info().color_type, png::ColorType::Indexed, "{}", path.display());
+    assert!(reader.info().palette.as_ref().is_some_and(|p| p.len() == 768));
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(frame.buffer_size());
+    (buf, frame.width, frame.height)
+}
+
+#[test]
+fn masks_match_the_pytorch_reference_class_map() {
+    for (case, variant, classes, os) in [
+        ("deeplabv3plus_xception65_s129_os16_k21", Variant::Xception65, 21, 16),
+        ("deeplabv3plus_xception41_s100_os8_k3", Variant::Xception41, 3, 8),
+    ] {
+        let dir = workdir(case);
+        let (model, image, reference) = fixture_model(&dir, case, variant, classes, os);
+        let size = (reference.len() as f64).sqrt() as usize;
+        let out_dir = dir.join("out");
+        let out = run(&["segment", "--weights", s(&model), "--output-stride", &os.to_string(), "--size", &size.to_string(), "--out", s(&out_dir), "--json", s(&image)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["model"], format!("deeplabv3plus_{variant}"));
+        let r = &json["results"][0];
+        let (mask, w, h) = read_mask(Path::new(r["mask"].as_str().unwrap()));
+        assert_eq!((w as usize, h as usize), (size, size));
+        let agree = mask.iter().zip(&reference).filter(|(a, b)| a == b).count() as f64 / mask.len() as f64;
+        eprintln!("{case}: {:.4}% of pixels carry the reference's class", 100.0 * agree);
+        assert!(agree >= 0.999, "{case}: only {agree} of the pixels agree with PyTorch's class map");
+        // The reported fractions are the mask's.
+        let mut total = 0.0;
+        for c in r["classes"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as u8;
+            let counted = mask.iter().filter(|&&m| m == i).count() as f64 / mask.len() as f64;
+            assert!((c["fraction"].as_f64().unwrap() - counted).abs() < 1e-12);
+            total += counted;
+        }
+        assert!((total - 1.0).abs() < 1e-9);
+        if classes == 21 {
+            assert!(r["classes"].as_array().unwrap().iter().all(|c| c["label"] != "class 0"), "VOC names for 21 classes");
+        }
+        let overlay = image::open(r["overlay"].as_str().unwrap()).unwrap();
+        assert_eq!((overlay.width(), overlay.height()), (w, h));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn large_images_are_fitted_and_masks_keep_their_size() {
+    let dir = workdir("large");
+    let (model, _, _) = fixture_model(&dir, "deeplabv3plus_xception65_s129_os16_k21", Variant::Xception65, 21, 16);
+    let photo = image::open(root().join("fixtures/images/chelsea.png")).unwrap().to_rgb8();
+    let big = dir.join("wide.jpg");
+    image::imageops::resize(&photo, 700, 301, image::imageops::FilterType::Triangle).save(&big).unwrap();
+    let out = run(&["segment", "--weights", s(&model), "--size", "129", "--out", s(&dir.join("out")), s(&big)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("700x301"));
+    let (mask, w, h) = read_mask(&dir.join("out/wide.mask.png"));
+    assert_eq!((w, h, mask.len()), (700, 301, 700 * 301));
+    assert!(mask.iter().all(|&m| m < 21));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_inputs_exit_1_with_the_cause_and_no_partial_files() {
+    let dir = workdir("errors");
+    let (model, image, _) = fixture_model(&dir, "deeplabv3plus_xception65_s129_os16_k21", Variant::Xception65, 21, 16);
+    let out_dir = dir.join("out");
+    let fail = |args: &[&str], needle: &str| {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: expected '{needle}' in: {err}");
+    };
+    let corrupt = dir.join("corrupt.jpg");
+    std::fs::write(&corrupt, b"\xFF\xD8\xFF\xE0 not really a jpeg").unwrap();
+    fail(&["segment", "--weights", s(&model), "--size", "129", "--out", s(&out_dir), s(&corrupt)], "corrupt.jpg");
+    assert!(!out_dir.join("corrupt.mask.png").exists() && !out_dir.join("corrupt.mask.png.partial").exists());
+
+    // A classifier is not a segmentation model.
+    let classifier = dir.join("x41.safetensors");
+    deterministic(&Network::build(&xception::ModelConfig::new(Variant::Xception41)).unwrap()).write_safetensors(&classifier).unwrap();
+    fail(&["segment", "--weights", s(&classifier), "--out", s(&out_dir), s(&image)], "not a segmentation model");
+    // Two inputs that would write the same files.
+    let other = dir.join("sub");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(&image, other.join("input.png")).unwrap();
+    fail(&["segment", "--weights", s(&model), "--out", s(&out_dir), s(&image), s(&other.join("input.png"))], "input.mask.png");
+    fail(&["segment", "--weights", s(&model), "--out", s(&out_dir), "--output-stride", "32", s(&image)], "32");
+    fail(&["segment", "--weights", s(&model), "--out", s(&out_dir), "--size", "20", s(&image)], "20x20");
+    // A head tensor with the wrong shape is named.
+    let mut broken = TensorMap::read_safetensors(&model).unwrap();
+    broken.insert("aspp.project.conv.weight".to_string(), xception::HostTensor::new(vec![256, 1024, 1, 1], vec![0.0; 256 * 1024]));
+    let broken_path = dir.join("broken.safetensors");
+    broken.write_safetensors(&broken_path).unwrap();
+    fail(&["segment", "--weights", s(&broken_path), "--out", s(&out_dir), s(&image)], "aspp.project.conv.weight");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
