@@ -257,8 +257,9 @@ struct InfoArgs {
     input_size: usize,
     #[arg(long, default_value_t = 32)]
     output_stride: usize,
-    #[arg(long, default_value_t = 1000)]
-    num_classes: usize,
+    /// Classes (default: 1000 for classifiers, 21 for DeepLabv3+).
+    #[arg(long)]
+    num_classes: Option<usize>,
     /// Without the classifier.
     #[arg(long)]
     no_top: bool,
@@ -402,9 +403,9 @@ fn info(args: InfoArgs) -> Result<()> {
     let mut config = ModelConfig::from_name(&args.model)?;
     config.output_stride = args.output_stride;
     match &mut config.segmentation {
-        Some(seg) => seg.num_classes = args.num_classes,
+        Some(seg) => seg.num_classes = args.num_classes.unwrap_or(seg.num_classes),
         None => {
-            config.num_classes = args.num_classes;
+            config.num_classes = args.num_classes.unwrap_or(config.num_classes);
             config.include_top = !args.no_top;
         }
     }
@@ -417,10 +418,11 @@ fn info(args: InfoArgs) -> Result<()> {
     }
     let s = args.input_size;
     println!("{} at {s}x{s}, output stride {}\n", info.model, info.output_stride);
-    println!("{:<12} {:>16} {:>7} {:>9} {:>12} {:>16}", "stage", "output (HxWxC)", "stride", "dilation", "params", "multiply-adds");
+    let width = info.stages.iter().map(|s| s.name.len()).max().unwrap_or(5).max(12);
+    println!("{:<width$} {:>16} {:>7} {:>9} {:>12} {:>16}", "stage", "output (HxWxC)", "stride", "dilation", "params", "multiply-adds");
     for st in &info.stages {
         let shape = st.output.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
-        println!("{:<12} {:>16} {:>7} {:>9} {:>12} {:>16}", st.name, shape, st.stride, st.dilation, group(st.params as u64), group(st.macs));
+        println!("{:<width$} {:>16} {:>7} {:>9} {:>12} {:>16}", st.name, shape, st.stride, st.dilation, group(st.params as u64), group(st.macs));
     }
     println!();
     println!("parameters      {:>16}", group(info.params_total as u64));

@@ -150,3 +150,19 @@ fn bad_inputs_exit_1_with_the_cause_and_no_partial_files() {
     fail(&["segment", "--weights", s(&broken_path), "--out", s(&out_dir), s(&image)], "aspp.project.conv.weight");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn info_reports_the_spec_figures_for_deeplab() {
+    for (os, gmacs) in [("16", 54.03), ("8", 176.85)] {
+        let out = run(&["info", "--model", "deeplabv3plus_xception65", "--input-size", "513", "--output-stride", os, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let macs = info["macs"].as_f64().unwrap() / 1e9;
+        assert!((macs / gmacs - 1.0).abs() < 1e-3, "OS {os}: {macs} G multiply-adds, spec {gmacs} G");
+        assert_eq!(info["params_trainable"], 41_055_413);
+        assert_eq!(info["num_classes"], 21);
+    }
+    let out = run(&["info", "--model", "deeplabv3plus_xception65p"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aligned"));
+}
