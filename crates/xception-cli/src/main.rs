@@ -101,8 +101,9 @@ struct ServeArgs {
     preprocess: Option<String>,
     #[arg(long, value_parser = ["nearest", "bilinear", "bicubic"])]
     resize: Option<String>,
-    #[arg(long, default_value_t = 32)]
-    output_stride: usize,
+    /// Output stride (default: the model's, 32 for classifiers and 16 for DeepLabv3+).
+    #[arg(long)]
+    output_stride: Option<usize>,
     /// Engine threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -342,7 +343,7 @@ impl ModelArgs {
             weights: self.weights.clone(),
             offline: self.offline,
             progress: true,
-            output_stride: self.output_stride,
+            output_stride: Some(self.output_stride),
             size: self.size,
             resize,
             preprocess,
@@ -592,7 +593,7 @@ fn segment(args: SegmentArgs) -> Result<()> {
     }
     let mut options = LoadOptions::new(args.weights.clone(), Head::IfPresent);
     options.model = model;
-    options.output_stride = args.output_stride as usize;
+    options.output_stride = Some(args.output_stride as usize);
     options.threads = args.threads;
     let pipeline = Pipeline::load(&options)?;
     let seg = pipeline.config.segmentation.clone().ok_or_else(|| {

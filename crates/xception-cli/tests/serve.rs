@@ -4,14 +4,13 @@
 //! `xception classify` / `embed`; every error path gets its status and JSON error, and the server
 //! keeps answering afterwards; SIGTERM lets requests in flight finish.
 
+mod common;
+
+use common::{fixture_deeplab, read_mask, root};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// The unpacked kitchenware package (downloaded and checksum-verified on first use).
 fn kitchenware() -> PathBuf {
@@ -379,7 +378,13 @@ fn serves_keras_logits_through_every_endpoint_and_error_path() {
     for (path, ops) in doc.json()["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
             let r = if method == "get" { get(&server.url(path), tok) } else { post(&server.url(path), Some("image/jpeg"), &jpeg0, tok) };
-            assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
+            if path == "/v1/segment" {
+                // Served, but this model classifies (segmentation: the test below).
+                assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "{}", r.body);
+                assert!(r.body.contains("not a segmentation model"), "{}", r.body);
+            } else {
+                assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
+            }
         }
     }
 
@@ -408,6 +413,66 @@ fn serves_keras_logits_through_every_endpoint_and_error_path() {
     assert!(after.contains("\"path\":\"/v1/classify\",\"status\":200"), "no request was still in flight at SIGTERM: {after}");
     assert!(after.contains("\"stopped\""), "{logs}");
     assert!(agent().get(&server.url("/healthz")).call().is_err(), "still accepting after shutdown");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A PNG body's bytes (the raw response of /v1/segment).
+fn post_bytes(url: &str, content_type: &str, body: &[u8]) -> (u16, Option<String>, Vec<u8>) {
+    let mut r = agent().post(url).header("Content-Type", content_type).send(body).expect("HTTP exchange");
+    let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+    (r.status().as_u16(), ct, r.body_mut().read_to_vec().unwrap())
+}
+
+#[test]
+fn serves_segmentation_masks_equal_to_the_cli() {
+    let dir = workdir("segment");
+    let (model, image, reference) = fixture_deeplab(&dir, "deeplabv3plus_xception65_s129_os16_k21", xception::arch::Variant::Xception65, 21, 16);
+    let server = Server::start(&["--weights", model.to_str().unwrap(), "--size", "129"], &[], dir.join("server.log"));
+    let m = &get(&server.url("/v1/models"), None).json()["models"][0];
+    assert_eq!((m["name"].as_str(), m["task"].as_str(), m["input_size"].as_u64(), m["output_stride"].as_u64()), (Some("deeplabv3plus_xception65"), Some("segment"), Some(129), Some(16)));
+    let png = std::fs::read(&image).unwrap();
+
+    // The mask PNG: the reference's class map, and exactly what `xception segment` writes.
+    let (status, ct, body) = post_bytes(&server.url("/v1/segment"), "image/png", &png);
+    assert_eq!((status, ct.as_deref()), (200, Some("image/png")), "{}", String::from_utf8_lossy(&body));
+    let served = dir.join("served.png");
+    std::fs::write(&served, &body).unwrap();
+    let (mask, w, h) = read_mask(&served);
+    assert_eq!((w, h), (129, 129));
+    let agree = mask.iter().zip(&reference).filter(|(a, b)| a == b).count() as f64 / mask.len() as f64;
+    assert!(agree >= 0.999, "served mask agrees with PyTorch's class map on only {agree}");
+    let out = Command::new(env!("CARGO_BIN_EXE_xception"))
+        .args(["segment", "--weights", model.to_str().unwrap(), "--size", "129", "--json", "--out", dir.join("cli").to_str().unwrap(), image.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(read_mask(Path::new(cli["results"][0]["mask"].as_str().unwrap())).0, mask);
+
+    // JSON: the same fractions as the CLI, the same PNG in base64.
+    let r = post(&server.url("/v1/segment?format=json"), Some("image/png"), &png, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!((j["width"].as_u64(), j["height"].as_u64()), (Some(129), Some(129)));
+    assert_eq!(j["classes"], cli["results"][0]["classes"]);
+    use base64::Engine as _;
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(j["mask_png"].as_str().unwrap()).unwrap(), body);
+
+    // A bigger photo: the mask comes back at the photo's size.
+    let jpeg = std::fs::read(root().join("fixtures/images/chelsea.jpg")).unwrap();
+    let (status, _, body) = post_bytes(&server.url("/v1/segment"), "image/jpeg", &jpeg);
+    assert_eq!(status, 200);
+    std::fs::write(dir.join("chelsea.mask.png"), &body).unwrap();
+    let photo = image::open(root().join("fixtures/images/chelsea.jpg")).unwrap();
+    let (_, w, h) = read_mask(&dir.join("chelsea.mask.png"));
+    assert_eq!((w, h), (photo.width(), photo.height()));
+
+    // Wrong task, wrong option.
+    for (path, needle) in [("/v1/classify", "no classifier"), ("/v1/embed", "segmentation model"), ("/v1/segment?format=gif", "format"), ("/v1/segment?top_k=2", "top_k")] {
+        let r = post(&server.url(path), Some("image/png"), &png, None);
+        assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "{path}: {}", r.body);
+        assert!(r.body.contains(needle), "{path}: {}", r.body);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -8,8 +8,16 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use xception::engine::Activations;
 use xception::pipeline::Pipeline;
 use xception::{Item, Prediction};
+
+/// What a model computes for one request: a classifier's logits and embedding, or a
+/// segmentation network's per-pixel logits at its input size.
+pub enum Output {
+    Prediction(Prediction),
+    Segmentation(Activations),
+}
 
 /// Why a request got no prediction.
 #[derive(Debug)]
@@ -23,7 +31,7 @@ pub enum JobError {
 pub struct Job {
     pub item: Item,
     pub deadline: Instant,
-    pub reply: oneshot::Sender<Result<Prediction, JobError>>,
+    pub reply: oneshot::Sender<Result<Output, JobError>>,
 }
 
 /// The sending side, held by the HTTP handlers.
@@ -117,12 +125,17 @@ impl Worker {
         let (items, replies): (Vec<Item>, Vec<_>) = live.into_iter().map(|j| (j.item, j.reply)).unzip();
         self.metrics.batch_size.get_or_create(&self.labels).observe(items.len() as f64);
         let started = Instant::now();
-        let result = self.pipeline.predict(&items, items.len());
+        let result: xception::Result<Vec<Output>> = if self.pipeline.config.segmentation.is_some() {
+            // The engine runs a batch image by image anyway; segmentation logits come one by one.
+            items.iter().map(|i| self.pipeline.runner.segment(&i.data, i.height, i.width).map(Output::Segmentation)).collect()
+        } else {
+            self.pipeline.predict(&items, items.len()).map(|p| p.into_iter().map(Output::Prediction).collect())
+        };
         self.metrics.inference_seconds.get_or_create(&self.labels).observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(predictions) => {
-                for (reply, p) in replies.into_iter().zip(predictions) {
-                    let _ = reply.send(Ok(p));
+            Ok(outputs) => {
+                for (reply, out) in replies.into_iter().zip(outputs) {
+                    let _ = reply.send(Ok(out));
                 }
             }
             Err(e) => {

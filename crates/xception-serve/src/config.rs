@@ -81,13 +81,15 @@ pub struct ModelEntry {
     pub weights: PathBuf,
     /// Variant; read from the weight file when omitted.
     pub model: Option<String>,
-    /// Class names: `imagenet` or a file with one per line (default: imagenet for 1000 classes).
+    /// Class names: `imagenet`, `voc` or a file with one per line (default: imagenet for 1000
+    /// classes, voc for a 21-class segmentation model).
     pub labels: Option<String>,
+    /// Input size (default: the weights' Keras size, else 299; 513 for segmentation).
     pub size: Option<usize>,
     pub preprocess: Option<String>,
     pub resize: Option<String>,
-    #[serde(default = "default_output_stride")]
-    pub output_stride: usize,
+    /// Output stride; default: the model's (32 for classifiers, 16 for DeepLabv3+).
+    pub output_stride: Option<usize>,
     /// Engine threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
@@ -102,9 +104,6 @@ pub struct ModelEntry {
     pub queue: usize,
 }
 
-fn default_output_stride() -> usize {
-    32
-}
 fn default_max_batch() -> usize {
     8
 }
@@ -126,7 +125,7 @@ impl ModelEntry {
             size: None,
             preprocess: None,
             resize: None,
-            output_stride: default_output_stride(),
+            output_stride: None,
             threads: 0,
             max_batch: default_max_batch(),
             max_wait_ms: default_max_wait_ms(),

@@ -9,26 +9,27 @@ pub mod batcher;
 pub mod body;
 pub mod config;
 pub mod error;
+mod handlers;
 pub mod metrics;
 
-use crate::batcher::{Batcher, Batching, Job, JobError};
+use crate::batcher::{Batcher, Batching};
 use crate::config::{Limits, ServeConfig};
 use crate::error::{ApiError, ErrorCode};
+use crate::handlers::{classify, embed, healthz, list_models, method_not_allowed, metrics_text, not_found, openapi, readyz};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
-use axum::extract::{MatchedPath, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Serialize;
+use axum::Router;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Semaphore};
-use xception::pipeline::{self, ClassifyOutput, Pipeline};
-use xception::{Item, Labels, ModelConfig, Prediction, Preprocess};
+use tokio::sync::Semaphore;
+use xception::pipeline::Pipeline;
+use xception::{Labels, ModelConfig, Preprocess};
 
 /// The OpenAPI 3 description of every endpoint, served at /openapi.json.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -39,6 +40,8 @@ pub struct ServedModel {
     pub weights: String,
     pub config: ModelConfig,
     pub preprocess: Preprocess,
+    /// The network's input size (segmentation models: the square images are fitted into).
+    pub input_size: usize,
     pub labels: Labels,
     pub batcher: Batcher,
     pub max_batch: usize,
@@ -53,7 +56,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     models: OnceLock<Vec<ServedModel>>,
     shutting_down: AtomicBool,
-    decode_slots: Semaphore,
+    pub(crate) decode_slots: Semaphore,
     next_request_id: AtomicU64,
 }
 
@@ -71,12 +74,20 @@ impl App {
         }
     }
 
-    fn ready(&self) -> bool {
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn models(&self) -> Option<&Vec<ServedModel>> {
+        self.models.get()
+    }
+
+    pub(crate) fn ready(&self) -> bool {
         self.models.get().is_some() && !self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// The model a request names, or the first one served.
-    fn model(&self, name: Option<&str>) -> Result<&ServedModel, ApiError> {
+    pub(crate) fn model(&self, name: Option<&str>) -> Result<&ServedModel, ApiError> {
         let models = self.models.get().ok_or_else(|| ApiError::not_ready("models are still loading"))?;
         match name {
             None => Ok(&models[0]),
@@ -211,27 +222,32 @@ fn load_models(app: &App, config: &ServeConfig, offline: bool) -> xception::Resu
         let started = Instant::now();
         let pipeline = Pipeline::load(&entry.load_options(offline)?)?;
         let config = pipeline.config.clone();
-        let name = entry.name.clone().unwrap_or_else(|| config.variant.name().to_string());
+        let name = entry.name.clone().unwrap_or_else(|| config.name());
         if models.iter().any(|m: &ServedModel| m.name == name) {
             return Err(xception::Error::Config(format!("two models are named '{name}': give each a `name`")));
         }
+        let seg_classes = config.segmentation.as_ref().map(|s| s.num_classes);
         let labels = match entry.labels.as_deref() {
             Some("imagenet") => Labels::imagenet(),
+            Some("voc") => Labels::voc(),
             Some(file) => Labels::from_file(Path::new(file))?,
             None if config.classes() == Some(1000) => Labels::imagenet(),
+            None if seg_classes == Some(21) => Labels::voc(),
             None => Labels::numbered(),
         };
         let preprocess = pipeline.preprocess;
+        let input_size = if seg_classes.is_some() { entry.size.unwrap_or(513) } else { preprocess.size() };
         let batching = Batching { max_batch: entry.max_batch, max_wait: Duration::from_millis(entry.max_wait_ms), queue: entry.queue };
         let (batcher, worker) = Batcher::start(&name, pipeline, batching, app.metrics.clone())
             .map_err(|e| xception::Error::Config(format!("cannot start the inference thread of '{name}': {e}")))?;
-        tracing::info!(model = %name, variant = config.variant.name(), weights = %entry.weights.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+        tracing::info!(model = %name, variant = %config.name(), weights = %entry.weights.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
         workers.push(worker);
         models.push(ServedModel {
             name,
             weights: entry.weights.display().to_string(),
             config,
             preprocess,
+            input_size,
             labels,
             batcher,
             max_batch: entry.max_batch,
@@ -247,6 +263,7 @@ fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/v1/classify", post(classify))
         .route("/v1/embed", post(embed))
+        .route("/v1/segment", post(handlers::segment))
         .route("/v1/models", get(list_models))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -263,7 +280,7 @@ fn router(app: Arc<App>) -> Router {
 
 /// The model a response was computed with, for the request log.
 #[derive(Clone)]
-struct ModelName(String);
+pub(crate) struct ModelName(pub(crate) String);
 
 /// Counts, times and logs every request; echoes (or assigns) its X-Request-Id.
 async fn observe(State(app): State<Arc<App>>, matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
@@ -308,167 +325,3 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
     next.run(req).await
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    model: Option<String>,
-    top_k: Option<String>,
-}
-
-type QueryResult = Result<Query<Params>, axum::extract::rejection::QueryRejection>;
-
-fn params(q: QueryResult) -> Result<Params, ApiError> {
-    q.map(|q| q.0).map_err(|e| ApiError::bad_request(e.body_text()))
-}
-
-/// Reads, decodes and runs one request's image; the model and top_k it asked for.
-/// The body is read before anything is refused, so every refusal reaches the client.
-async fn infer(app: &App, q: QueryResult, req: Request, need_classifier: bool) -> Result<(&ServedModel, Prediction, Option<usize>), ApiError> {
-    let request = body::read(req, app.limits.max_body_bytes).await?;
-    let params = params(q)?;
-    if !need_classifier && params.top_k.is_some() {
-        return Err(ApiError::bad_request("top_k applies to /v1/classify only"));
-    }
-    let query_top_k = params.top_k.as_deref().map(body::parse_top_k).transpose()?;
-    let model = app.model(request.model.as_deref().or(params.model.as_deref()))?;
-    if need_classifier && model.config.classes().is_none() {
-        return Err(ApiError::bad_request(format!("model '{}' has no classifier; POST /v1/embed for its features", model.name)));
-    }
-    let top_k = request.top_k.or(query_top_k);
-    if request.image.is_empty() {
-        return Err(ApiError::bad_image("the request holds no image bytes"));
-    }
-    let item = decode(app, model, request.image, request.input).await?;
-    let deadline = Instant::now() + Duration::from_millis(app.limits.inference_timeout_ms);
-    let (reply, answer) = oneshot::channel();
-    model.batcher.submit(Job { item, deadline, reply }).map_err(|_| ApiError::queue_full(&model.name))?;
-    let timed_out = || ApiError::timeout(format!("model '{}': no result within {} ms", model.name, app.limits.inference_timeout_ms));
-    match tokio::time::timeout_at(deadline.into(), answer).await {
-        Err(_) | Ok(Ok(Err(JobError::Expired))) => Err(timed_out()),
-        Ok(Err(_)) => Err(ApiError::internal(format!("model '{}': the inference thread stopped", model.name))),
-        Ok(Ok(Err(JobError::Failed(m)))) => Err(ApiError::internal(m)),
-        Ok(Ok(Ok(p))) => Ok((model, p, top_k)),
-    }
-}
-
-/// Decodes and preprocesses on the blocking pool, at most `decode_concurrency` at once; an
-/// image whose header declares too many pixels is refused before its pixels are decoded.
-async fn decode(app: &App, model: &ServedModel, bytes: axum::body::Bytes, input: String) -> Result<Item, ApiError> {
-    let max_pixels = app.limits.max_pixels;
-    let preprocess = model.preprocess;
-    let work = async {
-        let permit = app.decode_slots.acquire().await.map_err(|_| ApiError::internal("decoder pool closed"))?;
-        let task = tokio::task::spawn_blocking(move || -> Result<Item, ApiError> {
-            let source = Path::new(&input);
-            let (w, h) = xception::preprocess::image_dimensions(&bytes, source).map_err(|e| ApiError::bad_image(e.to_string()))?;
-            let side = xception::preprocess::MAX_IMAGE_SIDE;
-            if w > side || h > side || w as u64 * h as u64 > max_pixels {
-                return Err(ApiError::image_too_large(format!("{input}: image declares {w}x{h} pixels; at most {max_pixels} pixels and {side} per side are accepted")));
-            }
-            let img = xception::preprocess::decode_image(&bytes, source, max_pixels).map_err(|e| ApiError::bad_image(e.to_string()))?;
-            let size = preprocess.size();
-            Ok(Item { name: input, height: size, width: size, data: preprocess.apply(&img) })
-        });
-        let result = task.await.map_err(|_| ApiError::internal("the image decoder panicked"));
-        drop(permit);
-        result?
-    };
-    tokio::time::timeout(Duration::from_millis(app.limits.decode_timeout_ms), work)
-        .await
-        .map_err(|_| ApiError::timeout(format!("decoding took longer than {} ms", app.limits.decode_timeout_ms)))?
-}
-
-fn with_model(mut response: Response, model: &ServedModel) -> Response {
-    response.extensions_mut().insert(ModelName(model.name.clone()));
-    if let Ok(v) = HeaderValue::from_str(&model.name) {
-        response.headers_mut().insert("x-model", v);
-    }
-    response
-}
-
-async fn classify(State(app): State<Arc<App>>, q: QueryResult, req: Request) -> Result<Response, ApiError> {
-    let (model, prediction, top_k) = infer(&app, q, req, true).await?;
-    let classes = model.config.classes().unwrap_or(1);
-    let k = top_k.unwrap_or(5).min(classes);
-    let results = pipeline::classify(&model.config, vec![prediction], &model.labels, k).map_err(|e| ApiError::internal(e.to_string()))?;
-    let out = ClassifyOutput { model: model.config.variant.name().into(), weights: model.weights.clone(), results };
-    Ok(with_model(Json(out).into_response(), model))
-}
-
-#[derive(Serialize)]
-struct EmbedResult {
-    input: String,
-    embedding: Vec<f32>,
-}
-
-#[derive(Serialize)]
-struct EmbedOutput {
-    model: String,
-    weights: String,
-    pooling: String,
-    dim: usize,
-    results: Vec<EmbedResult>,
-}
-
-async fn embed(State(app): State<Arc<App>>, q: QueryResult, req: Request) -> Result<Response, ApiError> {
-    let (model, prediction, _) = infer(&app, q, req, false).await?;
-    let out = EmbedOutput {
-        model: model.config.variant.name().into(),
-        weights: model.weights.clone(),
-        pooling: format!("{:?}", model.config.pooling).to_lowercase(),
-        dim: prediction.pooled.len(),
-        results: vec![EmbedResult { input: prediction.name, embedding: prediction.pooled }],
-    };
-    Ok(with_model(Json(out).into_response(), model))
-}
-
-async fn list_models(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let models = app.models.get().ok_or_else(|| ApiError::not_ready("models are still loading"))?;
-    let list: Vec<serde_json::Value> = models
-        .iter()
-        .map(|m| {
-            let (preprocess, resize) = match m.preprocess {
-                Preprocess::Keras { resize, .. } => ("keras", resize),
-                Preprocess::Timm { resize, .. } => ("timm", resize),
-            };
-            serde_json::json!({
-                "name": m.name, "model": m.config.variant.name(), "weights": m.weights,
-                "input_size": m.preprocess.size(), "preprocess": preprocess, "resize": format!("{resize:?}").to_lowercase(),
-                "classes": m.config.classes(), "output_stride": m.config.output_stride,
-                "max_batch": m.max_batch, "max_wait_ms": m.max_wait_ms, "queue": m.queue, "queue_depth": m.batcher.depth(),
-            })
-        })
-        .collect();
-    Ok(Json(serde_json::json!({ "models": list })).into_response())
-}
-
-async fn healthz() -> Response {
-    Json(serde_json::json!({"status": "ok"})).into_response()
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    if app.ready() {
-        return Ok(Json(serde_json::json!({"status": "ready"})).into_response());
-    }
-    Err(ApiError::not_ready(if app.shutting_down.load(Ordering::SeqCst) { "the server is shutting down" } else { "models are still loading" }))
-}
-
-async fn metrics_text(State(app): State<Arc<App>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.encode()).into_response()
-}
-
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
-}
-
-async fn not_found(State(app): State<Arc<App>>, req: Request) -> ApiError {
-    let e = ApiError::not_found(format!("no endpoint at {}; see /openapi.json", req.uri().path()));
-    body::discard(req.into_body(), app.limits.max_body_bytes).await;
-    e
-}
-
-async fn method_not_allowed(State(app): State<Arc<App>>, req: Request) -> ApiError {
-    let e = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{} is not allowed on {}", req.method(), req.uri().path()));
-    body::discard(req.into_body(), app.limits.max_body_bytes).await;
-    e
-}

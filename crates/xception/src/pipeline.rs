@@ -59,7 +59,8 @@ pub struct LoadOptions {
     pub offline: bool,
     /// Show a progress bar while downloading.
     pub progress: bool,
-    pub output_stride: usize,
+    /// None: the model's default (32 for classifiers, 16 for DeepLabv3+).
+    pub output_stride: Option<usize>,
     /// Input size; default: the size a Keras model was built for, else 299.
     pub size: Option<usize>,
     pub resize: Option<Resize>,
@@ -81,7 +82,7 @@ impl LoadOptions {
             weights: weights.into(),
             offline: false,
             progress: false,
-            output_stride: 32,
+            output_stride: None,
             size: None,
             resize: None,
             preprocess: None,
@@ -130,7 +131,9 @@ impl Pipeline {
             )));
         }
         config.include_top = config.include_top && opts.head != Head::Drop;
-        config.output_stride = opts.output_stride;
+        if let Some(os) = opts.output_stride {
+            config.output_stride = os;
+        }
         if let Some(p) = opts.pooling {
             config.pooling = p;
         }

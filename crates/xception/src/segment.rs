@@ -122,19 +122,25 @@ fn write_atomically(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<std:
 
 /// The mask as an 8-bit palette PNG (pixel value = class index), as VOC's SegmentationClass files.
 pub fn write_mask_png(path: &Path, mask: &[u16], width: usize, height: usize, palette: &[[u8; 3]; 256]) -> Result<()> {
+    let bytes = encode_mask_png(mask, width, height, palette).map_err(|e| Error::file(path, e))?;
+    write_atomically(path, |f| std::io::Write::write_all(f, &bytes))
+}
+
+/// [`write_mask_png`]'s bytes, in memory.
+pub fn encode_mask_png(mask: &[u16], width: usize, height: usize, palette: &[[u8; 3]; 256]) -> std::result::Result<Vec<u8>, String> {
     if let Some(&m) = mask.iter().find(|&&m| m > 255) {
-        return Err(Error::file(path, format!("class {m} does not fit an 8-bit palette mask (at most 256 classes)")));
+        return Err(format!("class {m} does not fit an 8-bit palette mask (at most 256 classes)"));
     }
     let pixels: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
-    write_atomically(path, |f| {
-        let mut encoder = png::Encoder::new(f, width as u32, height as u32);
-        encoder.set_color(png::ColorType::Indexed);
-        encoder.set_depth(png::BitDepth::Eight);
-        encoder.set_palette(palette.iter().flatten().copied().collect::<Vec<u8>>());
-        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-        writer.write_image_data(&pixels).map_err(std::io::Error::other)?;
-        writer.finish().map_err(std::io::Error::other)
-    })
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width as u32, height as u32);
+    encoder.set_color(png::ColorType::Indexed);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_palette(palette.iter().flatten().copied().collect::<Vec<u8>>());
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    writer.write_image_data(&pixels).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// The image with each pixel's class colour blended in (`alpha` of the colour; background,
