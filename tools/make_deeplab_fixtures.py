@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import (ROOT, TOLERANCE, calibrate_norms, formula_weight, norm_state,  # noqa: E402
+from make_fixtures import (ROOT, TOLERANCE, calibrate_norms, fill_formula_weights, norm_state,  # noqa: E402
                            pattern, photo, store, to_input)
 
 # (backbone, input size, output stride, classes): 16k+1 sizes as DeepLab crops, and others.
@@ -133,18 +133,6 @@ def build(backbone, os_, classes, align_corners=True, post_relu_low_level=False)
     return model
 
 
-def fill(model):
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.from_numpy(formula_weight(f"{name}.weight", tuple(m.weight.shape), "conv")))
-                if m.bias is not None:
-                    m.bias.copy_(torch.from_numpy(formula_weight(f"{name}.bias", tuple(m.bias.shape), "linear_bias")))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.from_numpy(formula_weight(f"{name}.weight", tuple(m.weight.shape), "norm_weight")))
-                m.bias.copy_(torch.from_numpy(formula_weight(f"{name}.bias", tuple(m.bias.shape), "norm_bias")))
-
-
 def relative_deviation(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -160,7 +148,7 @@ def main():
     for backbone, size, os_, classes in CASES:
         name = f"deeplabv3plus_{backbone}_s{size}_os{os_}_k{classes}"
         model = build(backbone, os_, classes)
-        fill(model)
+        fill_formula_weights(model)
         calibration = to_input(np.stack([photo(size), pattern(size)]))
         calibrate_norms(model, calibration)
         norms = norm_state(model)

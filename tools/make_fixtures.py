@@ -146,7 +146,8 @@ def fill_formula_weights(model):
         for mname, m in model.named_modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.copy_(torch.from_numpy(formula_weight(f"{mname}.weight", tuple(m.weight.shape), "conv")))
-                assert m.bias is None, mname
+                if m.bias is not None:  # the DeepLab logits conv; timm's backbones have none
+                    m.bias.copy_(torch.from_numpy(formula_weight(f"{mname}.bias", tuple(m.bias.shape), "linear_bias")))
             elif isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(torch.from_numpy(formula_weight(f"{mname}.weight", tuple(m.weight.shape), "norm_weight")))
                 m.bias.copy_(torch.from_numpy(formula_weight(f"{mname}.bias", tuple(m.bias.shape), "norm_bias")))

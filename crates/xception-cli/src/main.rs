@@ -270,7 +270,7 @@ struct InfoArgs {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// timm weights: .safetensors or .pth
+    /// timm (.safetensors, .pth), Keras (.keras, .h5) or TensorFlow checkpoint (prefix or .index) weights
     input: PathBuf,
     #[arg(long)]
     out: PathBuf,
@@ -691,13 +691,17 @@ fn convert(args: ConvertArgs) -> Result<()> {
     let net = Network::build(&config)?;
     let unused = weights.check(&net)?;
     let mut out = weights.restricted_to(&net);
-    out.metadata.insert("model".into(), config.variant.name().into());
+    out.metadata.insert("model".into(), config.name());
     out.metadata.insert("format".into(), "xception-rs canonical: timm state_dict names, PyTorch layouts, float32".into());
     out.metadata.insert("converted_from".into(), args.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     weights.tensors.clear();
     out.write_safetensors(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
-    let classes = if config.include_top { format!("{} classes", config.num_classes) } else { "no classifier".into() };
-    eprintln!("{}: {} ({classes}), {} tensors", args.out.display(), config.variant, out.tensors.len());
+    let classes = match (&config.segmentation, config.classes()) {
+        (Some(seg), _) => format!("segmentation, {} classes", seg.num_classes),
+        (None, Some(k)) => format!("{k} classes"),
+        (None, None) => "no classifier".into(),
+    };
+    eprintln!("{}: {} ({classes}), {} tensors", args.out.display(), config.name(), out.tensors.len());
     if !unused.is_empty() {
         eprintln!("ignored {} tensors the model does not use, e.g. '{}'", unused.len(), unused[0]);
     }

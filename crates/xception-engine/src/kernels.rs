@@ -304,18 +304,7 @@ pub fn resize_bilinear(x: &Activations, oh: usize, ow: usize) -> Activations {
     if (oh, ow) == (x.h, x.w) {
         return x.clone();
     }
-    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
-        let scale = if n_out > 1 { (n_in - 1) as f32 / (n_out - 1) as f32 } else { 0.0 };
-        (0..n_out)
-            .map(|o| {
-                let src = o as f32 * scale;
-                let i0 = (src as usize).min(n_in - 1);
-                let i1 = (i0 + 1).min(n_in - 1);
-                (i0, i1, src - i0 as f32)
-            })
-            .collect()
-    };
-    let (ys, xs) = (taps(x.h, oh), taps(x.w, ow));
+    let (ys, xs) = (align_corners_taps(x.h, oh), align_corners_taps(x.w, ow));
     let c = x.c;
     let mut out = vec![0f32; x.n * oh * ow * c];
     out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
@@ -334,6 +323,20 @@ pub fn resize_bilinear(x: &Activations, oh: usize, ow: usize) -> Activations {
         }
     });
     Activations { n: x.n, h: oh, w: ow, c, data: out }
+}
+
+/// For each of `n_out` output positions of an align-corners resize along one axis of length
+/// `n_in`: the two input positions it blends and the weight of the second. Computed in f32 as
+/// PyTorch's CPU kernel does.
+pub fn align_corners_taps(n_in: usize, n_out: usize) -> Vec<(usize, usize, f32)> {
+    let scale = if n_out > 1 { (n_in - 1) as f32 / (n_out - 1) as f32 } else { 0.0 };
+    (0..n_out)
+        .map(|o| {
+            let src = o as f32 * scale;
+            let i0 = (src as usize).min(n_in - 1);
+            (i0, (i0 + 1).min(n_in - 1), src - i0 as f32)
+        })
+        .collect()
 }
 
 /// Concatenation along channels of activations of equal batch and spatial size.

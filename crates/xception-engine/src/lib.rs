@@ -10,6 +10,8 @@
 
 mod kernels;
 
+pub use kernels::align_corners_taps;
+
 use rayon::prelude::*;
 use xception_arch::{Block, Conv, Network, Norm, Op, Padding, Pooling, Shortcut};
 use xception_arch::{Activation, Error, Result};

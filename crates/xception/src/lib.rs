@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod runner;
 pub mod segment;
+pub mod tf;
 pub mod weights;
 pub mod zoo;
 

@@ -2,7 +2,7 @@
 //! DeepLab evaluates (shrink so the long side fits, pad bottom/right with the mean pixel), turn
 //! the per-pixel logits back into a class mask at the image's own size, and draw it.
 
-use crate::engine::Activations;
+use crate::engine::{align_corners_taps, Activations};
 use crate::error::{Error, Result};
 use crate::preprocess::{pil_resize, Resize};
 use image::RgbImage;
@@ -48,17 +48,7 @@ pub fn fit(img: &RgbImage, size: usize) -> Fitted {
 pub fn label_map(logits: &Activations, content_h: usize, content_w: usize, out_h: usize, out_w: usize) -> Vec<u16> {
     use rayon::prelude::*;
     let k = logits.c;
-    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
-        let scale = if n_out > 1 { (n_in - 1) as f32 / (n_out - 1) as f32 } else { 0.0 };
-        (0..n_out)
-            .map(|o| {
-                let s = o as f32 * scale;
-                let i0 = (s as usize).min(n_in - 1);
-                (i0, (i0 + 1).min(n_in - 1), s - i0 as f32)
-            })
-            .collect()
-    };
-    let (ys, xs) = (taps(content_h, out_h), taps(content_w, out_w));
+    let (ys, xs) = (align_corners_taps(content_h, out_h), align_corners_taps(content_w, out_w));
     let at = |y: usize, x: usize| &logits.data[(y * logits.w + x) * k..][..k];
     let mut out = vec![0u16; out_h * out_w];
     out.par_chunks_mut(out_w).enumerate().for_each(|(oy, row)| {

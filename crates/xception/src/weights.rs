@@ -65,7 +65,7 @@ fn to_f32(bytes: &[u8], dtype: Float, name: &str, source: &str) -> Result<Vec<f3
     })
 }
 
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as u32;
     let frac = (h & 0x3ff) as u32;
@@ -102,11 +102,16 @@ impl TensorMap {
     /// Reads a weight file by its extension: `.safetensors`, a PyTorch `.pth` / `.pt` / `.bin`,
     /// or a Keras `.keras` / `.weights.h5` (converted to our names and layouts).
     pub fn read(path: &Path) -> Result<TensorMap> {
+        // A TensorFlow checkpoint is named by its prefix (or its .index file).
+        if crate::tf::index_path(path).is_some() {
+            let ckpt = crate::tf::Checkpoint::open(path)?;
+            return crate::tf::to_tensor_map(&ckpt, &crate::tf::infer_network(&ckpt, None)?);
+        }
         match path.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => TensorMap::read_safetensors(path),
             Some("pth") | Some("pt") | Some("bin") => TensorMap::read_pytorch(path),
             Some("keras") | Some("h5") => Ok(crate::keras::read_keras(path)?.into_tensor_map()),
-            _ => Err(Error::file(path, "unknown weight format (expected .safetensors, .pth, .pt, .keras or .weights.h5)")),
+            _ => Err(Error::file(path, "unknown weight format (expected .safetensors, .pth, .pt, .keras, .weights.h5 or a TensorFlow checkpoint prefix)")),
         }
     }
 
