@@ -32,6 +32,10 @@ enum Command {
     Bench(BenchArgs),
     /// Semantic segmentation (DeepLabv3+): a palette mask PNG and an overlay PNG per image.
     Segment(SegmentArgs),
+    /// Transfer learning: a new classifier head on a frozen backbone, trained on your images.
+    Train(TrainArgs),
+    /// Top-1/top-5 and per-class accuracy of a classifier on a labelled image set.
+    Eval(EvalArgs),
     /// Serves models over HTTP: classify, embed, models, health, readiness, metrics.
     Serve(ServeArgs),
     /// Lists the named pretrained weights, their checksums and whether they are cached.
@@ -40,6 +44,9 @@ enum Command {
         json: bool,
     },
 }
+
+mod train;
+use train::{EvalArgs, TrainArgs};
 
 #[derive(Args)]
 struct SegmentArgs {
@@ -230,9 +237,10 @@ struct ClassifyArgs {
     /// Number of classes to show per input.
     #[arg(long, default_value_t = 5)]
     top: usize,
-    /// Class names: `imagenet` or a file with one label per line.
-    #[arg(long, default_value = "imagenet")]
-    labels: String,
+    /// Class names: `imagenet`, `voc` or a file with one label per line (default: the names the
+    /// weight file records, else ImageNet's for 1000 classes).
+    #[arg(long)]
+    labels: Option<String>,
     /// Print one JSON object (with all logits) instead of a table.
     #[arg(long)]
     json: bool,
@@ -302,6 +310,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(a),
         Command::Segment(a) => segment(a),
+        Command::Train(a) => train::train(a),
+        Command::Eval(a) => train::eval(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -364,11 +374,13 @@ fn run_model(args: &ModelArgs, head: Head, pooling: Option<Pooling>) -> Result<(
 }
 
 fn classify(args: ClassifyArgs) -> Result<()> {
-    let labels = match args.labels.as_str() {
-        "imagenet" => Labels::imagenet(),
-        file => Labels::from_file(&PathBuf::from(file))?,
-    };
     let (pipeline, predictions) = run_model(&args.model, Head::Require, None)?;
+    let labels = match args.labels.as_deref() {
+        Some("imagenet") => Labels::imagenet(),
+        Some("voc") => Labels::voc(),
+        Some(file) => Labels::from_file(&PathBuf::from(file))?,
+        None => pipeline.default_labels(),
+    };
     let results = pipeline.classify(predictions, &labels, args.top)?;
     if args.json {
         let out = ClassifyOutput {

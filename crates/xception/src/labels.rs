@@ -30,6 +30,10 @@ impl Labels {
         Labels { names: VOC.iter().map(|s| s.to_string()).collect() }
     }
 
+    pub fn from_names(names: Vec<String>) -> Labels {
+        Labels { names }
+    }
+
     /// No names: every class is called `class N`.
     pub fn numbered() -> Labels {
         Labels { names: Vec::new() }

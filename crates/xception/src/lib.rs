@@ -4,6 +4,7 @@
 //! The architecture is data ([`arch::Network`], from the `xception-arch` crate); [`model::Xception`]
 //! runs it on burn; [`weights`] reads and writes the weight files.
 
+pub mod data;
 pub mod device;
 pub mod keras;
 pub mod labels;
@@ -14,6 +15,7 @@ pub mod preprocess;
 pub mod runner;
 pub mod segment;
 pub mod tf;
+pub mod train;
 pub mod weights;
 pub mod zoo;
 

@@ -108,6 +108,10 @@ pub struct Pipeline {
     pub config: ModelConfig,
     pub runner: Runner,
     pub preprocess: Preprocess,
+    /// Class names the weight file records (models `xception train` wrote).
+    pub class_names: Option<Vec<String>>,
+    /// The weight file read (named weights resolved to their cached file).
+    pub weights_path: PathBuf,
 }
 
 impl Pipeline {
@@ -148,7 +152,21 @@ impl Pipeline {
         if let (Some(crop), Preprocess::Timm { crop_pct, .. }) = (entry.and_then(|e| e.crop_pct), &mut preprocess) {
             *crop_pct = crop; // the evaluation crop these weights were published with
         }
-        Ok(Pipeline { config, runner, preprocess })
+        let class_names = match weights.metadata.get("classes") {
+            Some(json) => Some(serde_json::from_str(json).map_err(|e| Error::file(&path, format!("metadata 'classes' is not a list of names: {e}")))?),
+            None => None,
+        };
+        Ok(Pipeline { config, runner, preprocess, class_names, weights_path: path })
+    }
+
+    /// The class names: the file's own, else ImageNet's for 1000 classes, else `class N`.
+    pub fn default_labels(&self) -> Labels {
+        match &self.class_names {
+            Some(names) => Labels::from_names(names.clone()),
+            None if self.config.classes() == Some(1000) => Labels::imagenet(),
+            None if self.config.segmentation.as_ref().is_some_and(|s| s.num_classes == 21) => Labels::voc(),
+            None => Labels::numbered(),
+        }
     }
 
     /// Top-`k` classes of each prediction (see [`classify`]).

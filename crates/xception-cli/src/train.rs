@@ -1,0 +1,304 @@
+//! `xception train` (transfer learning on a frozen backbone) and `xception eval`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use xception::arch::{ModelConfig, Network, Variant};
+use xception::data::{self, Data, Dataset};
+use xception::pipeline::{Head, LoadOptions, Pipeline};
+use xception::train::{evaluate, train_head, Evaluation, Features, HeadConfig, OptimizerKind};
+use xception::TensorMap;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Images: a folder of class folders (with train/ and val/ inside, or split by --val-split),
+    /// or a CSV of `path,label` lines (paths relative to the CSV).
+    #[arg(long)]
+    data: PathBuf,
+    /// Backbone weights (any file `classify` takes, or named weights); its classifier is dropped.
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    model: Option<String>,
+    /// Run directory: final.safetensors, checkpoints/, metrics.jsonl, summary.json, confusion.png.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate (after warm-up; cosine decay to 0 over the run).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd"])]
+    optimizer: String,
+    /// SGD momentum (dampening 0, as PyTorch's).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long)]
+    nesterov: bool,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    label_smoothing: f64,
+    #[arg(long, default_value_t = 1)]
+    warmup_epochs: usize,
+    /// Hidden layers of the head (ReLU), e.g. `--hidden 256`; none: one dense layer.
+    #[arg(long, value_delimiter = ',')]
+    hidden: Vec<usize>,
+    /// Fraction of each class held out for validation when --data is not split already.
+    #[arg(long, default_value_t = 0.2)]
+    val_split: f64,
+    /// Seeds the split and every epoch's order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Input size (default: the backbone's).
+    #[arg(long)]
+    size: Option<usize>,
+    /// What stays frozen. Only `backbone` (the head alone trains, on features the engine computes
+    /// once) is available so far.
+    #[arg(long, default_value = "backbone", value_parser = ["backbone"])]
+    freeze: String,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    offline: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Labelled images (as `train --data`; a split tree is evaluated on its val/ or test/ part).
+    #[arg(long)]
+    data: PathBuf,
+    /// A classifier: a model `train` wrote, or any weights `classify` takes.
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write the confusion matrix as a PNG (rows: true class, columns: predicted).
+    #[arg(long)]
+    confusion: Option<PathBuf>,
+    #[arg(long)]
+    offline: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn progress(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}").expect("valid template").progress_chars("=> "));
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+fn load(weights: &Path, model: &Option<String>, head: Head, size: Option<usize>, threads: usize, offline: bool) -> Result<Pipeline> {
+    let mut options = LoadOptions::new(weights.to_path_buf(), head);
+    options.model = model.as_deref().map(Variant::parse).transpose()?;
+    options.size = size;
+    options.threads = threads;
+    options.offline = offline;
+    options.progress = true;
+    Ok(Pipeline::load(&options)?)
+}
+
+/// Features of one split, reused from `dir` when the same backbone saw the same images.
+fn cached_features(pipeline: &Pipeline, ds: &Dataset, dir: &Path, split: &str) -> Result<Features> {
+    use sha2::Digest;
+    let meta = std::fs::metadata(&pipeline.weights_path).with_context(|| pipeline.weights_path.display().to_string())?;
+    let mut h = sha2::Sha256::new();
+    h.update(format!("{}|{}|{:?}|{:?}|{:?}\n", pipeline.weights_path.display(), meta.len(), meta.modified().ok(), pipeline.preprocess, pipeline.config.name()));
+    for s in &ds.samples {
+        h.update(format!("{}|{}\n", s.path.display(), s.label));
+    }
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let (npy, key_file) = (dir.join(format!("{split}.npy")), dir.join(format!("{split}.key")));
+    if std::fs::read_to_string(&key_file).is_ok_and(|k| k.trim() == key) {
+        if let Ok((shape, data)) = xception::npy::read_f32(&npy) {
+            if shape.len() == 2 && shape[0] == ds.samples.len() {
+                return Ok(Features { data, dim: shape[1], labels: ds.samples.iter().map(|s| s.label).collect() });
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let bar = progress(ds.samples.len(), &format!("embed {split}"));
+    let f = xception::train::embed(pipeline, ds, 16, &bar)?;
+    bar.finish_and_clear();
+    xception::npy::write_f32(&npy, &[ds.samples.len(), f.dim], &f.data)?;
+    std::fs::write(&key_file, &key).with_context(|| key_file.display().to_string())?;
+    Ok(f)
+}
+
+/// Rows: true class, columns: predicted; each row shaded by its share (white 0 .. dark blue 1).
+fn confusion_png(path: &Path, confusion: &[Vec<usize>]) -> Result<()> {
+    let k = confusion.len();
+    let cell = (720 / k.max(1)).clamp(4, 48) as u32;
+    let mut img = image::RgbImage::from_pixel(cell * k as u32 + 1, cell * k as u32 + 1, image::Rgb([200, 200, 200]));
+    for (t, row) in confusion.iter().enumerate() {
+        let total = row.iter().sum::<usize>().max(1) as f32;
+        for (p, &n) in row.iter().enumerate() {
+            let v = n as f32 / total;
+            let colour = image::Rgb([(255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - 0.8 * v)) as u8, 255]);
+            for y in 1..cell {
+                for x in 1..cell {
+                    img.put_pixel(p as u32 * cell + x, t as u32 * cell + y, colour);
+                }
+            }
+        }
+    }
+    Ok(xception::segment::write_png(path, &img)?)
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let (train_ds, val_ds) = match data::open(&args.data)? {
+        Data::One(ds) => ds.split(args.val_split, args.seed)?,
+        Data::Split { train, val } => (train, val),
+    };
+    let classes = train_ds.classes.len();
+    if classes < 2 {
+        bail!("{}: found {classes} class; training needs at least two", args.data.display());
+    }
+    let checkpoints = args.out.join("checkpoints");
+    if !args.resume && std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some()) {
+        bail!("{} already holds a training run; pass --resume to continue it, or choose another --out", args.out.display());
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+    let pipeline = load(&args.weights, &args.model, Head::Drop, args.size, args.threads, args.offline)?;
+    eprintln!(
+        "{} images ({} train, {} val), {classes} classes; backbone {} at {}x{}",
+        train_ds.samples.len() + val_ds.samples.len(),
+        train_ds.samples.len(),
+        val_ds.samples.len(),
+        pipeline.config.name(),
+        pipeline.preprocess.size(),
+        pipeline.preprocess.size()
+    );
+    let features = args.out.join("features");
+    let train_f = cached_features(&pipeline, &train_ds, &features, "train")?;
+    let val_f = cached_features(&pipeline, &val_ds, &features, "val")?;
+    let embed_seconds = started.elapsed().as_secs_f64();
+
+    let cfg = HeadConfig {
+        hidden: args.hidden.clone(),
+        epochs: args.epochs,
+        batch_size: args.batch_size.max(1),
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        label_smoothing: args.label_smoothing,
+        optimizer: match args.optimizer.as_str() {
+            "sgd" => OptimizerKind::Sgd { momentum: args.momentum, nesterov: args.nesterov },
+            _ => OptimizerKind::AdamW,
+        },
+        warmup_epochs: args.warmup_epochs,
+        seed: args.seed,
+        keep_checkpoints: 2,
+    };
+    let bar = progress(0, "train");
+    let trained = train_head(&train_f, &val_f, classes, &cfg, &args.out, args.resume, &bar)?;
+    bar.finish_and_clear();
+
+    // The final model: the backbone's tensors and the new head, loadable by classify and serve.
+    let mut config = ModelConfig::new(pipeline.config.variant);
+    config.pooling = pipeline.config.pooling;
+    config.custom_head = Some(trained.head_spec.clone());
+    let net = Network::build(&config)?;
+    let backbone = TensorMap::read(&pipeline.weights_path)?;
+    let mut out = TensorMap::new("xception train");
+    let head: std::collections::BTreeMap<String, xception::HostTensor> = trained.head_tensors.iter().cloned().collect();
+    for spec in net.tensors() {
+        let t = head.get(&spec.name).or_else(|| backbone.get(&spec.name)).with_context(|| format!("{}: no tensor '{}'", pipeline.weights_path.display(), spec.name))?;
+        out.insert(spec.name.clone(), t.clone());
+    }
+    let size = pipeline.preprocess.size();
+    out.metadata.insert("model".into(), config.variant.name().into());
+    out.metadata.insert("head".into(), serde_json::to_string(&trained.head_spec)?);
+    out.metadata.insert("pooling".into(), format!("{:?}", config.pooling).to_lowercase());
+    out.metadata.insert("input_size".into(), format!("{size},{size}"));
+    out.metadata.insert("classes".into(), serde_json::to_string(&train_ds.classes)?);
+    out.check(&net)?;
+    let final_path = args.out.join("final.safetensors");
+    out.write_safetensors(&final_path)?;
+    confusion_png(&args.out.join("confusion.png"), &trained.val.confusion)?;
+
+    let best = &trained.history[trained.best_epoch - 1];
+    let summary = serde_json::json!({
+        "model": final_path.display().to_string(), "backbone": pipeline.config.name(), "weights": args.weights.display().to_string(),
+        "classes": train_ds.classes, "train_images": train_ds.samples.len(), "val_images": val_ds.samples.len(),
+        "best_epoch": trained.best_epoch, "epochs": args.epochs,
+        "val_top1": trained.val.top1, "val_top5": trained.val.top5,
+        "val_per_class": train_ds.classes.iter().zip(&trained.val.per_class).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect::<serde_json::Map<_, _>>(),
+        "train_accuracy_at_best": best.train_accuracy, "embed_seconds": embed_seconds, "seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{}: validation top-1 {:.2}% (epoch {} of {}), top-5 {:.2}%; {:.0} s ({:.0} s embedding)",
+            final_path.display(),
+            100.0 * trained.val.top1,
+            trained.best_epoch,
+            args.epochs,
+            100.0 * trained.val.top5,
+            started.elapsed().as_secs_f64(),
+            embed_seconds
+        );
+        for (c, a) in train_ds.classes.iter().zip(&trained.val.per_class) {
+            println!("  {c:<24} {:>6.2}%", 100.0 * a);
+        }
+    }
+    Ok(())
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let ds = match data::open(&args.data)? {
+        Data::One(ds) => ds,
+        Data::Split { val, .. } => val,
+    };
+    let pipeline = load(&args.weights, &args.model, Head::Require, args.size, args.threads, args.offline)?;
+    let classes = pipeline.config.classes().expect("Head::Require keeps the classifier");
+    // The data's class names to the model's indices: by name when the model records names.
+    let mapping: Vec<usize> = match &pipeline.class_names {
+        Some(names) => ds
+            .classes
+            .iter()
+            .map(|c| names.iter().position(|n| n == c).with_context(|| format!("{}: class '{c}' is not one of the model's {names:?}", args.data.display())))
+            .collect::<Result<_>>()?,
+        None if ds.classes.len() == classes => (0..classes).collect(),
+        None => bail!("{} has {} classes, the model {classes}, and the model records no class names", args.data.display(), ds.classes.len()),
+    };
+    let bar = progress(ds.samples.len(), "eval");
+    let predictions = xception::train::run_dataset(&pipeline, &ds, args.batch_size, &bar)?;
+    bar.finish_and_clear();
+    let logits: Vec<f32> = predictions.into_iter().flat_map(|p| p.logits.expect("classifier")).collect();
+    let labels: Vec<usize> = ds.samples.iter().map(|s| mapping[s.label]).collect();
+    let e: Evaluation = evaluate(&logits, &labels, classes);
+    let names = pipeline.default_labels();
+    if let Some(path) = &args.confusion {
+        confusion_png(path, &e.confusion)?;
+    }
+    if args.json {
+        let per_class: serde_json::Map<String, serde_json::Value> = (0..classes).map(|c| (names.name(c), e.per_class[c].into())).collect();
+        let out = serde_json::json!({"images": labels.len(), "top1": e.top1, "top5": e.top5, "per_class": per_class, "confusion": e.confusion});
+        println!("{out}");
+    } else {
+        println!("{} images: top-1 {:.2}%, top-5 {:.2}%", labels.len(), 100.0 * e.top1, 100.0 * e.top5);
+        for c in 0..classes {
+            println!("  {:<24} {:>6.2}%  ({} images)", names.name(c), 100.0 * e.per_class[c], e.confusion[c].iter().sum::<usize>());
+        }
+    }
+    Ok(())
+}

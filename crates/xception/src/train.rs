@@ -1,0 +1,411 @@
+//! Transfer learning on a frozen backbone (its BatchNorms in inference mode, as Keras transfer
+//! learning runs them): every image is embedded once by the fast engine, then the classifier head
+//! trains on the cached features through burn's autodiff and optimizers. Checkpoints are written
+//! atomically after every epoch (head weights, optimizer state, epoch; the data order of each
+//! epoch derives from the seed and the epoch number), so `--resume` continues the same sequence.
+
+use crate::arch::{Activation, DenseSpec};
+use crate::data::{Dataset, Rng};
+use crate::error::{Error, Result};
+use crate::pipeline::Pipeline;
+use crate::weights::{HostTensor, TensorMap};
+use burn::module::{Module, Param, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamWConfig, GradientsParams, SgdConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::path::{Path, PathBuf};
+
+/// Parameter ids of the head's layer `i`: fixed, because the optimizer keys its saved state by
+/// them and a resumed run must find its moments again.
+fn param_ids(i: usize) -> (ParamId, ParamId) {
+    const BASE: u64 = 0x4845_4144_0000_0000;
+    (ParamId::from(BASE + 2 * i as u64), ParamId::from(BASE + 2 * i as u64 + 1))
+}
+
+/// The classifier head: dense layers, ReLU between them, logits out.
+#[derive(Module, Debug)]
+pub struct Head {
+    layers: Vec<Linear>,
+}
+
+impl Head {
+    /// PyTorch's default Linear initialisation, U(-1/sqrt(in), 1/sqrt(in)) for weights and
+    /// biases, drawn from the seeded stream so a run is reproducible.
+    fn new(features: usize, hidden: &[usize], classes: usize, seed: u64, device: &Device) -> Head {
+        let widths: Vec<usize> = std::iter::once(features).chain(hidden.iter().copied()).chain(std::iter::once(classes)).collect();
+        let mut rng = Rng(seed ^ 0x5EED_0F_4EAD);
+        let mut uniform = |n: usize, bound: f64| -> Vec<f32> {
+            (0..n).map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound).map(|v| v as f32).collect()
+        };
+        let layers = widths
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                let (n_in, n_out) = (w[0], w[1]);
+                let bound = 1.0 / (n_in as f64).sqrt();
+                let (wid, bid) = param_ids(i);
+                let mut layer = LinearConfig::new(n_in, n_out).init(device);
+                layer.weight = Param::initialized(wid, Tensor::<2>::from_data(TensorData::new(uniform(n_in * n_out, bound), [n_in, n_out]), device).require_grad());
+                layer.bias = Some(Param::initialized(bid, Tensor::<1>::from_data(TensorData::new(uniform(n_out, bound), [n_out]), device).require_grad()));
+                layer
+            })
+            .collect();
+        Head { layers }
+    }
+
+    fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i < last {
+                x = relu(x);
+            }
+        }
+        x
+    }
+
+    /// Our canonical head tensors: `head.{i}.weight` (out, in), `head.{i}.bias`, as Keras
+    /// transfer heads import.
+    fn tensors(&self) -> Vec<(String, HostTensor)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let w = layer.weight.val(); // burn keeps (in, out)
+            let [n_in, n_out] = w.dims();
+            let data: Vec<f32> = w.transpose().into_data().try_to_vec::<f32>().expect("f32 weights");
+            out.push((format!("head.{i}.weight"), HostTensor::new(vec![n_out, n_in], data)));
+            let b = layer.bias.as_ref().expect("linear with bias").val();
+            out.push((format!("head.{i}.bias"), HostTensor::new(vec![n_out], b.into_data().try_to_vec::<f32>().expect("f32 bias"))));
+        }
+        out
+    }
+
+    fn load(mut self, map: &TensorMap, device: &Device) -> Result<Head> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let [n_in, n_out] = layer.weight.val().dims();
+            let get = |name: String, len: usize| -> Result<Vec<f32>> {
+                let t = map.get(&name).ok_or_else(|| Error::Weights { source_name: map.source.clone(), message: format!("checkpoint lacks '{name}'") })?;
+                if t.data.len() != len {
+                    return Err(Error::Weights { source_name: map.source.clone(), message: format!("'{name}' has {} values, expected {len}", t.data.len()) });
+                }
+                Ok(t.data.clone())
+            };
+            let w = get(format!("head.{i}.weight"), n_in * n_out)?;
+            // (out, in) on file -> burn's (in, out), transposed on the host so the tensor is
+            // contiguous exactly like one the optimizer produced (a strided view multiplies in
+            // another order and a resumed run would drift in the last bits).
+            let w: Vec<f32> = (0..n_in * n_out).map(|k| w[(k % n_out) * n_in + k / n_out]).collect();
+            let w = Tensor::<2>::from_data(TensorData::new(w, [n_in, n_out]), device);
+            let (wid, bid) = param_ids(i);
+            layer.weight = Param::initialized(wid, w.require_grad());
+            let b = get(format!("head.{i}.bias"), n_out)?;
+            layer.bias = Some(Param::initialized(bid, Tensor::<1>::from_data(TensorData::new(b, [n_out]), device).require_grad()));
+        }
+        Ok(self)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    /// AdamW: beta1 0.9, beta2 0.999, epsilon 1e-8 (PyTorch's; burn's default is 1e-5).
+    AdamW,
+    /// SGD with momentum, dampening 0 (PyTorch's; burn's default is 0.1).
+    Sgd { momentum: f64, nesterov: bool },
+}
+
+/// How the head trains.
+#[derive(Clone, Debug)]
+pub struct HeadConfig {
+    /// Widths of hidden layers (ReLU), empty for one dense layer.
+    pub hidden: Vec<usize>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub label_smoothing: f64,
+    pub optimizer: OptimizerKind,
+    /// Linear warm-up over this many epochs, then cosine decay to 0.
+    pub warmup_epochs: usize,
+    pub seed: u64,
+    /// Epoch checkpoints kept besides the best one.
+    pub keep_checkpoints: usize,
+}
+
+impl Default for HeadConfig {
+    fn default() -> HeadConfig {
+        HeadConfig {
+            hidden: vec![],
+            epochs: 30,
+            batch_size: 64,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            label_smoothing: 0.1,
+            optimizer: OptimizerKind::AdamW,
+            warmup_epochs: 1,
+            seed: 0,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl HeadConfig {
+    /// The learning rate at `step` of `total` (linear warm-up, then cosine to 0).
+    pub fn lr_at(&self, step: usize, total: usize, steps_per_epoch: usize) -> f64 {
+        let warmup = self.warmup_epochs * steps_per_epoch;
+        if step < warmup {
+            return self.lr * (step + 1) as f64 / warmup as f64;
+        }
+        let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+        0.5 * self.lr * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+/// Pooled features of a set of images: (N, C) row-major, decoded on all cores, run on the engine.
+pub struct Features {
+    pub data: Vec<f32>,
+    pub dim: usize,
+    pub labels: Vec<usize>,
+}
+
+/// Runs every image of `ds` through the model, `batch` at a time (each batch decoded in
+/// parallel on all cores first).
+pub fn run_dataset(pipeline: &Pipeline, ds: &Dataset, batch: usize, progress: &indicatif::ProgressBar) -> Result<Vec<crate::Prediction>> {
+    use rayon::prelude::*;
+    let mut out = Vec::with_capacity(ds.samples.len());
+    for chunk in ds.samples.chunks(batch.max(1)) {
+        let items: Vec<crate::Item> = chunk
+            .par_iter()
+            .map(|s| {
+                let img = crate::preprocess::load_image(&s.path)?;
+                let size = pipeline.preprocess.size();
+                Ok(crate::Item { name: s.path.display().to_string(), height: size, width: size, data: pipeline.preprocess.apply(&img) })
+            })
+            .collect::<Result<_>>()?;
+        out.extend(pipeline.predict(&items, items.len())?);
+        progress.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
+/// The pooled features of every image of `ds`.
+pub fn embed(pipeline: &Pipeline, ds: &Dataset, batch: usize, progress: &indicatif::ProgressBar) -> Result<Features> {
+    let predictions = run_dataset(pipeline, ds, batch, progress)?;
+    let dim = predictions.first().map_or(0, |p| p.pooled.len());
+    let data = predictions.into_iter().flat_map(|p| p.pooled).collect();
+    Ok(Features { data, dim, labels: ds.samples.iter().map(|s| s.label).collect() })
+}
+
+/// One epoch's figures, as `metrics.jsonl` records them.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub seconds: f64,
+}
+
+/// Accuracy figures of logits against labels.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Evaluation {
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<f64>,
+    /// confusion[true][predicted]
+    pub confusion: Vec<Vec<usize>>,
+}
+
+pub fn evaluate(logits: &[f32], labels: &[usize], classes: usize) -> Evaluation {
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    let (mut top1, mut top5) = (0usize, 0usize);
+    for (row, &y) in logits.chunks(classes).zip(labels) {
+        let mut order: Vec<usize> = (0..classes).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        top1 += (order[0] == y) as usize;
+        top5 += order.iter().take(5).any(|&c| c == y) as usize;
+        confusion[y][order[0]] += 1;
+    }
+    let n = labels.len().max(1) as f64;
+    let per_class = confusion.iter().enumerate().map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>().max(1) as f64).collect();
+    Evaluation { top1: top1 as f64 / n, top5: top5 as f64 / n, per_class, confusion }
+}
+
+/// The trained head and where the run left it.
+pub struct Trained {
+    pub head_tensors: Vec<(String, HostTensor)>,
+    pub head_spec: Vec<DenseSpec>,
+    pub history: Vec<EpochMetrics>,
+    pub best_epoch: usize,
+    pub val: Evaluation,
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    let r = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the directory is synced.
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    r.map_err(|e: std::io::Error| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Trains the head on `train`, validating on `val` after every epoch; checkpoints under
+/// `run/checkpoints`, the log in `run/metrics.jsonl`. With `resume`, continues from the latest
+/// checkpoint there.
+pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadConfig, run: &Path, resume: bool, progress: &indicatif::ProgressBar) -> Result<Trained> {
+    if train.labels.is_empty() || val.labels.is_empty() {
+        return Err(Error::Config("training needs images in both the training and the validation split".into()));
+    }
+    let device = crate::device::default_device().autodiff();
+    let dim = train.dim;
+    let mut head = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device);
+    let mut optim = match cfg.optimizer {
+        OptimizerKind::AdamW => AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(cfg.weight_decay as f32).init(),
+        OptimizerKind::Sgd { momentum, nesterov } => SgdConfig::new()
+            .with_momentum(Some(MomentumConfig { momentum, dampening: 0.0, nesterov }))
+            .with_weight_decay((cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32)))
+            .init(),
+    };
+    let checkpoints = run.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
+    let metrics_path = run.join("metrics.jsonl");
+    let mut history: Vec<EpochMetrics> = Vec::new();
+    let mut start_epoch = 0;
+    if resume {
+        if let Some((epoch, path)) = latest_checkpoint(&checkpoints)? {
+            let map = TensorMap::read_safetensors(&path)?;
+            head = head.load(&map, &device)?;
+            let state_path = path.with_extension("optim");
+            let bytes = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+            optim = optim
+                .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                .map_err(|e| Error::file(&state_path, format!("optimizer state: {e:?}")))?;
+            history = read_history(&metrics_path)?.into_iter().filter(|m| m.epoch <= epoch).collect();
+            start_epoch = epoch;
+        }
+    }
+    let n = train.labels.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch_size);
+    let total = steps_per_epoch * cfg.epochs;
+    let loss_fn = CrossEntropyLossConfig::new().with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing as f32)).init(&device);
+    progress.set_length((cfg.epochs * n) as u64);
+    progress.set_position((start_epoch * n) as u64);
+    for epoch in start_epoch..cfg.epochs {
+        let started = std::time::Instant::now();
+        // The order of every epoch follows from the seed alone: a resumed run sees the same.
+        let mut order: Vec<usize> = (0..n).collect();
+        Rng(cfg.seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)).shuffle(&mut order);
+        let (mut loss_sum, mut correct) = (0f64, 0usize);
+        let mut lr = cfg.lr;
+        for (b, batch) in order.chunks(cfg.batch_size).enumerate() {
+            lr = cfg.lr_at(epoch * steps_per_epoch + b, total, steps_per_epoch);
+            let x: Vec<f32> = batch.iter().flat_map(|&i| train.data[i * dim..][..dim].iter().copied()).collect();
+            let y: Vec<i64> = batch.iter().map(|&i| train.labels[i] as i64).collect();
+            let x = Tensor::<2>::from_data(TensorData::new(x, [batch.len(), dim]), &device);
+            let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &device);
+            let logits = head.forward(x);
+            let loss = loss_fn.forward(logits.clone(), y.clone());
+            let value: f32 = loss.clone().into_scalar();
+            if !value.is_finite() {
+                return Err(Error::Config(format!("epoch {}: the loss became {value}; lower --lr", epoch + 1)));
+            }
+            loss_sum += value as f64 * batch.len() as f64;
+            correct += logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
+            let grads = GradientsParams::from_grads(loss.backward(), &head);
+            head = optim.step(lr, head, grads);
+            progress.inc(batch.len() as u64);
+        }
+        let (val_loss, val_eval) = validate(&head, val, classes, &device, cfg.label_smoothing);
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / n as f64,
+            train_accuracy: correct as f64 / n as f64,
+            val_loss,
+            val_accuracy: val_eval.top1,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        progress.set_message(format!("epoch {}/{}: loss {:.4}, train {:.1}%, val {:.1}%", m.epoch, cfg.epochs, m.train_loss, 100.0 * m.train_accuracy, 100.0 * m.val_accuracy));
+        history.push(m);
+        save_checkpoint(&checkpoints, epoch + 1, &head, &optim, &history, cfg.keep_checkpoints)?;
+        let lines: String = history.iter().map(|h| serde_json::to_string(h).expect("plain numbers") + "\n").collect();
+        write_atomically(&metrics_path, lines.as_bytes())?;
+    }
+    // The best epoch by validation accuracy (the earliest among ties).
+    let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch).unwrap_or(cfg.epochs);
+    let best_head = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device).load(&TensorMap::read_safetensors(&checkpoints.join(format!("epoch-{best:04}.safetensors")))?, &device)?;
+    let (_, val_eval) = validate(&best_head, val, classes, &device, cfg.label_smoothing);
+    let mut head_spec: Vec<DenseSpec> = cfg.hidden.iter().map(|&units| DenseSpec { units, activation: Activation::Relu }).collect();
+    head_spec.push(DenseSpec { units: classes, activation: Activation::Softmax });
+    Ok(Trained { head_tensors: best_head.tensors(), head_spec, history, best_epoch: best, val: val_eval })
+}
+
+fn validate(head: &Head, val: &Features, classes: usize, device: &Device, smoothing: f64) -> (f64, Evaluation) {
+    let n = val.labels.len();
+    let x = Tensor::<2>::from_data(TensorData::new(val.data.clone(), [n, val.dim]), device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(val.labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [n]), device);
+    let logits = head.forward(x);
+    let loss_fn = CrossEntropyLossConfig::new().with_smoothing((smoothing > 0.0).then_some(smoothing as f32)).init(device);
+    let loss: f32 = loss_fn.forward(logits.clone(), y).into_scalar();
+    let values: Vec<f32> = logits.into_data().try_to_vec::<f32>().expect("f32 logits");
+    (loss as f64, evaluate(&values, &val.labels, classes))
+}
+
+fn save_checkpoint(dir: &Path, epoch: usize, head: &Head, optim: &burn::optim::ModuleOptimizer, history: &[EpochMetrics], keep: usize) -> Result<()> {
+    let mut map = TensorMap::new(format!("checkpoint epoch {epoch}"));
+    for (name, t) in head.tensors() {
+        map.insert(name, t);
+    }
+    map.metadata.insert("epoch".into(), epoch.to_string());
+    let weights = dir.join(format!("epoch-{epoch:04}.safetensors"));
+    // The optimizer state first: a checkpoint counts once its weights file exists.
+    let state = optim.into_bytes().map_err(|e| Error::Config(format!("saving the optimizer state: {e:?}")))?;
+    write_atomically(&weights.with_extension("optim"), &state)?;
+    map.write_safetensors(&weights)?;
+    // Keep the last `keep` and the best.
+    let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch);
+    for old in history.iter().map(|m| m.epoch).filter(|&e| e + keep <= epoch && Some(e) != best) {
+        let p = dir.join(format!("epoch-{old:04}.safetensors"));
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(p.with_extension("optim"));
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint (weights and optimizer state both present).
+fn latest_checkpoint(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+    let mut best = None;
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(epoch) = name.strip_prefix("epoch-").and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse::<usize>().ok()) {
+            if p.with_extension("optim").is_file() && best.as_ref().is_none_or(|(b, _)| epoch > *b) {
+                best = Some((epoch, p));
+            }
+        }
+    }
+    Ok(best)
+}
+
+fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(|e| Error::file(path, format!("bad metrics line: {e}")))).collect()
+}
