@@ -5,26 +5,13 @@
 
 mod common;
 
-use common::{fixture_deeplab as fixture_model, read_mask, root};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::{fixture_deeplab as fixture_model, read_mask, root, run, s, workdir};
+use std::path::Path;
 use xception::arch::{Network, Variant};
 use xception::weights::{deterministic, TensorMap};
 
-fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("xception-segment-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xception")).args(args).output().unwrap()
-}
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn masks_match_the_pytorch_reference_class_map() {

@@ -3,26 +3,17 @@
 //! its class names, a run resumed from any checkpoint (even after kill -9) ends exactly where an
 //! uninterrupted run ends, and bad input is refused.
 
+mod common;
+
+use common::{run, s, workdir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use xception::arch::{ModelConfig, Network, Variant};
 use xception::data::Rng;
 use xception::weights::{deterministic, TensorMap};
 
-fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("xception-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xception")).args(args).output().unwrap()
-}
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `per_class` 48x48 PNGs per class: a dominant colour, noise, and a random bright square.
 fn make_images(dir: &Path, per_class: usize) {

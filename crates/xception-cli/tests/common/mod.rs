@@ -10,6 +10,23 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A fresh temporary directory for one test.
+pub fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xception-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the binary to completion.
+pub fn run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_xception")).args(args).output().unwrap()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
 /// The fixture case's weights written as our canonical safetensors, and its first input image.
 pub fn fixture_deeplab(dir: &Path, case: &str, variant: Variant, classes: usize, os: usize) -> (PathBuf, PathBuf, Vec<u8>) {
     let fixtures = root().join("fixtures/deeplab");
