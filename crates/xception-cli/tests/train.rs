@@ -87,6 +87,7 @@ fn learns_classifies_and_resumes_exactly() {
 
     let full = dir.join("full");
     let summary = ok(&train(&data, &weights, &full, &["--epochs", "12"]));
+    let first_model = std::fs::read(full.join("final.safetensors")).unwrap();
     assert_eq!(summary["classes"], serde_json::json!(["blue", "green", "red"]));
     assert_eq!((summary["train_images"].as_u64(), summary["val_images"].as_u64()), (Some(27), Some(9)));
     let top1 = summary["val_top1"].as_f64().unwrap();
@@ -107,6 +108,17 @@ fn learns_classifies_and_resumes_exactly() {
     assert!(e["top1"].as_f64().unwrap() >= 0.9, "{e}");
     assert_eq!(e["images"], 36);
     assert!(dir.join("c.png").is_file());
+
+    // A damaged newest checkpoint is reported and the previous one used: the run redoes its last
+    // epoch and ends the same.
+    let newest = full.join("checkpoints/epoch-0012.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = train(&data, &weights, &full, &["--epochs", "12", "--resume"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipping damaged checkpoint of epoch 12"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(metrics(&full).len(), 12);
+    assert_eq!(std::fs::read(full.join("final.safetensors")).unwrap(), first_model, "the redone epoch gives the same model");
 
     // A second run into the same directory must say whether it resumes.
     let refused = train(&data, &weights, &full, &["--epochs", "12"]);

@@ -142,8 +142,8 @@ pub fn overlay(img: &RgbImage, mask: &[u16], palette: &[[u8; 3]; 256], alpha: f3
             continue;
         }
         let colour = palette[(m as usize).min(255)];
-        for c in 0..3 {
-            px.0[c] = ((1.0 - alpha) * px.0[c] as f32 + alpha * colour[c] as f32).round() as u8;
+        for (v, &c) in px.0.iter_mut().zip(&colour) {
+            *v = ((1.0 - alpha) * *v as f32 + alpha * c as f32).round() as u8;
         }
     }
     out

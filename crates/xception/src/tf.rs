@@ -196,8 +196,11 @@ impl Checkpoint {
     }
 }
 
+/// (key, value) pairs of an SSTable.
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Every (key, value) of an SSTable, in key order.
-fn sstable_records(file: &[u8]) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn sstable_records(file: &[u8]) -> std::result::Result<Records, String> {
     if file.len() < FOOTER_LEN {
         return Err(format!("{} bytes is too short for a checkpoint index", file.len()));
     }
@@ -239,7 +242,7 @@ fn read_block(file: &[u8], (offset, size): (usize, usize)) -> std::result::Resul
 }
 
 /// The entries of one block: keys prefix-compressed against the previous key.
-fn block_records(block: &[u8]) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn block_records(block: &[u8]) -> std::result::Result<Records, String> {
     if block.len() < 4 {
         return Err("block too short".into());
     }

@@ -37,7 +37,7 @@ impl Head {
     /// biases, drawn from the seeded stream so a run is reproducible.
     fn new(features: usize, hidden: &[usize], classes: usize, seed: u64, device: &Device) -> Head {
         let widths: Vec<usize> = std::iter::once(features).chain(hidden.iter().copied()).chain(std::iter::once(classes)).collect();
-        let mut rng = Rng(seed ^ 0x5EED_0F_4EAD);
+        let mut rng = Rng(seed ^ 0x5EED_F4EA);
         let mut uniform = |n: usize, bound: f64| -> Vec<f32> {
             (0..n).map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound).map(|v| v as f32).collect()
         };
@@ -274,29 +274,34 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
     let device = crate::device::default_device().autodiff();
     let dim = train.dim;
     let mut head = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device);
-    let mut optim = match cfg.optimizer {
-        OptimizerKind::AdamW => AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(cfg.weight_decay as f32).init(),
-        OptimizerKind::Sgd { momentum, nesterov } => SgdConfig::new()
-            .with_momentum(Some(MomentumConfig { momentum, dampening: 0.0, nesterov }))
-            .with_weight_decay((cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32)))
-            .init(),
-    };
+    let mut optim = new_optimizer(cfg);
     let checkpoints = run.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
     let metrics_path = run.join("metrics.jsonl");
     let mut history: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
     if resume {
-        if let Some((epoch, path)) = latest_checkpoint(&checkpoints)? {
-            let map = TensorMap::read_safetensors(&path)?;
-            head = head.load(&map, &device)?;
-            let state_path = path.with_extension("optim");
-            let bytes = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-            optim = optim
-                .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-                .map_err(|e| Error::file(&state_path, format!("optimizer state: {e:?}")))?;
-            history = read_history(&metrics_path)?.into_iter().filter(|m| m.epoch <= epoch).collect();
-            start_epoch = epoch;
+        // The newest checkpoint that reads back whole; a damaged one is reported and skipped.
+        for (epoch, path) in checkpoints_newest_first(&checkpoints)? {
+            let loaded = (|| -> Result<(Head, burn::optim::ModuleOptimizer)> {
+                let map = TensorMap::read_safetensors(&path)?;
+                let h = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device).load(&map, &device)?;
+                let state_path = path.with_extension("optim");
+                let bytes = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+                let o = new_optimizer(cfg)
+                    .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                    .map_err(|e| Error::file(&state_path, format!("optimizer state: {e:?}")))?;
+                Ok((h, o))
+            })();
+            match loaded {
+                Ok((h, o)) => {
+                    (head, optim) = (h, o);
+                    history = read_history(&metrics_path)?.into_iter().filter(|m| m.epoch <= epoch).collect();
+                    start_epoch = epoch;
+                    break;
+                }
+                Err(e) => eprintln!("warning: skipping damaged checkpoint of epoch {epoch}: {e}"),
+            }
         }
     }
     let n = train.labels.len();
@@ -355,6 +360,17 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
     Ok(Trained { head_tensors: best_head.tensors(), head_spec, history, best_epoch: best, val: val_eval })
 }
 
+/// The optimizer with every setting that differs between burn and PyTorch given explicitly.
+fn new_optimizer(cfg: &HeadConfig) -> burn::optim::ModuleOptimizer {
+    match cfg.optimizer {
+        OptimizerKind::AdamW => AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(cfg.weight_decay as f32).init(),
+        OptimizerKind::Sgd { momentum, nesterov } => SgdConfig::new()
+            .with_momentum(Some(MomentumConfig { momentum, dampening: 0.0, nesterov }))
+            .with_weight_decay((cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32)))
+            .init(),
+    }
+}
+
 fn validate(head: &Head, val: &Features, classes: usize, device: &Device, smoothing: f64) -> (f64, Evaluation) {
     let n = val.labels.len();
     let x = Tensor::<2>::from_data(TensorData::new(val.data.clone(), [n, val.dim]), device);
@@ -387,19 +403,20 @@ fn save_checkpoint(dir: &Path, epoch: usize, head: &Head, optim: &burn::optim::M
     Ok(())
 }
 
-/// The newest complete checkpoint (weights and optimizer state both present).
-fn latest_checkpoint(dir: &Path) -> Result<Option<(usize, PathBuf)>> {
-    let mut best = None;
+/// Checkpoints (weights and optimizer state both present), newest first.
+fn checkpoints_newest_first(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let p = e.map_err(|e| Error::io(dir, e))?.path();
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Some(epoch) = name.strip_prefix("epoch-").and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse::<usize>().ok()) {
-            if p.with_extension("optim").is_file() && best.as_ref().is_none_or(|(b, _)| epoch > *b) {
-                best = Some((epoch, p));
+            if p.with_extension("optim").is_file() {
+                found.push((epoch, p));
             }
         }
     }
-    Ok(best)
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(found)
 }
 
 fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
