@@ -36,6 +36,17 @@ enum Command {
     Train(TrainArgs),
     /// Top-1/top-5 and per-class accuracy of a classifier on a labelled image set.
     Eval(EvalArgs),
+    /// Writes a seeded synthetic segmentation set in the PASCAL VOC layout (shapes on textures).
+    SynthVoc {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        #[arg(long, default_value_t = 129)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Serves models over HTTP: classify, embed, models, health, readiness, metrics.
     Serve(ServeArgs),
     /// Lists the named pretrained weights, their checksums and whether they are cached.
@@ -311,6 +322,9 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(a),
         Command::Segment(a) => segment(a),
         Command::Train(a) => train::train(a),
+        Command::SynthVoc { out, count, size, seed } => xception::segdata::synthetic_voc(&out, count, size, seed)
+            .map(|()| eprintln!("{}: {count} images ({size}x{size}), classes {:?}", out.display(), xception::segdata::SYNTHETIC_CLASSES))
+            .map_err(Into::into),
         Command::Eval(a) => train::eval(a),
     };
     match result {

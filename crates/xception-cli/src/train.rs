@@ -74,9 +74,19 @@ pub struct TrainArgs {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Labelled images (as `train --data`; a split tree is evaluated on its val/ or test/ part).
+    /// Labelled images (as `train --data`; a split tree is evaluated on its val/ or test/ part);
+    /// for `--task segment`, a VOC or Cityscapes-style tree.
     #[arg(long)]
     data: PathBuf,
+    /// classify: top-1/top-5 accuracy; segment: mean IoU of a DeepLabv3+ model.
+    #[arg(long, default_value = "classify", value_parser = ["classify", "segment"])]
+    task: String,
+    /// The split a segmentation tree is evaluated on (ImageSets/Segmentation/<split>.txt).
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Segmentation: output stride 16 or 8 (default: the model's).
+    #[arg(long)]
+    output_stride: Option<usize>,
     /// A classifier: a model `train` wrote, or any weights `classify` takes.
     #[arg(long)]
     weights: PathBuf,
@@ -263,7 +273,57 @@ pub fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Mean IoU over a segmentation tree: each image fitted as `segment` fits it, its class map at
+/// the mask's size scored against the mask (255 ignored).
+fn eval_segment(args: &EvalArgs) -> Result<()> {
+    use xception::segdata::{read_mask, Confusion};
+    use xception::segment::{fit, label_map};
+    let samples = xception::segdata::open(&args.data, &args.split)?;
+    let mut options = LoadOptions::new(args.weights.clone(), Head::IfPresent);
+    options.model = args.model.as_deref().map(|m| Variant::parse(m.strip_prefix(xception::arch::deeplab::PREFIX).unwrap_or(m))).transpose()?;
+    options.output_stride = args.output_stride;
+    options.threads = args.threads;
+    options.offline = args.offline;
+    let pipeline = Pipeline::load(&options)?;
+    let seg = pipeline.config.segmentation.clone().with_context(|| format!("{}: {} is not a segmentation model", args.weights.display(), pipeline.config.name()))?;
+    let size = args.size.unwrap_or(513);
+    let mut confusion = Confusion::new(seg.num_classes);
+    let bar = progress(samples.len(), "eval");
+    for s in &samples {
+        let img = xception::preprocess::load_image(&s.image)?;
+        let (w, h, truth) = read_mask(&s.mask)?;
+        if (w, h) != (img.width(), img.height()) {
+            bail!("{} is {w}x{h} but its image {} is {}x{}", s.mask.display(), s.image.display(), img.width(), img.height());
+        }
+        let fitted = fit(&img, size);
+        let logits = pipeline.runner.segment(&fitted.data, size, size)?;
+        let predicted = label_map(&logits, fitted.content_h, fitted.content_w, h as usize, w as usize);
+        confusion.add(&truth, &predicted, &s.mask)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let names = pipeline.default_labels();
+    let iou = confusion.iou();
+    if args.json {
+        let per_class: serde_json::Map<String, serde_json::Value> = iou.iter().enumerate().map(|(c, v)| (names.name(c), serde_json::json!(v))).collect();
+        let out = serde_json::json!({"images": samples.len(), "miou": confusion.mean_iou(), "pixel_accuracy": confusion.pixel_accuracy(), "per_class_iou": per_class, "output_stride": pipeline.config.output_stride, "input_size": size});
+        println!("{out}");
+    } else {
+        println!("{} images at output stride {}: mean IoU {:.2}%, pixel accuracy {:.2}%", samples.len(), pipeline.config.output_stride, 100.0 * confusion.mean_iou(), 100.0 * confusion.pixel_accuracy());
+        for (c, v) in iou.iter().enumerate() {
+            match v {
+                Some(v) => println!("  {:<24} {:>6.2}%", names.name(c), 100.0 * v),
+                None => println!("  {:<24}      -  (absent)", names.name(c)),
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn eval(args: EvalArgs) -> Result<()> {
+    if args.task == "segment" {
+        return eval_segment(&args);
+    }
     let ds = match data::open(&args.data)? {
         Data::One(ds) => ds,
         Data::Split { val, .. } => val,

@@ -118,3 +118,45 @@ fn info_reports_the_spec_figures_for_deeplab() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("aligned"));
 }
+
+#[test]
+fn eval_scores_a_voc_tree_and_names_bad_masks() {
+    let dir = workdir("eval-seg");
+    let (model, _, _) = fixture_model(&dir, "deeplabv3plus_xception65_s129_os16_k21", Variant::Xception65, 21, 16);
+    let voc = dir.join("voc");
+    let out = run(&["synth-voc", "--out", s(&voc), "--count", "10", "--size", "65", "--seed", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["eval", "--task", "segment", "--data", s(&voc), "--weights", s(&model), "--size", "65", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["images"], 2);
+    let miou = e["miou"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&miou));
+    let per_class = e["per_class_iou"].as_object().unwrap();
+    assert_eq!(per_class.len(), 21);
+    assert!(per_class["background"].is_number(), "background is in every synthetic mask");
+    assert!(per_class.values().all(|v| v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap())));
+
+    let fail = |args: &[&str], needle: &str| {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: expected '{needle}' in {err}");
+    };
+    // A 3-class model cannot score masks holding class 3.
+    let (small, _, _) = fixture_model(&dir, "deeplabv3plus_xception41_s100_os8_k3", Variant::Xception41, 3, 8);
+    let eval = |weights: &Path| vec!["eval".to_string(), "--task".into(), "segment".into(), "--data".into(), s(&voc).into(), "--weights".into(), s(weights).into(), "--size".into(), "65".into(), "--split".into(), "train".into()];
+    let args = eval(&small);
+    fail(&args.iter().map(String::as_str).collect::<Vec<_>>(), "class value 3");
+    // A mask of another size than its image, and a listed image that is missing.
+    let first = std::fs::read_to_string(voc.join("ImageSets/Segmentation/val.txt")).unwrap().lines().next().unwrap().to_string();
+    image::GrayImage::new(10, 10).save(voc.join(format!("SegmentationClass/{first}.png"))).unwrap();
+    let args = eval(&model);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args[10] = "val";
+    fail(&args, &format!("{first}.png is 10x10"));
+    std::fs::write(voc.join("ImageSets/Segmentation/val.txt"), "nothere\n").unwrap();
+    fail(&args, "nothere");
+    fail(&["eval", "--task", "segment", "--data", s(&dir), "--weights", s(&model)], "neither a VOC tree");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -13,6 +13,7 @@ pub mod npy;
 pub mod pipeline;
 pub mod preprocess;
 pub mod runner;
+pub mod segdata;
 pub mod segment;
 pub mod tf;
 pub mod train;
