@@ -320,19 +320,14 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
         for (b, batch) in order.chunks(cfg.batch_size).enumerate() {
             lr = cfg.lr_at(epoch * steps_per_epoch + b, total, steps_per_epoch);
             let x: Vec<f32> = batch.iter().flat_map(|&i| train.data[i * dim..][..dim].iter().copied()).collect();
-            let y: Vec<i64> = batch.iter().map(|&i| train.labels[i] as i64).collect();
-            let x = Tensor::<2>::from_data(TensorData::new(x, [batch.len(), dim]), &device);
-            let y = Tensor::<1, Int>::from_data(TensorData::new(y, [batch.len()]), &device);
-            let logits = head.forward(x);
-            let loss = loss_fn.forward(logits.clone(), y.clone());
-            let value: f32 = loss.clone().into_scalar();
+            let y: Vec<usize> = batch.iter().map(|&i| train.labels[i]).collect();
+            let (next, value, right) = train_step(head, &mut optim, &loss_fn, &x, &y, lr, &device);
             if !value.is_finite() {
                 return Err(Error::Config(format!("epoch {}: the loss became {value}; lower --lr", epoch + 1)));
             }
+            head = next;
             loss_sum += value as f64 * batch.len() as f64;
-            correct += logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
-            let grads = GradientsParams::from_grads(loss.backward(), &head);
-            head = optim.step(lr, head, grads);
+            correct += right;
             progress.inc(batch.len() as u64);
         }
         let (val_loss, val_eval) = validate(&head, val, classes, &device, cfg.label_smoothing);
@@ -358,6 +353,42 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
     let mut head_spec: Vec<DenseSpec> = cfg.hidden.iter().map(|&units| DenseSpec { units, activation: Activation::Relu }).collect();
     head_spec.push(DenseSpec { units: classes, activation: Activation::Softmax });
     Ok(Trained { head_tensors: best_head.tensors(), head_spec, history, best_epoch: best, val: val_eval })
+}
+
+/// One optimisation step on a batch: forward, label-smoothed cross-entropy (mean), backward,
+/// optimizer step. Returns the stepped head, the loss and how many predictions were right.
+fn train_step(head: Head, optim: &mut burn::optim::ModuleOptimizer, loss_fn: &burn::nn::loss::CrossEntropyLoss, x: &[f32], y: &[usize], lr: f64, device: &Device) -> (Head, f32, usize) {
+    let n = y.len();
+    let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, x.len() / n]), device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(y.iter().map(|&v| v as i64).collect::<Vec<_>>(), [n]), device);
+    let logits = head.forward(x);
+    let loss = loss_fn.forward(logits.clone(), y.clone());
+    let value: f32 = loss.clone().into_scalar();
+    let correct = logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
+    let grads = GradientsParams::from_grads(loss.backward(), &head);
+    (optim.step(lr, head, grads), value, correct)
+}
+
+/// Steps of a one-layer head from weights `w` (out, in) and `b`, one per batch at a constant
+/// `lr`, exactly as training takes them: (loss, weights (out, in), bias) after each. For the
+/// conformance test against torch.optim.
+pub fn head_steps(w: &[f32], b: &[f32], batches: &[Vec<f32>], y: &[usize], cfg: &HeadConfig, lr: f64) -> Vec<(f32, Vec<f32>, Vec<f32>)> {
+    let device = crate::device::default_device().autodiff();
+    let (n_out, n_in) = (b.len(), w.len() / b.len());
+    let mut map = TensorMap::new("head_steps");
+    map.insert("head.0.weight".to_string(), HostTensor::new(vec![n_out, n_in], w.to_vec()));
+    map.insert("head.0.bias".to_string(), HostTensor::new(vec![n_out], b.to_vec()));
+    let mut head = Head::new(n_in, &[], n_out, 0, &device).load(&map, &device).expect("shapes match");
+    let mut optim = new_optimizer(cfg);
+    let loss_fn = CrossEntropyLossConfig::new().with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing as f32)).init(&device);
+    let mut out = Vec::new();
+    for x in batches {
+        let (next, loss, _) = train_step(head, &mut optim, &loss_fn, x, y, lr, &device);
+        head = next;
+        let t = head.tensors();
+        out.push((loss, t[0].1.data.clone(), t[1].1.data.clone()));
+    }
+    out
 }
 
 /// The optimizer with every setting that differs between burn and PyTorch given explicitly.

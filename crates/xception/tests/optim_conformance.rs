@@ -1,0 +1,66 @@
+//! The head `xception train` trains, stepped by burn's autodiff and optimizers as our training
+//! loop configures them, against torch.optim (tools/make_optim_fixtures.py, torch 2.15): three
+//! steps of AdamW and of SGD with momentum (plain and Nesterov), label-smoothed cross-entropy.
+
+mod common;
+
+use std::path::PathBuf;
+use xception::train::{head_steps, HeadConfig, OptimizerKind};
+use xception::weights::TensorMap;
+
+#[derive(serde::Deserialize)]
+struct Setting {
+    name: String,
+    optimizer: String,
+    lr: f64,
+    weight_decay: f64,
+    #[serde(default)]
+    momentum: f64,
+    #[serde(default)]
+    nesterov: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct Meta {
+    steps: usize,
+    label_smoothing: f64,
+    settings: Vec<Setting>,
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn head_steps_match_torch_optim() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/optim/head_steps.safetensors");
+    let fx = TensorMap::read_safetensors(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta: Meta = serde_json::from_str(&header.metadata().as_ref().unwrap()["case"]).unwrap();
+    let t = |name: &str| fx.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).data.clone();
+    let y: Vec<usize> = t("y").iter().map(|&v| v as usize).collect();
+    let batches: Vec<Vec<f32>> = (0..meta.steps).map(|i| t(&format!("x{i}"))).collect();
+    assert_eq!(meta.settings.len(), 3);
+    for s in &meta.settings {
+        let cfg = HeadConfig {
+            weight_decay: s.weight_decay,
+            label_smoothing: meta.label_smoothing,
+            optimizer: match s.optimizer.as_str() {
+                "adamw" => OptimizerKind::AdamW,
+                _ => OptimizerKind::Sgd { momentum: s.momentum, nesterov: s.nesterov },
+            },
+            ..HeadConfig::default()
+        };
+        let steps = head_steps(&t("w0"), &t("b0"), &batches, &y, &cfg, s.lr);
+        let losses = t(&format!("{}.loss", s.name));
+        let mut worst = 0f32;
+        for (i, (loss, w, b)) in steps.iter().enumerate() {
+            assert!((loss - losses[i]).abs() <= 1e-5 * losses[i].abs(), "{} step {}: loss {loss} vs torch {}", s.name, i + 1, losses[i]);
+            worst = worst.max(max_rel(w, &t(&format!("{}.w{}", s.name, i + 1)))).max(max_rel(b, &t(&format!("{}.b{}", s.name, i + 1))));
+        }
+        eprintln!("{}: 3 steps, worst weight difference {worst:.2e} of scale", s.name);
+        assert!(worst <= 1e-5, "{}: weights differ from torch.optim by {worst:e}", s.name);
+    }
+}

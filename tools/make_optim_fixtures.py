@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Optimizer conformance fixtures: three training steps of a dense classifier head with
+torch.optim, for the head `xception train` trains (crates/xception/src/train.rs).
+
+The head: one nn.Linear(6, 4) with fixed weights, a batch of 5 feature vectors (a new one each
+step), cross-entropy with label smoothing 0.1 (mean over the batch). For each optimizer setting
+the script records the loss of every step and the weights after it. The Rust test runs the same
+steps through burn's autodiff and optimizers as our training loop configures them and must
+match within 1e-5.
+
+Usage: tools/make_optim_fixtures.py [--out fixtures/optim]
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.numpy import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, torch optimizer factory, our settings)
+SETTINGS = [
+    ("adamw", lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
+     {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.05}),
+    ("sgd_momentum", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01),
+     {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.01}),
+    ("sgd_nesterov", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0),
+     {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}),
+]
+STEPS = 3
+SMOOTHING = 0.1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "fixtures/optim"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(5)
+    w0 = rng.uniform(-0.4, 0.4, (4, 6)).astype(np.float32)
+    b0 = rng.uniform(-0.1, 0.1, 4).astype(np.float32)
+    xs = [rng.normal(0, 1, (5, 6)).astype(np.float32) for _ in range(STEPS)]
+    y = np.array([0, 3, 1, 2, 3], dtype=np.int64)
+    tensors = {"w0": w0, "b0": b0, "y": y.astype(np.float32)}
+    for t, x in enumerate(xs):
+        tensors[f"x{t}"] = x
+    for name, make, _ in SETTINGS:
+        layer = nn.Linear(6, 4)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(w0))
+            layer.bias.copy_(torch.from_numpy(b0))
+        opt = make(layer.parameters())
+        losses = []
+        for t in range(STEPS):
+            opt.zero_grad()
+            loss = F.cross_entropy(layer(torch.from_numpy(xs[t])), torch.from_numpy(y), label_smoothing=SMOOTHING)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            tensors[f"{name}.w{t + 1}"] = layer.weight.detach().numpy().copy()
+            tensors[f"{name}.b{t + 1}"] = layer.bias.detach().numpy().copy()
+        tensors[f"{name}.loss"] = np.array(losses, dtype=np.float32)
+        print(f"{name}: losses {losses}")
+    meta = {"steps": STEPS, "label_smoothing": SMOOTHING, "settings": [{"name": n, **s} for n, _, s in SETTINGS],
+            "torch": torch.__version__}
+    save_file(tensors, os.path.join(args.out, "head_steps.safetensors"), metadata={"case": json.dumps(meta)})
+
+
+if __name__ == "__main__":
+    main()
