@@ -89,6 +89,9 @@ struct SegmentArgs {
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// engine: the fused CPU engine; burn: burn modules (CPU flex, or CUDA in a `cuda` build).
+    #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
+    backend: String,
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
 }
@@ -621,6 +624,7 @@ fn segment(args: SegmentArgs) -> Result<()> {
     options.model = model;
     options.output_stride = Some(args.output_stride as usize);
     options.threads = args.threads;
+    options.backend = Backend::parse(&args.backend)?;
     let pipeline = Pipeline::load(&options)?;
     let seg = pipeline.config.segmentation.clone().ok_or_else(|| {
         anyhow::anyhow!("{}: {} is not a segmentation model (expected DeepLabv3+ weights with aspp.* and logits.*)", args.weights.display(), pipeline.config.name())

@@ -160,3 +160,19 @@ fn eval_scores_a_voc_tree_and_names_bad_masks() {
     fail(&["eval", "--task", "segment", "--data", s(&dir), "--weights", s(&model)], "neither a VOC tree");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn burn_and_engine_write_the_same_mask() {
+    let dir = workdir("backends");
+    let (model, image, _) = fixture_model(&dir, "deeplabv3plus_xception41_s100_os8_k3", Variant::Xception41, 3, 8);
+    let mut masks = Vec::new();
+    for backend in ["engine", "burn"] {
+        let out_dir = dir.join(backend);
+        let out = run(&["segment", "--weights", s(&model), "--backend", backend, "--output-stride", "8", "--size", "100", "--out", s(&out_dir), s(&image)]);
+        assert!(out.status.success(), "{backend}: {}", String::from_utf8_lossy(&out.stderr));
+        masks.push(read_mask(&out_dir.join("input.mask.png")).0);
+    }
+    let agree = masks[0].iter().zip(&masks[1]).filter(|(a, b)| a == b).count() as f64 / masks[0].len() as f64;
+    assert!(agree >= 0.999, "engine and burn masks agree on {agree}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

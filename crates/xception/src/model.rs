@@ -14,10 +14,11 @@ use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
-/// Convolution weight, PyTorch OIHW layout, no bias.
+/// Convolution weight, PyTorch OIHW layout; a bias only on the DeepLab logits conv.
 #[derive(Module, Debug)]
 pub struct Conv2d {
     pub weight: Param<Tensor<4>>,
+    pub bias: Option<Param<Tensor<1>>>,
 }
 
 /// BatchNorm with PyTorch's parameter names.
@@ -54,6 +55,25 @@ pub struct Outputs {
     pub features: Tensor<4>,
     /// Multi-level features at timm's `feature_info` taps, in order (see [`Network::info`]).
     pub taps: Vec<Tensor<4>>,
+    /// Segmentation networks: the DeepLab decoder's low-level feature.
+    pub decoder_tap: Option<Tensor<4>>,
+}
+
+/// What a pass keeps besides its output.
+#[derive(Default)]
+struct Captured {
+    taps: Vec<Tensor<4>>,
+    decoder: Option<Tensor<4>>,
+}
+
+fn resize_align_corners(x: Tensor<4>, h: usize, w: usize) -> Tensor<4> {
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    let [_, _, xh, xw] = x.dims();
+    if (xh, xw) == (h, w) {
+        return x;
+    }
+    interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true).with_output_size([h, w]))
 }
 
 fn activate(x: Tensor<2>, activation: Activation) -> Tensor<2> {
@@ -95,12 +115,6 @@ impl Xception {
     /// Builds the network and loads `weights`, which must hold every tensor the description
     /// lists with the right shape (unused extra tensors are allowed and ignored).
     pub fn from_weights(net: Network, weights: &TensorMap, device: &Device) -> Result<Xception> {
-        if net.segmentation.is_some() {
-            return Err(Error::Config(format!(
-                "{}: the burn modules do not build the DeepLabv3+ head yet; run it on the engine (--backend engine)",
-                net.config.name()
-            )));
-        }
         weights.check(&net)?;
         let get = |name: String| weights.get(&name).expect("checked above");
         let mut convs = Vec::new();
@@ -109,6 +123,7 @@ impl Xception {
             match op {
                 Op::Conv(c) => convs.push(Conv2d {
                     weight: Param::from_tensor(tensor_from(get(format!("{}.weight", c.key)), device)),
+                    bias: c.bias.then(|| Param::from_tensor(tensor_from(get(format!("{}.bias", c.key)), device))),
                 }),
                 Op::Norm(n) => norms.push(BatchNorm2d {
                     weight: Param::from_tensor(tensor_from(get(format!("{}.weight", n.key)), device)),
@@ -171,7 +186,11 @@ impl Xception {
         for op in self.net.ops() {
             match op {
                 Op::Conv(c) => {
-                    map.insert(format!("{}.weight", c.key), host(self.convs[cursor.conv].weight.val()));
+                    let conv = &self.convs[cursor.conv];
+                    map.insert(format!("{}.weight", c.key), host(conv.weight.val()));
+                    if let Some(b) = &conv.bias {
+                        map.insert(format!("{}.bias", c.key), host(b.val()));
+                    }
                     cursor.conv += 1;
                 }
                 Op::Norm(n) => {
@@ -194,19 +213,48 @@ impl Xception {
 
     /// Runs the backbone on an NCHW batch (values already preprocessed).
     pub fn forward_features(&self, x: Tensor<4>) -> Result<Outputs> {
+        Ok(self.backbone(x)?.0)
+    }
+
+    /// The backbone, and where its parameters end (the head's start there).
+    fn backbone(&self, x: Tensor<4>) -> Result<(Outputs, Cursor)> {
         let [_, c, h, w] = x.dims();
         if c != 3 {
             return Err(Error::Shape(format!("expected 3 input channels, got an input of shape {:?}", x.dims())));
         }
         self.net.check_input_size(h, w)?;
         let mut cursor = Cursor { conv: 0, norm: 0 };
-        let mut taps = Vec::new();
-        let mut x = self.run(&self.net.stem, x, &mut cursor, &mut taps);
+        let mut captured = Captured::default();
+        let mut x = self.run(&self.net.stem, x, &mut cursor, &mut captured);
         for block in &self.net.blocks {
-            x = self.block(block, x, &mut cursor, &mut taps);
+            x = self.block(block, x, &mut cursor, &mut captured);
         }
-        let x = self.run(&self.net.tail, x, &mut cursor, &mut taps);
-        Ok(Outputs { features: x, taps })
+        let x = self.run(&self.net.tail, x, &mut cursor, &mut captured);
+        Ok((Outputs { features: x, taps: captured.taps, decoder_tap: captured.decoder }, cursor))
+    }
+
+    /// DeepLabv3+ per-pixel logits (N, classes, H, W) at the input size: ASPP on the encoder
+    /// output, the decoder on [ASPP resized to the low-level size, low-level], logits resized to
+    /// the input; every resize bilinear with align_corners=True (deeplabv3plus.md 2-4).
+    pub fn segment(&self, x: Tensor<4>) -> Result<Tensor<4>> {
+        let seg = self.net.segmentation.as_ref().ok_or_else(|| Error::Config(format!("{} is not a segmentation model", self.net.config.name())))?;
+        let [_, _, h, w] = x.dims();
+        let (out, mut cursor) = self.backbone(x)?;
+        let low = out.decoder_tap.ok_or_else(|| Error::Config("segmentation network without a decoder tap".into()))?;
+        let encoder = out.features;
+        let [_, _, eh, ew] = encoder.dims();
+        let mut none = Captured::default();
+        let image = self.run(&seg.image_pool, encoder.clone().mean_dims(&[2, 3]), &mut cursor, &mut none);
+        let mut branches = vec![image.repeat_dim(2, eh).repeat_dim(3, ew)];
+        for b in &seg.aspp {
+            branches.push(self.run(b, encoder.clone(), &mut cursor, &mut none));
+        }
+        let aspp = self.run(&seg.project, Tensor::cat(branches, 1), &mut cursor, &mut none);
+        let low = self.run(&seg.low_level, low, &mut cursor, &mut none);
+        let [_, _, lh, lw] = low.dims();
+        let decoded = self.run(&seg.decoder, Tensor::cat(vec![resize_align_corners(aspp, lh, lw), low], 1), &mut cursor, &mut none);
+        let logits = self.run(&seg.logits, decoded, &mut cursor, &mut none);
+        Ok(resize_align_corners(logits, h, w))
     }
 
     /// Global pooling of a feature map: the embedding, (N, C).
@@ -248,7 +296,7 @@ impl Xception {
         self.classify(self.pool(out.features))
     }
 
-    fn block(&self, block: &Block, x: Tensor<4>, cursor: &mut Cursor, taps: &mut Vec<Tensor<4>>) -> Tensor<4> {
+    fn block(&self, block: &Block, x: Tensor<4>, cursor: &mut Cursor, taps: &mut Captured) -> Tensor<4> {
         let input = self.run(&block.pre, x, cursor, taps);
         let branch = self.run(&block.body, input.clone(), cursor, taps);
         match &block.shortcut {
@@ -258,7 +306,7 @@ impl Xception {
         }
     }
 
-    fn run(&self, ops: &[Op], mut x: Tensor<4>, cursor: &mut Cursor, taps: &mut Vec<Tensor<4>>) -> Tensor<4> {
+    fn run(&self, ops: &[Op], mut x: Tensor<4>, cursor: &mut Cursor, taps: &mut Captured) -> Tensor<4> {
         for op in ops {
             x = match op {
                 Op::Conv(c) => {
@@ -271,9 +319,9 @@ impl Xception {
                         [c.dilation, c.dilation],
                         c.groups,
                     );
-                    let weight = self.convs[cursor.conv].weight.val();
+                    let conv = &self.convs[cursor.conv];
                     cursor.conv += 1;
-                    conv2d(x, weight, None, options)
+                    conv2d(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()), options)
                 }
                 Op::Norm(n) => {
                     let bn = &self.norms[cursor.norm];
@@ -296,10 +344,13 @@ impl Xception {
                     max_pool2d(x, options)
                 }
                 Op::Tap { .. } => {
-                    taps.push(x.clone());
+                    taps.taps.push(x.clone());
                     x
                 }
-                Op::DecoderTap => x,
+                Op::DecoderTap => {
+                    taps.decoder = Some(x.clone());
+                    x
+                }
             };
         }
         x

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{Prediction, Xception};
 use crate::preprocess::Item;
 use crate::weights::TensorMap;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use xception_engine::Engine;
 
 /// Which implementation runs the network.
@@ -85,7 +85,13 @@ impl Runner {
                 .forward(input, 1, h, w)?
                 .segmentation
                 .ok_or_else(|| Error::Config(format!("{} is not a segmentation model", engine.network().config.name()))),
-            Runner::Burn(model, _) => Err(Error::Config(format!("{}: segmentation runs on the engine only", model.net.config.name()))),
+            Runner::Burn(model, device) => {
+                let x = Tensor::<4>::from_data(burn::tensor::TensorData::new(input.to_vec(), [1, h, w, 3]), device).permute([0, 3, 1, 2]);
+                let logits = model.segment(x)?.permute([0, 2, 3, 1]);
+                let [n, h, w, c] = logits.dims();
+                let data = logits.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| Error::Config(format!("reading logits: {e:?}")))?;
+                Ok(xception_engine::Activations { n, h, w, c, data })
+            }
         }
     }
 }
