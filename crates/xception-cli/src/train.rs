@@ -87,6 +87,13 @@ pub struct EvalArgs {
     /// Segmentation: output stride 16 or 8 (default: the model's).
     #[arg(long)]
     output_stride: Option<usize>,
+    /// Segmentation: average class probabilities over these input scales, e.g.
+    /// `0.5,0.75,1.0,1.25,1.5,1.75` (DeepLab's multi-scale evaluation).
+    #[arg(long, value_delimiter = ',', default_value = "1.0")]
+    scales: Vec<f64>,
+    /// Segmentation: also average over each scale's left-right mirror image.
+    #[arg(long)]
+    flip: bool,
     /// A classifier: a model `train` wrote, or any weights `classify` takes.
     #[arg(long)]
     weights: PathBuf,
@@ -277,7 +284,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 /// the mask's size scored against the mask (255 ignored).
 fn eval_segment(args: &EvalArgs) -> Result<()> {
     use xception::segdata::{read_mask, Confusion};
-    use xception::segment::{fit, label_map};
+    use xception::segment::{fit, label_map, label_map_multiscale};
     let samples = xception::segdata::open(&args.data, &args.split)?;
     let mut options = LoadOptions::new(args.weights.clone(), Head::IfPresent);
     options.model = args.model.as_deref().map(|m| Variant::parse(m.strip_prefix(xception::arch::deeplab::PREFIX).unwrap_or(m))).transpose()?;
@@ -295,9 +302,13 @@ fn eval_segment(args: &EvalArgs) -> Result<()> {
         if (w, h) != (img.width(), img.height()) {
             bail!("{} is {w}x{h} but its image {} is {}x{}", s.mask.display(), s.image.display(), img.width(), img.height());
         }
-        let fitted = fit(&img, size);
-        let logits = pipeline.runner.segment(&fitted.data, size, size)?;
-        let predicted = label_map(&logits, fitted.content_h, fitted.content_w, h as usize, w as usize);
+        let predicted = if args.scales == [1.0] && !args.flip {
+            let fitted = fit(&img, size);
+            let logits = pipeline.runner.segment(&fitted.data, size, size)?;
+            label_map(&logits, fitted.content_h, fitted.content_w, h as usize, w as usize)
+        } else {
+            label_map_multiscale(&img, size, &args.scales, args.flip, |data, s| pipeline.runner.segment(data, s, s))?
+        };
         confusion.add(&truth, &predicted, &s.mask)?;
         bar.inc(1);
     }
@@ -306,7 +317,7 @@ fn eval_segment(args: &EvalArgs) -> Result<()> {
     let iou = confusion.iou();
     if args.json {
         let per_class: serde_json::Map<String, serde_json::Value> = iou.iter().enumerate().map(|(c, v)| (names.name(c), serde_json::json!(v))).collect();
-        let out = serde_json::json!({"images": samples.len(), "miou": confusion.mean_iou(), "pixel_accuracy": confusion.pixel_accuracy(), "per_class_iou": per_class, "output_stride": pipeline.config.output_stride, "input_size": size});
+        let out = serde_json::json!({"images": samples.len(), "miou": confusion.mean_iou(), "pixel_accuracy": confusion.pixel_accuracy(), "per_class_iou": per_class, "output_stride": pipeline.config.output_stride, "input_size": size, "scales": args.scales, "flip": args.flip});
         println!("{out}");
     } else {
         println!("{} images at output stride {}: mean IoU {:.2}%, pixel accuracy {:.2}%", samples.len(), pipeline.config.output_stride, 100.0 * confusion.mean_iou(), 100.0 * confusion.pixel_accuracy());

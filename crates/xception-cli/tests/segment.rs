@@ -136,6 +136,12 @@ fn eval_scores_a_voc_tree_and_names_bad_masks() {
     assert_eq!(per_class.len(), 21);
     assert!(per_class["background"].is_number(), "background is in every synthetic mask");
     assert!(per_class.values().all(|v| v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap())));
+    // Multi-scale with flips: DeepLab's evaluation protocol.
+    let out = run(&["eval", "--task", "segment", "--data", s(&voc), "--weights", s(&model), "--size", "65", "--scales", "0.75,1.0,1.25", "--flip", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((m["scales"].clone(), m["flip"].clone()), (serde_json::json!([0.75, 1.0, 1.25]), serde_json::json!(true)));
+    assert!((0.0..=1.0).contains(&m["miou"].as_f64().unwrap()));
 
     let fail = |args: &[&str], needle: &str| {
         let out = run(args);

@@ -65,6 +65,57 @@ pub fn label_map(logits: &Activations, content_h: usize, content_w: usize, out_h
     out
 }
 
+/// DeepLab's multi-scale (and flipped) evaluation: per scale, the image resized by the scale
+/// (Pillow bilinear) is fitted into round(size * scale) and run by `run`, its logits resized to the
+/// image (align corners) and softmaxed; with `flip` its mirror image too; the class of each pixel
+/// is the argmax of the averaged probabilities. One scale 1.0 without flip gives [`label_map`]'s
+/// answer (softmax keeps the argmax).
+pub fn label_map_multiscale(
+    img: &RgbImage,
+    size: usize,
+    scales: &[f64],
+    flip: bool,
+    mut run: impl FnMut(&[f32], usize) -> Result<Activations>,
+) -> Result<Vec<u16>> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut acc: Vec<f32> = Vec::new();
+    let mut classes = 0;
+    for &scale in scales {
+        let (sw, sh) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
+        let scaled = if (sw as usize, sh as usize) == (w, h) { img.clone() } else { pil_resize(img, sw, sh, Resize::Bilinear) };
+        let input_size = ((size as f64 * scale).round() as usize).max(1);
+        for mirrored in [false, true].into_iter().take(if flip { 2 } else { 1 }) {
+            let src = if mirrored { image::imageops::flip_horizontal(&scaled) } else { scaled.clone() };
+            let fitted = fit(&src, input_size);
+            let logits = run(&fitted.data, input_size)?;
+            let k = logits.c;
+            if acc.is_empty() {
+                classes = k;
+                acc = vec![0f32; w * h * k];
+            }
+            let (ys, xs) = (align_corners_taps(fitted.content_h, h), align_corners_taps(fitted.content_w, w));
+            let at = |y: usize, x: usize| &logits.data[(y * logits.w + x) * k..][..k];
+            let mut v = vec![0f32; k];
+            for (oy, &(y0, y1, ly)) in ys.iter().enumerate() {
+                for (ox, &(x0, x1, lx)) in xs.iter().enumerate() {
+                    let (a, b, c, d) = (at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1));
+                    for ch in 0..k {
+                        v[ch] = (1.0 - ly) * ((1.0 - lx) * a[ch] + lx * b[ch]) + ly * ((1.0 - lx) * c[ch] + lx * d[ch]);
+                    }
+                    let max = v.iter().fold(f32::MIN, |m, &x| m.max(x));
+                    let sum: f32 = v.iter().map(|&x| (x - max).exp()).sum();
+                    let out_x = if mirrored { w - 1 - ox } else { ox };
+                    let dst = &mut acc[(oy * w + out_x) * k..][..k];
+                    for ch in 0..k {
+                        dst[ch] += (v[ch] - max).exp() / sum;
+                    }
+                }
+            }
+        }
+    }
+    Ok(acc.chunks(classes.max(1)).map(|p| argmax(p) as u16).collect())
+}
+
 fn argmax(v: &[f32]) -> usize {
     (1..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
 }
@@ -179,6 +230,30 @@ mod tests {
         assert!(f.data[(8 * 16) * 3..].iter().all(|&v| v == 0.0), "padding rows are the mean pixel");
         let small = fit(&RgbImage::new(5, 7), 16);
         assert_eq!((small.content_w, small.content_h), (5, 7), "small images are not enlarged");
+    }
+
+    /// A stand-in network: class 0 scores the red channel, class 1 its negative, at the input's
+    /// own resolution.
+    fn red_detector(data: &[f32], size: usize) -> Result<Activations> {
+        let out: Vec<f32> = data.chunks(3).flat_map(|px| [px[0], -px[0]]).collect();
+        Ok(Activations { n: 1, h: size, w: size, c: 2, data: out })
+    }
+
+    #[test]
+    fn multiscale_and_flip_keep_what_one_pass_sees() {
+        // Red on the left 20 columns of 48, blue on the right.
+        let img = RgbImage::from_fn(48, 30, |x, _| if x < 20 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+        let single = {
+            let f = fit(&img, 48);
+            label_map(&red_detector(&f.data, 48).unwrap(), f.content_h, f.content_w, 30, 48)
+        };
+        assert_eq!(label_map_multiscale(&img, 48, &[1.0], false, red_detector).unwrap(), single);
+        let flipped = label_map_multiscale(&img, 48, &[1.0], true, red_detector).unwrap();
+        assert_eq!(flipped, single, "mirroring the input and the output back changes nothing here");
+        let multi = label_map_multiscale(&img, 48, &[0.5, 1.0, 1.5], true, red_detector).unwrap();
+        let differ: Vec<usize> = (0..multi.len()).filter(|&i| multi[i] != single[i]).map(|i| i % 48).collect();
+        assert!(differ.iter().all(|&x| (18..=21).contains(&x)), "only the boundary may move: columns {differ:?}");
+        assert_eq!((single[0], single[47]), (0, 1), "red pixels are class 0, blue ones class 1");
     }
 
     #[test]
