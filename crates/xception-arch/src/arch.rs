@@ -89,6 +89,15 @@ impl Variant {
         }
     }
 
+    /// BatchNorm momentum in PyTorch's convention (new = (1 - m) * old + m * batch): Keras'
+    /// BatchNormalization decays with 0.99, i.e. m = 0.01; timm's nets use PyTorch's 0.1.
+    pub fn bn_momentum(self) -> f64 {
+        match self {
+            Variant::Xception => 0.01,
+            _ => 0.1,
+        }
+    }
+
     /// Smallest square input accepted. Keras refuses inputs under 71x71 for Xception; the aligned
     /// nets pad every stride-2 op, and we ask for at least one output pixel per 32x32 patch.
     pub fn min_input_size(self) -> usize {

@@ -109,6 +109,9 @@ pub struct Prediction {
 struct Cursor {
     conv: usize,
     norm: usize,
+    /// Training: BatchNorm normalises with batch statistics and moves its running statistics by
+    /// this momentum (PyTorch's convention: new = (1 - m) * old + m * batch).
+    train_momentum: Option<f64>,
 }
 
 impl Xception {
@@ -182,7 +185,7 @@ impl Xception {
             HostTensor::new(shape, t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float tensor"))
         }
         let mut map = TensorMap::new(self.net.variant().name());
-        let mut cursor = Cursor { conv: 0, norm: 0 };
+        let mut cursor = Cursor { conv: 0, norm: 0, train_momentum: None };
         for op in self.net.ops() {
             match op {
                 Op::Conv(c) => {
@@ -197,8 +200,8 @@ impl Xception {
                     let bn = &self.norms[cursor.norm];
                     map.insert(format!("{}.weight", n.key), host(bn.weight.val()));
                     map.insert(format!("{}.bias", n.key), host(bn.bias.val()));
-                    map.insert(format!("{}.running_mean", n.key), host(bn.running_mean.value()));
-                    map.insert(format!("{}.running_var", n.key), host(bn.running_var.value()));
+                    map.insert(format!("{}.running_mean", n.key), host(bn.running_mean.value_sync()));
+                    map.insert(format!("{}.running_var", n.key), host(bn.running_var.value_sync()));
                     cursor.norm += 1;
                 }
                 _ => {}
@@ -218,12 +221,24 @@ impl Xception {
 
     /// The backbone, and where its parameters end (the head's start there).
     fn backbone(&self, x: Tensor<4>) -> Result<(Outputs, Cursor)> {
+        self.backbone_with(x, None)
+    }
+
+    /// Classifier logits in training mode: BatchNorm uses the batch's statistics and updates its
+    /// running statistics with the flavour's momentum (0.1 for timm's nets, 0.01 = Keras' 0.99
+    /// decay for the Keras graph); run it on an autodiff device to take gradients.
+    pub fn forward_train(&self, x: Tensor<4>) -> Result<Tensor<2>> {
+        let (out, _) = self.backbone_with(x, Some(self.net.variant().bn_momentum()))?;
+        self.classify(self.pool(out.features))
+    }
+
+    fn backbone_with(&self, x: Tensor<4>, train_momentum: Option<f64>) -> Result<(Outputs, Cursor)> {
         let [_, c, h, w] = x.dims();
         if c != 3 {
             return Err(Error::Shape(format!("expected 3 input channels, got an input of shape {:?}", x.dims())));
         }
         self.net.check_input_size(h, w)?;
-        let mut cursor = Cursor { conv: 0, norm: 0 };
+        let mut cursor = Cursor { conv: 0, norm: 0, train_momentum };
         let mut captured = Captured::default();
         let mut x = self.run(&self.net.stem, x, &mut cursor, &mut captured);
         for block in &self.net.blocks {
@@ -326,12 +341,27 @@ impl Xception {
                 Op::Norm(n) => {
                     let bn = &self.norms[cursor.norm];
                     cursor.norm += 1;
-                    // Inference BatchNorm folded to one scale and shift per channel, as PyTorch's
-                    // CPU kernel does: y = x * (gamma / sqrt(var + eps)) + (beta - mean * scale).
-                    let scale = bn.weight.val() / (bn.running_var.value() + n.eps).sqrt();
-                    let shift = bn.bias.val() - bn.running_mean.value() * scale.clone();
                     let c = n.channels;
-                    x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+                    if let Some(m) = cursor.train_momentum {
+                        // Batch statistics over (N, H, W); the biased variance normalises, the
+                        // unbiased one enters the running estimate (as PyTorch does).
+                        let [b, _, h, w] = x.dims();
+                        let mean = x.clone().mean_dims(&[0, 2, 3]);
+                        let centered = x - mean.clone();
+                        let var = centered.clone().powi_scalar(2).mean_dims(&[0, 2, 3]);
+                        let y = centered / (var.clone() + n.eps).sqrt();
+                        let count = (b * h * w) as f64;
+                        let unbiased = var.detach().reshape([c]) * (count / (count - 1.0).max(1.0));
+                        bn.running_mean.update(bn.running_mean.value_sync() * (1.0 - m) + mean.detach().reshape([c]) * m);
+                        bn.running_var.update(bn.running_var.value_sync() * (1.0 - m) + unbiased * m);
+                        y * bn.weight.val().reshape([1, c, 1, 1]) + bn.bias.val().reshape([1, c, 1, 1])
+                    } else {
+                        // Inference BatchNorm folded to one scale and shift per channel, as
+                        // PyTorch's CPU kernel does: y = x * (gamma / sqrt(var + eps)) + (beta - mean * scale).
+                        let scale = bn.weight.val() / (bn.running_var.value_sync() + n.eps).sqrt();
+                        let shift = bn.bias.val() - bn.running_mean.value_sync() * scale.clone();
+                        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+                    }
                 }
                 Op::Relu => relu(x),
                 Op::MaxPool { kernel, stride, padding } => {
