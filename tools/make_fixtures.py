@@ -227,14 +227,14 @@ def run(model, x, with_taps):
     return feats, pooled, logits, taps
 
 
-def store(tensors, name, arr):
+def store(tensors, name, arr, whole_up_to=MAX_STORED_VALUES, sample=MAX_STORED_VALUES):
     """The whole array if small, else a seeded sample: NAME.index (flat, int64), NAME.values, NAME.shape."""
     arr = np.ascontiguousarray(arr)
-    if arr.size <= MAX_STORED_VALUES:
+    if arr.size <= whole_up_to:
         tensors[name] = arr
         return
     rng = np.random.default_rng(fnv1a64(name))
-    idx = np.sort(rng.choice(arr.size, MAX_STORED_VALUES, replace=False)).astype(np.int64)
+    idx = np.sort(rng.choice(arr.size, sample, replace=False)).astype(np.int64)
     tensors[name + ".index"] = idx
     tensors[name + ".values"] = arr.reshape(-1)[idx]
     tensors[name + ".shape"] = np.array(arr.shape, dtype=np.int64)

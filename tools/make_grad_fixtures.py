@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import ROOT, build_model, fill_formula_weights, fnv1a64, load_norm_state, pattern, photo, to_input  # noqa: E402
+from make_fixtures import ROOT, build_model, fill_formula_weights, load_norm_state, pattern, photo, store, to_input  # noqa: E402
 
 # (variant, input size, classes, BN momentum in PyTorch's convention, shift added to every BN bias)
 # The shifted case keeps every ReLU input far from 0: implementations whose rounding differs can
@@ -30,18 +30,6 @@ from make_fixtures import ROOT, build_model, fill_formula_weights, fnv1a64, load
 CASES = [("xception41", 128, 5, 0.1, 0.0), ("legacy_xception", 128, 4, 0.1, 0.0), ("xception", 131, 3, 0.01, 0.0),
          ("xception41", 96, 5, 0.1, 4.0)]
 SAMPLE = 256
-
-
-def sample(tensors, name, arr):
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if arr.size <= SAMPLE * 4:
-        tensors[name] = arr
-        return
-    rng = np.random.default_rng(fnv1a64(name))
-    idx = np.sort(rng.choice(arr.size, SAMPLE, replace=False)).astype(np.int64)
-    tensors[name + ".index"] = idx
-    tensors[name + ".values"] = arr.reshape(-1)[idx]
-    tensors[name + ".shape"] = np.array(arr.shape, dtype=np.int64)
 
 
 def main():
@@ -69,7 +57,7 @@ def main():
         loss.backward()
         tensors = {"input_u8": u8, "y": y.numpy().astype(np.float32), "loss": np.array([loss.item()], np.float32)}
         for name, p in model.named_parameters():
-            sample(tensors, f"grad.{name}", p.grad.numpy())
+            store(tensors, f"grad.{name}", p.grad.numpy().astype(np.float32), whole_up_to=4 * SAMPLE, sample=SAMPLE)
         for name, m in model.named_modules():
             if isinstance(m, nn.BatchNorm2d):
                 tensors[f"after.{name}.running_mean"] = m.running_mean.numpy().copy()
