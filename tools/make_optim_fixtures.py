@@ -30,7 +30,11 @@ SETTINGS = [
      {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.01}),
     ("sgd_nesterov", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0),
      {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}),
+    ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-4),
+     {"optimizer": "rmsprop", "lr": 0.01, "alpha": 0.9, "eps": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}),
 ]
+# Learning-rate schedules over 12 epochs of one step each, from torch's schedulers.
+SCHEDULE_EPOCHS = 12
 STEPS = 3
 SMOOTHING = 0.1
 
@@ -65,8 +69,22 @@ def main():
             tensors[f"{name}.b{t + 1}"] = layer.bias.detach().numpy().copy()
         tensors[f"{name}.loss"] = np.array(losses, dtype=np.float32)
         print(f"{name}: losses {losses}")
+    schedules = {}
+    for name, make in [
+        ("step_exp", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.94)),
+        ("poly", lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=SCHEDULE_EPOCHS, power=0.9)),
+        ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=SCHEDULE_EPOCHS, eta_min=0.0)),
+    ]:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.045)
+        sched = make(opt)
+        lrs = []
+        for _ in range(SCHEDULE_EPOCHS):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        schedules[name] = lrs
     meta = {"steps": STEPS, "label_smoothing": SMOOTHING, "settings": [{"name": n, **s} for n, _, s in SETTINGS],
-            "torch": torch.__version__}
+            "schedules": schedules, "schedule_lr": 0.045, "torch": torch.__version__}
     save_file(tensors, os.path.join(args.out, "head_steps.safetensors"), metadata={"case": json.dumps(meta)})
 
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use xception::arch::{ModelConfig, Network, Variant};
 use xception::data::{self, Data, Dataset};
 use xception::pipeline::{Head, LoadOptions, Pipeline};
-use xception::train::{evaluate, train_head, Evaluation, Features, HeadConfig, OptimizerKind};
+use xception::train::{evaluate, train_head, Evaluation, Features, HeadConfig, OptimizerKind, Schedule};
 use xception::TensorMap;
 
 #[derive(Args)]
@@ -31,13 +31,30 @@ pub struct TrainArgs {
     /// Peak learning rate (after warm-up; cosine decay to 0 over the run).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd"])]
+    /// adamw (betas 0.9/0.999, eps 1e-8), sgd (momentum, dampening 0) or rmsprop (PyTorch's form).
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd", "rmsprop"])]
     optimizer: String,
-    /// SGD momentum (dampening 0, as PyTorch's).
+    /// SGD / RMSprop momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
     #[arg(long)]
     nesterov: bool,
+    /// RMSprop smoothing constant (PyTorch's alpha; TF's decay).
+    #[arg(long, default_value_t = 0.99)]
+    rms_alpha: f64,
+    /// RMSprop epsilon, added to sqrt(mean square) as PyTorch does.
+    #[arg(long, default_value_t = 1e-8)]
+    rms_eps: f64,
+    /// After warm-up: cosine (to 0), step (x --decay-rate every --decay-every epochs: the paper's
+    /// 0.94 every 2), poly ((1 - t/T)^--poly-power) or constant.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "step", "poly", "constant"])]
+    schedule: String,
+    #[arg(long, default_value_t = 2)]
+    decay_every: usize,
+    #[arg(long, default_value_t = 0.94)]
+    decay_rate: f64,
+    #[arg(long, default_value_t = 0.9)]
+    poly_power: f64,
     #[arg(long, default_value_t = 1e-4)]
     weight_decay: f64,
     #[arg(long, default_value_t = 0.1)]
@@ -217,7 +234,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
         label_smoothing: args.label_smoothing,
         optimizer: match args.optimizer.as_str() {
             "sgd" => OptimizerKind::Sgd { momentum: args.momentum, nesterov: args.nesterov },
+            "rmsprop" => OptimizerKind::RmsProp { alpha: args.rms_alpha, momentum: args.momentum, epsilon: args.rms_eps },
             _ => OptimizerKind::AdamW,
+        },
+        schedule: match args.schedule.as_str() {
+            "step" => Schedule::StepExp { every: args.decay_every, rate: args.decay_rate },
+            "poly" => Schedule::Poly { power: args.poly_power },
+            "constant" => Schedule::Constant,
+            _ => Schedule::Cosine,
         },
         warmup_epochs: args.warmup_epochs,
         seed: args.seed,

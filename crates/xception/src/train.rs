@@ -14,7 +14,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamWConfig, GradientsParams, SgdConfig};
+use burn::optim::{AdamWConfig, GradientsParams, RmsPropConfig, SgdConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::path::{Path, PathBuf};
@@ -114,6 +114,21 @@ pub enum OptimizerKind {
     AdamW,
     /// SGD with momentum, dampening 0 (PyTorch's; burn's default is 0.1).
     Sgd { momentum: f64, nesterov: bool },
+    /// RMSprop, PyTorch's form: grad / (sqrt(mean square) + eps) (burn's defaults, momentum 0.9 and
+    /// eps 1e-5, are not PyTorch's 0 and 1e-8: all three are given).
+    RmsProp { alpha: f64, momentum: f64, epsilon: f64 },
+}
+
+/// How the learning rate moves after the linear warm-up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    /// Cosine decay to 0 over the run (PyTorch's CosineAnnealingLR, eta_min 0).
+    Cosine,
+    /// The paper's: multiplied by `rate` every `every` epochs (0.94 every 2; PyTorch's StepLR).
+    StepExp { every: usize, rate: f64 },
+    /// (1 - t/T)^power (DeepLab's "poly", power 0.9; PyTorch's PolynomialLR).
+    Poly { power: f64 },
+    Constant,
 }
 
 /// How the head trains.
@@ -127,7 +142,8 @@ pub struct HeadConfig {
     pub weight_decay: f64,
     pub label_smoothing: f64,
     pub optimizer: OptimizerKind,
-    /// Linear warm-up over this many epochs, then cosine decay to 0.
+    pub schedule: Schedule,
+    /// Linear warm-up over this many epochs, then the schedule.
     pub warmup_epochs: usize,
     pub seed: u64,
     /// Epoch checkpoints kept besides the best one.
@@ -144,6 +160,7 @@ impl Default for HeadConfig {
             weight_decay: 1e-4,
             label_smoothing: 0.1,
             optimizer: OptimizerKind::AdamW,
+            schedule: Schedule::Cosine,
             warmup_epochs: 1,
             seed: 0,
             keep_checkpoints: 2,
@@ -152,14 +169,20 @@ impl Default for HeadConfig {
 }
 
 impl HeadConfig {
-    /// The learning rate at `step` of `total` (linear warm-up, then cosine to 0).
+    /// The learning rate at `step` of `total` (linear warm-up, then the schedule, which counts
+    /// steps from the end of the warm-up; the step-exponential one counts whole epochs).
     pub fn lr_at(&self, step: usize, total: usize, steps_per_epoch: usize) -> f64 {
         let warmup = self.warmup_epochs * steps_per_epoch;
         if step < warmup {
             return self.lr * (step + 1) as f64 / warmup as f64;
         }
         let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-        0.5 * self.lr * (1.0 + (std::f64::consts::PI * t).cos())
+        match self.schedule {
+            Schedule::Cosine => 0.5 * self.lr * (1.0 + (std::f64::consts::PI * t).cos()),
+            Schedule::StepExp { every, rate } => self.lr * rate.powi((((step - warmup) / steps_per_epoch.max(1)) / every.max(1)) as i32),
+            Schedule::Poly { power } => self.lr * (1.0 - t).max(0.0).powf(power),
+            Schedule::Constant => self.lr,
+        }
     }
 }
 
@@ -397,6 +420,13 @@ fn new_optimizer(cfg: &HeadConfig) -> burn::optim::ModuleOptimizer {
         OptimizerKind::AdamW => AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(cfg.weight_decay as f32).init(),
         OptimizerKind::Sgd { momentum, nesterov } => SgdConfig::new()
             .with_momentum(Some(MomentumConfig { momentum, dampening: 0.0, nesterov }))
+            .with_weight_decay((cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32)))
+            .init(),
+        OptimizerKind::RmsProp { alpha, momentum, epsilon } => RmsPropConfig::new()
+            .with_alpha(alpha as f32)
+            .with_momentum(momentum as f32)
+            .with_epsilon(epsilon as f32)
+            .with_centered(false)
             .with_weight_decay((cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32)))
             .init(),
     }

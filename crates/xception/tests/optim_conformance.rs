@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
-use xception::train::{head_steps, HeadConfig, OptimizerKind};
+use xception::train::{head_steps, HeadConfig, OptimizerKind, Schedule};
 use xception::weights::TensorMap;
 
 #[derive(serde::Deserialize)]
@@ -18,6 +18,10 @@ struct Setting {
     momentum: f64,
     #[serde(default)]
     nesterov: bool,
+    #[serde(default)]
+    alpha: f64,
+    #[serde(default)]
+    eps: f64,
 }
 
 #[derive(serde::Deserialize)]
@@ -25,6 +29,8 @@ struct Meta {
     steps: usize,
     label_smoothing: f64,
     settings: Vec<Setting>,
+    schedules: std::collections::BTreeMap<String, Vec<f64>>,
+    schedule_lr: f64,
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
@@ -42,13 +48,14 @@ fn head_steps_match_torch_optim() {
     let t = |name: &str| fx.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).data.clone();
     let y: Vec<usize> = t("y").iter().map(|&v| v as usize).collect();
     let batches: Vec<Vec<f32>> = (0..meta.steps).map(|i| t(&format!("x{i}"))).collect();
-    assert_eq!(meta.settings.len(), 3);
+    assert_eq!(meta.settings.len(), 4);
     for s in &meta.settings {
         let cfg = HeadConfig {
             weight_decay: s.weight_decay,
             label_smoothing: meta.label_smoothing,
             optimizer: match s.optimizer.as_str() {
                 "adamw" => OptimizerKind::AdamW,
+                "rmsprop" => OptimizerKind::RmsProp { alpha: s.alpha, momentum: s.momentum, epsilon: s.eps },
                 _ => OptimizerKind::Sgd { momentum: s.momentum, nesterov: s.nesterov },
             },
             ..HeadConfig::default()
@@ -62,5 +69,26 @@ fn head_steps_match_torch_optim() {
         }
         eprintln!("{}: 3 steps, worst weight difference {worst:.2e} of scale", s.name);
         assert!(worst <= 1e-5, "{}: weights differ from torch.optim by {worst:e}", s.name);
+    }
+}
+
+#[test]
+fn schedules_match_torch_schedulers() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/optim/head_steps.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta: Meta = serde_json::from_str(&header.metadata().as_ref().unwrap()["case"]).unwrap();
+    assert_eq!(meta.schedules.len(), 3);
+    for (name, want) in &meta.schedules {
+        let schedule = match name.as_str() {
+            "step_exp" => Schedule::StepExp { every: 2, rate: 0.94 },
+            "poly" => Schedule::Poly { power: 0.9 },
+            _ => Schedule::Cosine,
+        };
+        let cfg = HeadConfig { lr: meta.schedule_lr, schedule, warmup_epochs: 0, ..HeadConfig::default() };
+        for (epoch, &lr) in want.iter().enumerate() {
+            let ours = cfg.lr_at(epoch, want.len(), 1);
+            assert!((ours - lr).abs() <= 1e-9 * lr.abs().max(1e-12) + 1e-15, "{name} epoch {epoch}: {ours} vs torch {lr}");
+        }
     }
 }
