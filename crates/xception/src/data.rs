@@ -1,15 +1,27 @@
 //! Labelled image sets: ImageFolder trees (a folder per class, optionally under train/ and
-//! val/ or test/) and CSV lists (path,label, as Kaggle sets come), with a seeded stratified split.
+//! val/ or test/), CSV lists (path,label, as Kaggle sets come) and IDX files (the MNIST /
+//! Fashion-MNIST layout, optionally gzipped), with a seeded stratified split.
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// One labelled image.
+/// One labelled image: a file, or (IDX sets) pixels in memory, `path` then naming them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub path: PathBuf,
     pub label: usize,
+    pub pixels: Option<std::sync::Arc<image::GrayImage>>,
+}
+
+impl Sample {
+    /// The image as RGB (grey replicated, as Pillow's convert('RGB')).
+    pub fn load(&self) -> Result<image::RgbImage> {
+        match &self.pixels {
+            Some(grey) => Ok(image::DynamicImage::ImageLuma8((**grey).clone()).to_rgb8()),
+            None => crate::preprocess::load_image(&self.path),
+        }
+    }
 }
 
 /// Images and their class names (index = label).
@@ -42,8 +54,16 @@ fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Opens `path`: a CSV file, a folder of class folders, or one with train/ and val/ (or test/).
+/// Opens `path`: a CSV file, a folder of class folders, one with train/ and val/ (or test/), or
+/// a folder of IDX files (train-images-idx3-ubyte[.gz] and its labels, t10k-* as the test split).
 pub fn open(path: &Path) -> Result<Data> {
+    if let Some(train) = idx_pair(path, "train") {
+        let train = read_idx(&train.0, &train.1)?;
+        return Ok(match idx_pair(path, "t10k") {
+            Some(test) => Data::Split { val: read_idx(&test.0, &test.1)?, train },
+            None => Data::One(train),
+        });
+    }
     if path.is_file() {
         return Ok(Data::One(read_csv(path)?));
     }
@@ -83,7 +103,7 @@ pub fn image_folder(dir: &Path, classes: Option<&[String]>) -> Result<Dataset> {
             return Err(Error::file(folder, "class folder holds no images (.jpg, .png, .webp)"));
         }
         files.sort();
-        samples.extend(files.into_iter().map(|path| Sample { path, label }));
+        samples.extend(files.into_iter().map(|path| Sample { path, label, pixels: None }));
     }
     Ok(Dataset { classes: names, samples })
 }
@@ -123,8 +143,55 @@ pub fn read_csv(file: &Path) -> Result<Dataset> {
         classes.sort_by(|a, b| a.parse::<f64>().unwrap().total_cmp(&b.parse::<f64>().unwrap()));
     }
     let index: BTreeMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let samples = rows.iter().map(|(path, l)| Sample { path: path.clone(), label: index[l.as_str()] }).collect();
+    let samples = rows.iter().map(|(path, l)| Sample { path: path.clone(), label: index[l.as_str()], pixels: None }).collect();
     Ok(Dataset { classes, samples })
+}
+
+/// `<prefix>-images-idx3-ubyte[.gz]` and `<prefix>-labels-idx1-ubyte[.gz]` in `dir`, if both exist.
+fn idx_pair(dir: &Path, prefix: &str) -> Option<(PathBuf, PathBuf)> {
+    let find = |kind: &str| ["", ".gz"].iter().map(|ext| dir.join(format!("{prefix}-{kind}{ext}"))).find(|p| p.is_file());
+    Some((find("images-idx3-ubyte")?, find("labels-idx1-ubyte")?))
+}
+
+/// An IDX file's bytes (gunzipped when the name ends in .gz).
+fn idx_bytes(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut out).map_err(|e| Error::file(path, format!("not a valid gzip file: {e}")))?;
+        return Ok(out);
+    }
+    Ok(raw)
+}
+
+/// An IDX image file (magic 0x00000803: count, rows, columns, then u8 pixels) and its label file
+/// (0x00000801: count, then u8 labels). Classes are the label values 0..=max, named by number.
+pub fn read_idx(images: &Path, labels: &Path) -> Result<Dataset> {
+    let (img, lab) = (idx_bytes(images)?, idx_bytes(labels)?);
+    let be = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    if img.len() < 16 || be(&img, 0) != 0x803 {
+        return Err(Error::file(images, "not an IDX image file (magic 0x00000803 expected)"));
+    }
+    if lab.len() < 8 || be(&lab, 0) != 0x801 {
+        return Err(Error::file(labels, "not an IDX label file (magic 0x00000801 expected)"));
+    }
+    let (n, rows, cols) = (be(&img, 4), be(&img, 8), be(&img, 12));
+    if rows == 0 || cols == 0 || img.len() != 16 + n * rows * cols {
+        return Err(Error::file(images, format!("declares {n} images of {rows}x{cols} but holds {} bytes (truncated?)", img.len())));
+    }
+    if be(&lab, 4) != n || lab.len() != 8 + n {
+        return Err(Error::file(labels, format!("holds {} labels for {n} images", be(&lab, 4))));
+    }
+    let classes = lab[8..].iter().copied().max().map_or(0, |m| m as usize + 1);
+    let name = images.display().to_string();
+    let samples = (0..n)
+        .map(|i| {
+            let pixels = img[16 + i * rows * cols..][..rows * cols].to_vec();
+            let grey = image::GrayImage::from_raw(cols as u32, rows as u32, pixels).expect("sized above");
+            Sample { path: PathBuf::from(format!("{name}#{i}")), label: lab[8 + i] as usize, pixels: Some(std::sync::Arc::new(grey)) }
+        })
+        .collect();
+    Ok(Dataset { classes: (0..classes).map(|c| c.to_string()).collect(), samples })
 }
 
 /// splitmix64: the seeded stream behind every shuffle (the same on every platform).
@@ -225,6 +292,33 @@ mod tests {
         std::fs::create_dir_all(dir.join("empty/cls")).unwrap();
         assert!(open(&dir.join("empty")).err().unwrap().to_string().contains("holds no images"));
         assert!(open(&dir.join("nowhere")).err().unwrap().to_string().contains("nowhere"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn idx_files_plain_and_gzipped() {
+        let dir = tree("idx");
+        // Three 2x3 images labelled 2, 0, 1; the test split gzipped.
+        let mut images = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 3];
+        images.extend((0..18u8).map(|v| v * 10));
+        let labels = vec![0, 0, 8, 1, 0, 0, 0, 3, 2, 0, 1];
+        std::fs::write(dir.join("train-images-idx3-ubyte"), &images).unwrap();
+        std::fs::write(dir.join("train-labels-idx1-ubyte"), &labels).unwrap();
+        for (name, bytes) in [("t10k-images-idx3-ubyte.gz", &images), ("t10k-labels-idx1-ubyte.gz", &labels)] {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, bytes).unwrap();
+            std::fs::write(dir.join(name), gz.finish().unwrap()).unwrap();
+        }
+        let Data::Split { train, val } = open(&dir).unwrap() else { panic!("train and t10k") };
+        assert_eq!(train.classes, ["0", "1", "2"]);
+        assert_eq!(train.samples.iter().map(|s| s.label).collect::<Vec<_>>(), [2, 0, 1]);
+        let content = |d: &Dataset| d.samples.iter().map(|s| (s.label, s.pixels.clone())).collect::<Vec<_>>();
+        assert_eq!(content(&val), content(&train), "the gzipped copy reads the same");
+        let rgb = train.samples[1].load().unwrap();
+        assert_eq!((rgb.width(), rgb.height()), (3, 2));
+        assert_eq!(rgb.get_pixel(1, 0).0, [70, 70, 70], "grey replicated to RGB");
+        std::fs::write(dir.join("train-images-idx3-ubyte"), &images[..20]).unwrap();
+        assert!(open(&dir).err().unwrap().to_string().contains("truncated"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -202,7 +202,7 @@ pub fn run_dataset(pipeline: &Pipeline, ds: &Dataset, batch: usize, progress: &i
         let items: Vec<crate::Item> = chunk
             .par_iter()
             .map(|s| {
-                let img = crate::preprocess::load_image(&s.path)?;
+                let img = s.load()?;
                 let size = pipeline.preprocess.size();
                 Ok(crate::Item { name: s.path.display().to_string(), height: size, width: size, data: pipeline.preprocess.apply(&img) })
             })
