@@ -22,8 +22,10 @@ from safetensors.numpy import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (name, torch optimizer factory, our settings)
+# (name, torch optimizer factory, our settings); "clip" clips the global gradient norm first.
 SETTINGS = [
+    ("sgd_clipped", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0),
+     {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "clip": 0.05}),
     ("adamw", lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
      {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.05}),
     ("sgd_momentum", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01),
@@ -52,7 +54,7 @@ def main():
     tensors = {"w0": w0, "b0": b0, "y": y.astype(np.float32)}
     for t, x in enumerate(xs):
         tensors[f"x{t}"] = x
-    for name, make, _ in SETTINGS:
+    for name, make, ours in SETTINGS:
         layer = nn.Linear(6, 4)
         with torch.no_grad():
             layer.weight.copy_(torch.from_numpy(w0))
@@ -63,6 +65,8 @@ def main():
             opt.zero_grad()
             loss = F.cross_entropy(layer(torch.from_numpy(xs[t])), torch.from_numpy(y), label_smoothing=SMOOTHING)
             loss.backward()
+            if "clip" in ours:
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), max_norm=ours["clip"])
             opt.step()
             losses.append(loss.item())
             tensors[f"{name}.w{t + 1}"] = layer.weight.detach().numpy().copy()

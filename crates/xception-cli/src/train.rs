@@ -59,6 +59,9 @@ pub struct TrainArgs {
     weight_decay: f64,
     #[arg(long, default_value_t = 0.1)]
     label_smoothing: f64,
+    /// Clip the gradients' global L2 norm (as PyTorch's clip_grad_norm_).
+    #[arg(long)]
+    clip_grad_norm: Option<f64>,
     #[arg(long, default_value_t = 1)]
     warmup_epochs: usize,
     /// Hidden layers of the head (ReLU), e.g. `--hidden 256`; none: one dense layer.
@@ -246,6 +249,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         warmup_epochs: args.warmup_epochs,
         seed: args.seed,
         keep_checkpoints: 2,
+        clip_grad_norm: args.clip_grad_norm,
     };
     let bar = progress(0, "train");
     let trained = train_head(&train_f, &val_f, classes, &cfg, &args.out, args.resume, &bar)?;

@@ -148,6 +148,8 @@ pub struct HeadConfig {
     pub seed: u64,
     /// Epoch checkpoints kept besides the best one.
     pub keep_checkpoints: usize,
+    /// Clip the gradients' global L2 norm to this (PyTorch's clip_grad_norm_).
+    pub clip_grad_norm: Option<f64>,
 }
 
 impl Default for HeadConfig {
@@ -164,6 +166,7 @@ impl Default for HeadConfig {
             warmup_epochs: 1,
             seed: 0,
             keep_checkpoints: 2,
+            clip_grad_norm: None,
         }
     }
 }
@@ -344,7 +347,7 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
             lr = cfg.lr_at(epoch * steps_per_epoch + b, total, steps_per_epoch);
             let x: Vec<f32> = batch.iter().flat_map(|&i| train.data[i * dim..][..dim].iter().copied()).collect();
             let y: Vec<usize> = batch.iter().map(|&i| train.labels[i]).collect();
-            let (next, value, right) = train_step(head, &mut optim, &loss_fn, &x, &y, lr, &device);
+            let (next, value, right) = train_step(head, &mut optim, &loss_fn, &x, &y, lr, cfg.clip_grad_norm, &device);
             if !value.is_finite() {
                 return Err(Error::Config(format!("epoch {}: the loss became {value}; lower --lr", epoch + 1)));
             }
@@ -380,7 +383,8 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
 
 /// One optimisation step on a batch: forward, label-smoothed cross-entropy (mean), backward,
 /// optimizer step. Returns the stepped head, the loss and how many predictions were right.
-fn train_step(head: Head, optim: &mut burn::optim::ModuleOptimizer, loss_fn: &burn::nn::loss::CrossEntropyLoss, x: &[f32], y: &[usize], lr: f64, device: &Device) -> (Head, f32, usize) {
+#[allow(clippy::too_many_arguments)]
+fn train_step(head: Head, optim: &mut burn::optim::ModuleOptimizer, loss_fn: &burn::nn::loss::CrossEntropyLoss, x: &[f32], y: &[usize], lr: f64, clip: Option<f64>, device: &Device) -> (Head, f32, usize) {
     let n = y.len();
     let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, x.len() / n]), device);
     let y = Tensor::<1, Int>::from_data(TensorData::new(y.iter().map(|&v| v as i64).collect::<Vec<_>>(), [n]), device);
@@ -388,8 +392,35 @@ fn train_step(head: Head, optim: &mut burn::optim::ModuleOptimizer, loss_fn: &bu
     let loss = loss_fn.forward(logits.clone(), y.clone());
     let value: f32 = loss.clone().into_scalar();
     let correct = logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
-    let grads = GradientsParams::from_grads(loss.backward(), &head);
+    let mut grads = GradientsParams::from_grads(loss.backward(), &head);
+    if let Some(max_norm) = clip {
+        clip_global_norm(&head, &mut grads, max_norm);
+    }
     (optim.step(lr, head, grads), value, correct)
+}
+
+/// Scales all gradients together so their joint L2 norm is at most `max_norm`, as PyTorch's
+/// clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6), capped at 1). burn's own clipping
+/// works per tensor.
+fn clip_global_norm(head: &Head, grads: &mut GradientsParams, max_norm: f64) {
+    let ids: Vec<(ParamId, ParamId)> = head.layers.iter().map(|l| (l.weight.id, l.bias.as_ref().expect("bias").id)).collect();
+    let mut total = 0f64;
+    for &(w, b) in &ids {
+        total += grads.get::<2>(w).map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar::<f32>() as f64);
+        total += grads.get::<1>(b).map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar::<f32>() as f64);
+    }
+    let coef = (max_norm / (total.sqrt() + 1e-6)).min(1.0);
+    if coef >= 1.0 {
+        return;
+    }
+    for &(w, b) in &ids {
+        if let Some(g) = grads.remove::<2>(w) {
+            grads.register(w, g * coef);
+        }
+        if let Some(g) = grads.remove::<1>(b) {
+            grads.register(b, g * coef);
+        }
+    }
 }
 
 /// Steps of a one-layer head from weights `w` (out, in) and `b`, one per batch at a constant
@@ -406,7 +437,7 @@ pub fn head_steps(w: &[f32], b: &[f32], batches: &[Vec<f32>], y: &[usize], cfg: 
     let loss_fn = CrossEntropyLossConfig::new().with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing as f32)).init(&device);
     let mut out = Vec::new();
     for x in batches {
-        let (next, loss, _) = train_step(head, &mut optim, &loss_fn, x, y, lr, &device);
+        let (next, loss, _) = train_step(head, &mut optim, &loss_fn, x, y, lr, cfg.clip_grad_norm, &device);
         head = next;
         let t = head.tensors();
         out.push((loss, t[0].1.data.clone(), t[1].1.data.clone()));

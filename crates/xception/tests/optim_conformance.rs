@@ -22,6 +22,7 @@ struct Setting {
     alpha: f64,
     #[serde(default)]
     eps: f64,
+    clip: Option<f64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -48,7 +49,7 @@ fn head_steps_match_torch_optim() {
     let t = |name: &str| fx.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).data.clone();
     let y: Vec<usize> = t("y").iter().map(|&v| v as usize).collect();
     let batches: Vec<Vec<f32>> = (0..meta.steps).map(|i| t(&format!("x{i}"))).collect();
-    assert_eq!(meta.settings.len(), 4);
+    assert_eq!(meta.settings.len(), 5);
     for s in &meta.settings {
         let cfg = HeadConfig {
             weight_decay: s.weight_decay,
@@ -58,6 +59,7 @@ fn head_steps_match_torch_optim() {
                 "rmsprop" => OptimizerKind::RmsProp { alpha: s.alpha, momentum: s.momentum, epsilon: s.eps },
                 _ => OptimizerKind::Sgd { momentum: s.momentum, nesterov: s.nesterov },
             },
+            clip_grad_norm: s.clip,
             ..HeadConfig::default()
         };
         let steps = head_steps(&t("w0"), &t("b0"), &batches, &y, &cfg, s.lr);
