@@ -22,8 +22,11 @@ from safetensors.numpy import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (name, torch optimizer factory, our settings); "clip" clips the global gradient norm first.
+# (name, torch optimizer factory, our settings); "clip" clips the global gradient norm first;
+# "ema" also records a moving average of the weights (ema = d * ema + (1 - d) * w after each step).
 SETTINGS = [
+    ("sgd_ema", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0),
+     {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "ema": 0.8}),
     ("sgd_clipped", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0),
      {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "clip": 0.05}),
     ("adamw", lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
@@ -60,6 +63,7 @@ def main():
             layer.weight.copy_(torch.from_numpy(w0))
             layer.bias.copy_(torch.from_numpy(b0))
         opt = make(layer.parameters())
+        ema = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         losses = []
         for t in range(STEPS):
             opt.zero_grad()
@@ -69,6 +73,13 @@ def main():
                 torch.nn.utils.clip_grad_norm_(layer.parameters(), max_norm=ours["clip"])
             opt.step()
             losses.append(loss.item())
+            if "ema" in ours:
+                d = ours["ema"]
+                with torch.no_grad():
+                    for k, v in layer.state_dict().items():
+                        ema[k].mul_(d).add_(v, alpha=1.0 - d)
+                tensors[f"{name}.ema_w{t + 1}"] = ema["weight"].numpy().copy()
+                tensors[f"{name}.ema_b{t + 1}"] = ema["bias"].numpy().copy()
             tensors[f"{name}.w{t + 1}"] = layer.weight.detach().numpy().copy()
             tensors[f"{name}.b{t + 1}"] = layer.bias.detach().numpy().copy()
         tensors[f"{name}.loss"] = np.array(losses, dtype=np.float32)

@@ -62,6 +62,10 @@ pub struct TrainArgs {
     /// Clip the gradients' global L2 norm (as PyTorch's clip_grad_norm_).
     #[arg(long)]
     clip_grad_norm: Option<f64>,
+    /// Validate and export an exponential moving average of the weights with this decay
+    /// (e.g. 0.999; the paper evaluated with Polyak averaging).
+    #[arg(long)]
+    ema: Option<f64>,
     #[arg(long, default_value_t = 1)]
     warmup_epochs: usize,
     /// Hidden layers of the head (ReLU), e.g. `--hidden 256`; none: one dense layer.
@@ -250,6 +254,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         keep_checkpoints: 2,
         clip_grad_norm: args.clip_grad_norm,
+        ema: args.ema,
     };
     let bar = progress(0, "train");
     let trained = train_head(&train_f, &val_f, classes, &cfg, &args.out, args.resume, &bar)?;

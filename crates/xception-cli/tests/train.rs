@@ -128,6 +128,33 @@ fn learns_classifies_and_resumes_exactly() {
 }
 
 #[test]
+fn the_moving_average_survives_a_resume() {
+    let dir = workdir("ema");
+    let data = dir.join("colours");
+    make_images(&data, 6);
+    let weights = backbone(&dir);
+    let run = dir.join("run");
+    let first = ok(&train(&data, &weights, &run, &["--epochs", "8", "--ema", "0.9"]));
+    let model = std::fs::read(run.join("final.safetensors")).unwrap();
+    let plain = ok(&train(&data, &weights, &dir.join("plain"), &["--epochs", "8"]));
+    assert_ne!(first["val_top1"].as_f64().map(|_| metrics(&run)), plain["val_top1"].as_f64().map(|_| metrics(&dir.join("plain"))), "EMA changes what is validated");
+    // Damage the last checkpoint: the resumed run redoes epoch 8 from epoch 7's weights, moments
+    // and moving average, and exports the same averaged model.
+    let last = run.join("checkpoints/epoch-0008.safetensors");
+    let bytes = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &bytes[..bytes.len() / 3]).unwrap();
+    ok(&train(&data, &weights, &run, &["--epochs", "8", "--ema", "0.9", "--resume"]));
+    assert_eq!(std::fs::read(run.join("final.safetensors")).unwrap(), model);
+    // Asking for the average when resuming a run that never kept one is an error, not damage.
+    let plain = dir.join("plain");
+    std::fs::remove_file(plain.join("final.safetensors")).unwrap();
+    let out = train(&data, &weights, &plain, &["--epochs", "9", "--ema", "0.9", "--resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without --ema"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_run_killed_at_any_moment_resumes_to_the_same_end() {
     let dir = workdir("kill");
     let data = dir.join("colours");

@@ -150,6 +150,51 @@ pub struct HeadConfig {
     pub keep_checkpoints: usize,
     /// Clip the gradients' global L2 norm to this (PyTorch's clip_grad_norm_).
     pub clip_grad_norm: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay, and validate and
+    /// export it (the paper evaluated with Polyak averaging): ema = d * ema + (1 - d) * weights
+    /// after every step.
+    pub ema: Option<f64>,
+}
+
+/// The moving average of the head's weights (host copies, updated after every step).
+struct Ema {
+    decay: f64,
+    map: TensorMap,
+}
+
+impl Ema {
+    fn new(decay: f64, head: &Head) -> Ema {
+        let mut map = TensorMap::new("ema");
+        for (name, t) in head.tensors() {
+            map.insert(name, t);
+        }
+        Ema { decay, map }
+    }
+
+    /// From a checkpoint's `ema.*` tensors.
+    fn from_checkpoint(decay: f64, checkpoint: &TensorMap) -> Result<Ema> {
+        let mut map = TensorMap::new("ema");
+        for (name, t) in &checkpoint.tensors {
+            if let Some(own) = name.strip_prefix("ema.") {
+                map.insert(own.to_string(), t.clone());
+            }
+        }
+        if map.tensors.is_empty() {
+            // A configuration mismatch, not damage: the caller must not fall back past it.
+            return Err(Error::Config(format!("{}: the checkpoint holds no moving average (ema.*); the run was started without --ema", checkpoint.source)));
+        }
+        Ok(Ema { decay, map })
+    }
+
+    fn update(&mut self, head: &Head) {
+        let d = self.decay as f32;
+        for (name, t) in head.tensors() {
+            let shadow = self.map.tensors.get_mut(&name).expect("same head");
+            for (s, v) in shadow.data.iter_mut().zip(&t.data) {
+                *s = d * *s + (1.0 - d) * v;
+            }
+        }
+    }
 }
 
 impl Default for HeadConfig {
@@ -167,6 +212,7 @@ impl Default for HeadConfig {
             seed: 0,
             keep_checkpoints: 2,
             clip_grad_norm: None,
+            ema: None,
         }
     }
 }
@@ -306,10 +352,11 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
     let metrics_path = run.join("metrics.jsonl");
     let mut history: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
+    let mut ema = cfg.ema.map(|d| Ema::new(d, &head));
     if resume {
         // The newest checkpoint that reads back whole; a damaged one is reported and skipped.
         for (epoch, path) in checkpoints_newest_first(&checkpoints)? {
-            let loaded = (|| -> Result<(Head, burn::optim::ModuleOptimizer)> {
+            let loaded = (|| -> Result<(Head, burn::optim::ModuleOptimizer, Option<Ema>)> {
                 let map = TensorMap::read_safetensors(&path)?;
                 let h = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device).load(&map, &device)?;
                 let state_path = path.with_extension("optim");
@@ -317,15 +364,17 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
                 let o = new_optimizer(cfg)
                     .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
                     .map_err(|e| Error::file(&state_path, format!("optimizer state: {e:?}")))?;
-                Ok((h, o))
+                let e = cfg.ema.map(|d| Ema::from_checkpoint(d, &map)).transpose()?;
+                Ok((h, o, e))
             })();
             match loaded {
-                Ok((h, o)) => {
-                    (head, optim) = (h, o);
+                Ok((h, o, e)) => {
+                    (head, optim, ema) = (h, o, e);
                     history = read_history(&metrics_path)?.into_iter().filter(|m| m.epoch <= epoch).collect();
                     start_epoch = epoch;
                     break;
                 }
+                Err(e @ Error::Config(_)) => return Err(e),
                 Err(e) => eprintln!("warning: skipping damaged checkpoint of epoch {epoch}: {e}"),
             }
         }
@@ -352,11 +401,17 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
                 return Err(Error::Config(format!("epoch {}: the loss became {value}; lower --lr", epoch + 1)));
             }
             head = next;
+            if let Some(e) = ema.as_mut() {
+                e.update(&head);
+            }
             loss_sum += value as f64 * batch.len() as f64;
             correct += right;
             progress.inc(batch.len() as u64);
         }
-        let (val_loss, val_eval) = validate(&head, val, classes, &device, cfg.label_smoothing);
+        let (val_loss, val_eval) = match &ema {
+            Some(e) => validate(&Head::new(dim, &cfg.hidden, classes, cfg.seed, &device).load(&e.map, &device)?, val, classes, &device, cfg.label_smoothing),
+            None => validate(&head, val, classes, &device, cfg.label_smoothing),
+        };
         let m = EpochMetrics {
             epoch: epoch + 1,
             lr,
@@ -368,13 +423,18 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
         };
         progress.set_message(format!("epoch {}/{}: loss {:.4}, train {:.1}%, val {:.1}%", m.epoch, cfg.epochs, m.train_loss, 100.0 * m.train_accuracy, 100.0 * m.val_accuracy));
         history.push(m);
-        save_checkpoint(&checkpoints, epoch + 1, &head, &optim, &history, cfg.keep_checkpoints)?;
+        save_checkpoint(&checkpoints, epoch + 1, &head, ema.as_ref().map(|e| &e.map), &optim, &history, cfg.keep_checkpoints)?;
         let lines: String = history.iter().map(|h| serde_json::to_string(h).expect("plain numbers") + "\n").collect();
         write_atomically(&metrics_path, lines.as_bytes())?;
     }
     // The best epoch by validation accuracy (the earliest among ties).
     let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch).unwrap_or(cfg.epochs);
-    let best_head = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device).load(&TensorMap::read_safetensors(&checkpoints.join(format!("epoch-{best:04}.safetensors")))?, &device)?;
+    let best_checkpoint = TensorMap::read_safetensors(&checkpoints.join(format!("epoch-{best:04}.safetensors")))?;
+    let best_weights = match cfg.ema {
+        Some(d) => Ema::from_checkpoint(d, &best_checkpoint)?.map,
+        None => best_checkpoint,
+    };
+    let best_head = Head::new(dim, &cfg.hidden, classes, cfg.seed, &device).load(&best_weights, &device)?;
     let (_, val_eval) = validate(&best_head, val, classes, &device, cfg.label_smoothing);
     let mut head_spec: Vec<DenseSpec> = cfg.hidden.iter().map(|&units| DenseSpec { units, activation: Activation::Relu }).collect();
     head_spec.push(DenseSpec { units: classes, activation: Activation::Softmax });
@@ -423,10 +483,19 @@ fn clip_global_norm(head: &Head, grads: &mut GradientsParams, max_norm: f64) {
     }
 }
 
+/// After one step of [`head_steps`].
+pub struct Step {
+    pub loss: f32,
+    /// (out, in)
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    /// The moving average's (weight, bias), with `cfg.ema`.
+    pub ema: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 /// Steps of a one-layer head from weights `w` (out, in) and `b`, one per batch at a constant
-/// `lr`, exactly as training takes them: (loss, weights (out, in), bias) after each. For the
-/// conformance test against torch.optim.
-pub fn head_steps(w: &[f32], b: &[f32], batches: &[Vec<f32>], y: &[usize], cfg: &HeadConfig, lr: f64) -> Vec<(f32, Vec<f32>, Vec<f32>)> {
+/// `lr`, exactly as training takes them. For the conformance test against torch.optim.
+pub fn head_steps(w: &[f32], b: &[f32], batches: &[Vec<f32>], y: &[usize], cfg: &HeadConfig, lr: f64) -> Vec<Step> {
     let device = crate::device::default_device().autodiff();
     let (n_out, n_in) = (b.len(), w.len() / b.len());
     let mut map = TensorMap::new("head_steps");
@@ -435,12 +504,17 @@ pub fn head_steps(w: &[f32], b: &[f32], batches: &[Vec<f32>], y: &[usize], cfg: 
     let mut head = Head::new(n_in, &[], n_out, 0, &device).load(&map, &device).expect("shapes match");
     let mut optim = new_optimizer(cfg);
     let loss_fn = CrossEntropyLossConfig::new().with_smoothing((cfg.label_smoothing > 0.0).then_some(cfg.label_smoothing as f32)).init(&device);
+    let mut ema = cfg.ema.map(|d| Ema::new(d, &head));
     let mut out = Vec::new();
     for x in batches {
         let (next, loss, _) = train_step(head, &mut optim, &loss_fn, x, y, lr, cfg.clip_grad_norm, &device);
         head = next;
+        if let Some(e) = ema.as_mut() {
+            e.update(&head);
+        }
         let t = head.tensors();
-        out.push((loss, t[0].1.data.clone(), t[1].1.data.clone()));
+        let ema = ema.as_ref().map(|e| (e.map.tensors["head.0.weight"].data.clone(), e.map.tensors["head.0.bias"].data.clone()));
+        out.push(Step { loss, weight: t[0].1.data.clone(), bias: t[1].1.data.clone(), ema });
     }
     out
 }
@@ -474,10 +548,13 @@ fn validate(head: &Head, val: &Features, classes: usize, device: &Device, smooth
     (loss as f64, evaluate(&values, &val.labels, classes))
 }
 
-fn save_checkpoint(dir: &Path, epoch: usize, head: &Head, optim: &burn::optim::ModuleOptimizer, history: &[EpochMetrics], keep: usize) -> Result<()> {
+fn save_checkpoint(dir: &Path, epoch: usize, head: &Head, ema: Option<&TensorMap>, optim: &burn::optim::ModuleOptimizer, history: &[EpochMetrics], keep: usize) -> Result<()> {
     let mut map = TensorMap::new(format!("checkpoint epoch {epoch}"));
     for (name, t) in head.tensors() {
         map.insert(name, t);
+    }
+    for (name, t) in ema.iter().flat_map(|e| &e.tensors) {
+        map.insert(format!("ema.{name}"), t.clone());
     }
     map.metadata.insert("epoch".into(), epoch.to_string());
     let weights = dir.join(format!("epoch-{epoch:04}.safetensors"));

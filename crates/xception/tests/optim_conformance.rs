@@ -23,6 +23,7 @@ struct Setting {
     #[serde(default)]
     eps: f64,
     clip: Option<f64>,
+    ema: Option<f64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -49,7 +50,7 @@ fn head_steps_match_torch_optim() {
     let t = |name: &str| fx.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).data.clone();
     let y: Vec<usize> = t("y").iter().map(|&v| v as usize).collect();
     let batches: Vec<Vec<f32>> = (0..meta.steps).map(|i| t(&format!("x{i}"))).collect();
-    assert_eq!(meta.settings.len(), 5);
+    assert_eq!(meta.settings.len(), 6);
     for s in &meta.settings {
         let cfg = HeadConfig {
             weight_decay: s.weight_decay,
@@ -60,15 +61,21 @@ fn head_steps_match_torch_optim() {
                 _ => OptimizerKind::Sgd { momentum: s.momentum, nesterov: s.nesterov },
             },
             clip_grad_norm: s.clip,
+            ema: s.ema,
             ..HeadConfig::default()
         };
         let steps = head_steps(&t("w0"), &t("b0"), &batches, &y, &cfg, s.lr);
         let losses = t(&format!("{}.loss", s.name));
         let mut worst = 0f32;
-        for (i, (loss, w, b)) in steps.iter().enumerate() {
+        for (i, step) in steps.iter().enumerate() {
+            let (loss, w, b) = (step.loss, &step.weight, &step.bias);
             assert!((loss - losses[i]).abs() <= 1e-5 * losses[i].abs(), "{} step {}: loss {loss} vs torch {}", s.name, i + 1, losses[i]);
             worst = worst.max(max_rel(w, &t(&format!("{}.w{}", s.name, i + 1)))).max(max_rel(b, &t(&format!("{}.b{}", s.name, i + 1))));
+            if let Some((ew, eb)) = &step.ema {
+                worst = worst.max(max_rel(ew, &t(&format!("{}.ema_w{}", s.name, i + 1)))).max(max_rel(eb, &t(&format!("{}.ema_b{}", s.name, i + 1))));
+            }
         }
+        assert_eq!(steps[0].ema.is_some(), s.ema.is_some());
         eprintln!("{}: 3 steps, worst weight difference {worst:.2e} of scale", s.name);
         assert!(worst <= 1e-5, "{}: weights differ from torch.optim by {worst:e}", s.name);
     }
