@@ -324,7 +324,8 @@ fn serves_keras_logits_through_every_endpoint_and_error_path() {
 
     // Error paths: status, JSON error code, nothing else breaks.
     let png = std::fs::read(root().join("fixtures/images/chelsea.png")).unwrap();
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("/v1/classify", Some("image/jpeg"), b"this is not an image".to_vec(), 400, "bad_image"),
         ("/v1/classify", Some("image/jpeg"), jpeg0[..jpeg0.len() / 3].to_vec(), 400, "bad_image"),
         ("/v1/classify", Some("image/jpeg"), Vec::new(), 400, "bad_image"),

@@ -24,8 +24,8 @@ fn make_images(dir: &Path, per_class: usize) {
         for i in 0..per_class {
             let mut img = image::RgbImage::new(48, 48);
             for px in img.pixels_mut() {
-                for c in 0..3 {
-                    px.0[c] = (base[c] as i32 + (rng.next_u64() % 81) as i32 - 40).clamp(0, 255) as u8;
+                for (v, &b) in px.0.iter_mut().zip(&base) {
+                    *v = (b as i32 + (rng.next_u64() % 81) as i32 - 40).clamp(0, 255) as u8;
                 }
             }
             let (x0, y0) = ((rng.next_u64() % 32) as u32, (rng.next_u64() % 32) as u32);

@@ -584,7 +584,7 @@ fn checkpoints_newest_first(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
             }
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(found)
 }
 
