@@ -114,11 +114,9 @@ async fn decode(app: &App, model: &ServedModel, bytes: axum::body::Bytes, input:
         let permit = app.decode_slots.acquire().await.map_err(|_| ApiError::internal("decoder pool closed"))?;
         let task = tokio::task::spawn_blocking(move || -> Result<Decoded, ApiError> {
             let source = Path::new(&input);
+            // The same guard decode_image applies, run first so its refusal is told apart (413).
             let (w, h) = xception::preprocess::image_dimensions(&bytes, source).map_err(|e| ApiError::bad_image(e.to_string()))?;
-            let side = xception::preprocess::MAX_IMAGE_SIDE;
-            if w > side || h > side || w as u64 * h as u64 > max_pixels {
-                return Err(ApiError::image_too_large(format!("{input}: image declares {w}x{h} pixels; at most {max_pixels} pixels and {side} per side are accepted")));
-            }
+            xception::preprocess::check_declared_size(w, h, max_pixels, source).map_err(|e| ApiError::image_too_large(e.to_string()))?;
             let img = xception::preprocess::decode_image(&bytes, source, max_pixels).map_err(|e| ApiError::bad_image(e.to_string()))?;
             let original = (img.width() as usize, img.height() as usize);
             if segmenter {

@@ -250,7 +250,7 @@ impl H5 {
                 if k.shape.len() != 4 {
                     return Err(self.err(format!("layer '{label}' kernel has shape {:?}, expected (kh, kw, in, out)", k.shape)));
                 }
-                out.insert(format!("{}.weight", layer.key), permute4(&k, [3, 2, 0, 1]));
+                out.insert(format!("{}.weight", layer.key), crate::weights::permute4(&k, [3, 2, 0, 1]));
             }
             KerasClass::SeparableConv2D => {
                 let dw = self.var(group, 0, &label)?;
@@ -261,8 +261,8 @@ impl H5 {
                         dw.shape, pw.shape
                     )));
                 }
-                out.insert(format!("{}.conv1.weight", layer.key), permute4(&dw, [2, 3, 0, 1]));
-                out.insert(format!("{}.pointwise.weight", layer.key), permute4(&pw, [3, 2, 0, 1]));
+                out.insert(format!("{}.conv1.weight", layer.key), crate::weights::permute4(&dw, [2, 3, 0, 1]));
+                out.insert(format!("{}.pointwise.weight", layer.key), crate::weights::permute4(&pw, [3, 2, 0, 1]));
             }
             KerasClass::BatchNormalization => {
                 for (i, suffix) in ["weight", "bias", "running_mean", "running_var"].iter().enumerate() {
@@ -292,28 +292,6 @@ impl H5 {
     }
 }
 
-/// Permutes a 4-D row-major tensor: output axis i is input axis `perm[i]`.
-fn permute4(t: &HostTensor, perm: [usize; 4]) -> HostTensor {
-    let s = &t.shape;
-    let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
-    let strides = [s[1] * s[2] * s[3], s[2] * s[3], s[3], 1];
-    let mut data = Vec::with_capacity(t.data.len());
-    for a in 0..shape[0] {
-        for b in 0..shape[1] {
-            for c in 0..shape[2] {
-                for d in 0..shape[3] {
-                    let idx = [a, b, c, d];
-                    let mut src = 0;
-                    for i in 0..4 {
-                        src += idx[i] * strides[perm[i]];
-                    }
-                    data.push(t.data[src]);
-                }
-            }
-        }
-    }
-    HostTensor::new(shape, data)
-}
 
 /// A layer of a Keras functional or sequential config.
 struct ConfigLayer<'a> {
@@ -677,13 +655,13 @@ fn convert_legacy(h5: &H5, layer: &LegacyLayer, want: &KerasLayer, out: &mut Ten
     match want.class {
         KerasClass::Conv2D => {
             four(w(0), "kernel")?;
-            out.insert(format!("{}.weight", want.key), permute4(w(0), [3, 2, 0, 1]));
+            out.insert(format!("{}.weight", want.key), crate::weights::permute4(w(0), [3, 2, 0, 1]));
         }
         KerasClass::SeparableConv2D => {
             four(w(0), "depthwise kernel")?;
             four(w(1), "pointwise kernel")?;
-            out.insert(format!("{}.conv1.weight", want.key), permute4(w(0), [2, 3, 0, 1]));
-            out.insert(format!("{}.pointwise.weight", want.key), permute4(w(1), [3, 2, 0, 1]));
+            out.insert(format!("{}.conv1.weight", want.key), crate::weights::permute4(w(0), [2, 3, 0, 1]));
+            out.insert(format!("{}.pointwise.weight", want.key), crate::weights::permute4(w(1), [3, 2, 0, 1]));
         }
         KerasClass::BatchNormalization => {
             // gamma, beta, moving mean, moving variance (Keras 1 calls the last `running_std`,
@@ -737,7 +715,7 @@ mod tests {
     fn permute_hwio_to_oihw() {
         // (kh=1, kw=2, in=1, out=3): value = 10*w + o
         let t = HostTensor::new(vec![1, 2, 1, 3], vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0]);
-        let p = permute4(&t, [3, 2, 0, 1]);
+        let p = crate::weights::permute4(&t, [3, 2, 0, 1]);
         assert_eq!(p.shape, vec![3, 1, 1, 2]);
         assert_eq!(p.data, vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
     }

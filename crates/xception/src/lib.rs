@@ -4,6 +4,7 @@
 //! The architecture is data ([`arch::Network`], from the `xception-arch` crate); [`model::Xception`]
 //! runs it on burn; [`weights`] reads and writes the weight files.
 
+pub mod atomic;
 pub mod data;
 pub mod device;
 pub mod keras;

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use npyz::WriterBuilder;
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::path::Path;
 
 /// Reads a float32 array; refuses other dtypes, Fortran order, and headers that promise more
@@ -28,27 +28,17 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((shape, data))
 }
 
-/// Writes a float32 array atomically (temporary file, fsync, rename).
+/// Writes a float32 array atomically ([`crate::atomic`]).
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     assert_eq!(shape.iter().product::<usize>(), data.len());
-    let tmp = path.with_extension("npy.partial");
-    let write = || -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(data.len() * 4 + 128);
-        {
-            let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-            let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut buf).begin_nd()?;
-            w.extend(data.iter().copied())?;
-            w.finish()?;
-        }
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    let mut buf = Vec::with_capacity(data.len() * 4 + 128);
+    {
+        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut buf).begin_nd().map_err(|e| Error::io(path, e))?;
+        w.extend(data.iter().copied()).map_err(|e| Error::io(path, e))?;
+        w.finish().map_err(|e| Error::io(path, e))?;
+    }
+    crate::atomic::write(path, &buf)
 }
 
 #[cfg(test)]

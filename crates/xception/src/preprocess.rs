@@ -264,12 +264,10 @@ pub fn image_dimensions(bytes: &[u8], source: &Path) -> Result<(u32, u32)> {
 /// per side, is refused before anything is allocated for it.
 pub fn decode_image(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<RgbImage> {
     let (w, h) = image_dimensions(bytes, source)?;
-    if w == 0 || h == 0 || w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
-        return Err(Error::file(source, format!("image declares {w}x{h} pixels; at most {MAX_IMAGE_SIDE} per side are accepted")));
+    if w == 0 || h == 0 {
+        return Err(Error::file(source, format!("image declares {w}x{h} pixels")));
     }
-    if w as u64 * h as u64 > max_pixels {
-        return Err(Error::file(source, format!("image declares {w}x{h} = {} pixels; at most {max_pixels} are accepted", w as u64 * h as u64)));
-    }
+    check_declared_size(w, h, max_pixels, source)?;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         if let Some(img) = decode_jpeg(bytes, source)? {
             return Ok(img);
@@ -283,6 +281,18 @@ pub fn decode_image(bytes: &[u8], source: &Path, max_pixels: u64) -> Result<RgbI
     reader.limits(limits);
     let img = reader.decode().map_err(|e| Error::file(source, format!("cannot decode image: {e}")))?;
     Ok(img.to_rgb8())
+}
+
+/// Refuses an image whose header declares more than [`MAX_IMAGE_SIDE`] per side or more than
+/// `max_pixels` in all: the decompression-bomb guard, applied before decoding.
+pub fn check_declared_size(w: u32, h: u32, max_pixels: u64, source: &Path) -> Result<()> {
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+        return Err(Error::file(source, format!("image declares {w}x{h} pixels; at most {MAX_IMAGE_SIDE} per side are accepted")));
+    }
+    if w as u64 * h as u64 > max_pixels {
+        return Err(Error::file(source, format!("image declares {w}x{h} = {} pixels; at most {max_pixels} are accepted", w as u64 * h as u64)));
+    }
+    Ok(())
 }
 
 /// The image crate's reader for a PNG or WebP (or JPEG that libjpeg-turbo cannot turn into RGB).

@@ -144,27 +144,10 @@ pub fn voc_palette() -> [[u8; 3]; 256] {
     palette
 }
 
-/// Writes `path` through a temporary file renamed into place, so a failure leaves no partial file.
-fn write_atomically(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
-    let tmp = path.with_extension("png.partial");
-    let result = (|| {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        write(&mut f)?;
-        use std::io::Write;
-        f.flush()?;
-        f.get_ref().sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
 /// The mask as an 8-bit palette PNG (pixel value = class index), as VOC's SegmentationClass files.
 pub fn write_mask_png(path: &Path, mask: &[u16], width: usize, height: usize, palette: &[[u8; 3]; 256]) -> Result<()> {
     let bytes = encode_mask_png(mask, width, height, palette).map_err(|e| Error::file(path, e))?;
-    write_atomically(path, |f| std::io::Write::write_all(f, &bytes))
+    crate::atomic::write(path, &bytes)
 }
 
 /// [`write_mask_png`]'s bytes, in memory.
@@ -201,7 +184,7 @@ pub fn overlay(img: &RgbImage, mask: &[u16], palette: &[[u8; 3]; 256], alpha: f3
 }
 
 pub fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
-    write_atomically(path, |f| {
+    crate::atomic::write_with(path, |f| {
         img.write_to(f, image::ImageFormat::Png).map_err(std::io::Error::other)
     })
 }

@@ -341,32 +341,18 @@ fn tf_name(key: &str, scope: &str, blocks: &[String]) -> Option<String> {
     }
 }
 
-/// TF layouts to PyTorch's: conv (kh, kw, in, out) -> (out, in, kh, kw); depthwise
-/// (kh, kw, C, 1) -> (C, 1, kh, kw); the 1x1 classifier conv (1, 1, in, K) -> (K, in).
+/// TF layouts to PyTorch's (the permutations the Keras importer uses): conv (kh, kw, in, out)
+/// -> (out, in, kh, kw); depthwise (kh, kw, C, 1) -> (C, 1, kh, kw); the 1x1 classifier conv
+/// (1, 1, in, K) -> (K, in).
 fn to_torch_layout(t: &HostTensor, want: &[usize], depthwise: bool) -> Option<HostTensor> {
-    let s = &t.shape;
-    if s.len() != 4 {
-        return (s == want).then(|| t.clone());
+    if t.shape.len() != 4 {
+        return (t.shape == want).then(|| t.clone());
     }
-    let (kh, kw, a, b) = (s[0], s[1], s[2], s[3]);
-    let mut out = vec![0f32; t.data.len()];
-    for y in 0..kh {
-        for x in 0..kw {
-            for i in 0..a {
-                for o in 0..b {
-                    // depthwise: (C = a, multiplier b = 1, kh, kw); else (out = b, in = a, kh, kw)
-                    let (c0, c1, n1) = if depthwise { (i, o, b) } else { (o, i, a) };
-                    out[((c0 * n1 + c1) * kh + y) * kw + x] = t.data[((y * kw + x) * a + i) * b + o];
-                }
-            }
-        }
-    }
-    let shape = if depthwise { vec![a, b, kh, kw] } else { vec![b, a, kh, kw] };
-    let product: usize = want.iter().product();
-    if shape == want {
-        Some(HostTensor::new(shape, out))
-    } else if product == out.len() && want.len() == 2 && kh == 1 && kw == 1 {
-        Some(HostTensor::new(want.to_vec(), out)) // the classifier as a dense layer
+    let out = crate::weights::permute4(t, if depthwise { [2, 3, 0, 1] } else { [3, 2, 0, 1] });
+    if out.shape == want {
+        Some(out)
+    } else if want.len() == 2 && out.shape[2..] == [1, 1] && out.shape[..2] == *want {
+        Some(HostTensor::new(want.to_vec(), out.data)) // the classifier as a dense layer
     } else {
         None
     }

@@ -316,25 +316,6 @@ pub struct Trained {
     pub val: Evaluation,
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    let r = (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // The rename itself is durable once the directory is synced.
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    r.map_err(|e: std::io::Error| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
 
 /// Trains the head on `train`, validating on `val` after every epoch; checkpoints under
 /// `run/checkpoints`, the log in `run/metrics.jsonl`. With `resume`, continues from the latest
@@ -425,7 +406,7 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
         history.push(m);
         save_checkpoint(&checkpoints, epoch + 1, &head, ema.as_ref().map(|e| &e.map), &optim, &history, cfg.keep_checkpoints)?;
         let lines: String = history.iter().map(|h| serde_json::to_string(h).expect("plain numbers") + "\n").collect();
-        write_atomically(&metrics_path, lines.as_bytes())?;
+        crate::atomic::write(&metrics_path, lines.as_bytes())?;
     }
     // The best epoch by validation accuracy (the earliest among ties).
     let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch).unwrap_or(cfg.epochs);
@@ -560,7 +541,7 @@ fn save_checkpoint(dir: &Path, epoch: usize, head: &Head, ema: Option<&TensorMap
     let weights = dir.join(format!("epoch-{epoch:04}.safetensors"));
     // The optimizer state first: a checkpoint counts once its weights file exists.
     let state = optim.into_bytes().map_err(|e| Error::Config(format!("saving the optimizer state: {e:?}")))?;
-    write_atomically(&weights.with_extension("optim"), &state)?;
+    crate::atomic::write(&weights.with_extension("optim"), &state)?;
     map.write_safetensors(&weights)?;
     // Keep the last `keep` and the best.
     let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch);

@@ -82,6 +82,29 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Permutes a 4-D row-major tensor (TF/Keras HWIO kernels to PyTorch OIHW): output axis i is input axis `perm[i]`.
+pub(crate) fn permute4(t: &HostTensor, perm: [usize; 4]) -> HostTensor {
+    let s = &t.shape;
+    let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+    let strides = [s[1] * s[2] * s[3], s[2] * s[3], s[3], 1];
+    let mut data = Vec::with_capacity(t.data.len());
+    for a in 0..shape[0] {
+        for b in 0..shape[1] {
+            for c in 0..shape[2] {
+                for d in 0..shape[3] {
+                    let idx = [a, b, c, d];
+                    let mut src = 0;
+                    for i in 0..4 {
+                        src += idx[i] * strides[perm[i]];
+                    }
+                    data.push(t.data[src]);
+                }
+            }
+        }
+    }
+    HostTensor::new(shape, data)
+}
+
 impl TensorMap {
     pub fn new(source: impl Into<String>) -> TensorMap {
         TensorMap { source: source.into(), tensors: BTreeMap::new(), metadata: BTreeMap::new() }
@@ -196,8 +219,7 @@ impl TensorMap {
         Ok(map)
     }
 
-    /// Writes float32 safetensors atomically (temporary file, fsync, rename): an interrupted
-    /// write never leaves a half-written file under the final name.
+    /// Writes float32 safetensors atomically ([`crate::atomic`]).
     pub fn write_safetensors(&self, path: &Path) -> Result<()> {
         let metadata = &self.metadata;
         let mut header = serde_json::Map::new();
@@ -217,9 +239,7 @@ impl TensorMap {
         while head.len() % 8 != 0 {
             head.push(b' ');
         }
-        let tmp = path.with_extension("safetensors.partial");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        crate::atomic::write_with(path, |f| {
             f.write_all(&(head.len() as u64).to_le_bytes())?;
             f.write_all(&head)?;
             for t in self.tensors.values() {
@@ -227,13 +247,7 @@ impl TensorMap {
                     f.write_all(&v.to_le_bytes())?;
                 }
             }
-            let f = f.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
+            Ok(())
         })
     }
 
