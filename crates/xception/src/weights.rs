@@ -296,6 +296,18 @@ impl TensorMap {
     /// files record, else the variant whose tensor names and shapes they match. The classifier
     /// (and its number of classes) is taken from the file. `xception` and `legacy_xception` share
     /// their tensor names; without metadata, timm's `legacy_xception` is assumed.
+    /// Whether these tensors are `config`'s network: all of them, or (for a model the caller
+    /// named) a superset. A mismatch is kept in `first_error` for the caller's report.
+    fn fits(&self, config: &ModelConfig, named: bool, first_error: &mut Option<Error>) -> Result<bool> {
+        match self.check(&Network::build(config)?) {
+            Ok(unused) => Ok(named || unused.is_empty()),
+            Err(e) => {
+                first_error.get_or_insert(e);
+                Ok(false)
+            }
+        }
+    }
+
     pub fn infer_config(&self, variant: Option<Variant>) -> Result<ModelConfig> {
         let named_config = self.metadata.get("model").map(|m| ModelConfig::from_name(m)).transpose()?;
         let named = match variant {
@@ -315,12 +327,8 @@ impl TensorMap {
             let mut first_error = None;
             for v in candidates {
                 let config = crate::arch::Segmentation::config(v, classes, 16)?;
-                match self.check(&Network::build(&config)?) {
-                    Ok(unused) if named.is_some() || unused.is_empty() => return Ok(config),
-                    Ok(_) => {}
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
+                if self.fits(&config, named.is_some(), &mut first_error)? {
+                    return Ok(config);
                 }
             }
             return Err(first_error.unwrap_or_else(|| self.error("holds a DeepLabv3+ head on no known backbone; pass --model")));
@@ -348,13 +356,8 @@ impl TensorMap {
                 Some(shape) => return Err(self.error(format!("tensor '{head}' has shape {shape:?}, expected (classes, features)"))),
                 None => config.include_top = false,
             }
-            let net = Network::build(&config)?;
-            match self.check(&net) {
-                Ok(unused) if named.is_some() || unused.is_empty() => return Ok(config),
-                Ok(_) => {}
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            if self.fits(&config, named.is_some(), &mut first_error)? {
+                return Ok(config);
             }
         }
         match (named, first_error) {
