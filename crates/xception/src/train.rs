@@ -404,9 +404,11 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
         };
         progress.set_message(format!("epoch {}/{}: loss {:.4}, train {:.1}%, val {:.1}%", m.epoch, cfg.epochs, m.train_loss, 100.0 * m.train_accuracy, 100.0 * m.val_accuracy));
         history.push(m);
-        save_checkpoint(&checkpoints, epoch + 1, &head, ema.as_ref().map(|e| &e.map), &optim, &history, cfg.keep_checkpoints)?;
+        // The log first, then the checkpoint: a run killed between the two resumes from the
+        // previous checkpoint and redoes this epoch, while the other order would lose its line.
         let lines: String = history.iter().map(|h| serde_json::to_string(h).expect("plain numbers") + "\n").collect();
         crate::atomic::write(&metrics_path, lines.as_bytes())?;
+        save_checkpoint(&checkpoints, epoch + 1, &head, ema.as_ref().map(|e| &e.map), &optim, &history, cfg.keep_checkpoints)?;
     }
     // The best epoch by validation accuracy (the earliest among ties).
     let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch).unwrap_or(cfg.epochs);
