@@ -28,6 +28,9 @@ pub enum Variant {
     Xception71,
     Xception41p,
     Xception65p,
+    /// Ours, for small problems and tests: the aligned (DeepLab) module design, about a quarter
+    /// of the widths, two middle-flow modules (see [`aligned_block_cfg`]; `info` prints it).
+    XceptionTiny,
 }
 
 /// The three ways the family builds its modules.
@@ -42,7 +45,7 @@ pub enum Family {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Xception,
         Variant::LegacyXception,
         Variant::Xception41,
@@ -50,6 +53,7 @@ impl Variant {
         Variant::Xception71,
         Variant::Xception41p,
         Variant::Xception65p,
+        Variant::XceptionTiny,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Variant {
             Variant::Xception71 => "xception71",
             Variant::Xception41p => "xception41p",
             Variant::Xception65p => "xception65p",
+            Variant::XceptionTiny => "xception_tiny",
         }
     }
 
@@ -74,17 +79,17 @@ impl Variant {
     pub fn family(self) -> Family {
         match self {
             Variant::Xception | Variant::LegacyXception => Family::Original,
-            Variant::Xception41 | Variant::Xception65 | Variant::Xception71 => Family::Aligned,
+            Variant::Xception41 | Variant::Xception65 | Variant::Xception71 | Variant::XceptionTiny => Family::Aligned,
             Variant::Xception41p | Variant::Xception65p => Family::AlignedPreact,
         }
     }
 
     /// BatchNorm epsilon of the reference: Keras' default 1e-3; PyTorch's default 1e-5 for timm's
     /// legacy port and `xception41p`; timm passes 1e-3 explicitly for the TF-ported aligned nets
-    /// and `xception65p`.
+    /// and `xception65p`. Our tiny net takes PyTorch's default.
     pub fn bn_eps(self) -> f64 {
         match self {
-            Variant::LegacyXception | Variant::Xception41p => 1e-5,
+            Variant::LegacyXception | Variant::Xception41p | Variant::XceptionTiny => 1e-5,
             _ => 1e-3,
         }
     }
@@ -658,8 +663,26 @@ fn build_original(config: &ModelConfig) -> Network {
     finish(config, stem, blocks, tail, 2048)
 }
 
+/// Output channels of the two stem convs of the aligned family.
+fn aligned_stem_widths(variant: Variant) -> [usize; 2] {
+    match variant {
+        Variant::XceptionTiny => [16, 32],
+        _ => [32, 64],
+    }
+}
+
 /// timm's block config for the aligned family: `(in, (c1, c2, c3), stride, no_skip)`.
-fn aligned_block_cfg(variant: Variant) -> Vec<(usize, [usize; 3], usize, bool)> {
+/// `xception_tiny` keeps the design (three entry modules at stride 2, middle modules, the strided
+/// exit module and the unskipped final one) with widths 64/128/256, two middle modules and
+/// 256 -> 384 -> 768 in the exit flow.
+pub(crate) fn aligned_block_cfg(variant: Variant) -> Vec<(usize, [usize; 3], usize, bool)> {
+    if variant == Variant::XceptionTiny {
+        let mut cfg = vec![(32, [64; 3], 2, false), (64, [128; 3], 2, false), (128, [256; 3], 2, false)];
+        cfg.extend((0..2).map(|_| (256, [256; 3], 1, false)));
+        cfg.push((256, [256, 384, 384], 2, false));
+        cfg.push((384, [512, 512, 768], 1, true));
+        return cfg;
+    }
     let entry: Vec<(usize, [usize; 3], usize, bool)> = match variant {
         Variant::Xception71 => vec![
             (64, [128; 3], 2, false),
@@ -700,15 +723,17 @@ fn build_aligned(config: &ModelConfig) -> Network {
         })
     };
 
-    let mut stem = vec![conv("stem.0.conv".into(), 3, 32, 3, 2, 1, 1), norm("stem.0.bn".into(), 32), Op::Relu];
+    let [s0, s1] = aligned_stem_widths(config.variant);
+    let mut stem = vec![conv("stem.0.conv".into(), 3, s0, 3, 2, 1, 1), norm("stem.0.bn".into(), s0), Op::Relu];
     if preact {
-        stem.push(conv("stem.1".into(), 32, 64, 3, 1, 1, 1));
+        stem.push(conv("stem.1".into(), s0, s1, 3, 1, 1, 1));
     } else {
-        stem.extend([conv("stem.1.conv".into(), 32, 64, 3, 1, 1, 1), norm("stem.1.bn".into(), 64), Op::Relu]);
+        stem.extend([conv("stem.1.conv".into(), s0, s1, 3, 1, 1, 1), norm("stem.1.bn".into(), s1), Op::Relu]);
     }
 
     let cfg = aligned_block_cfg(config.variant);
     let last = cfg.len() - 1;
+    let num_features = cfg[last].1[2];
     let mut blocks = Vec::new();
     let (mut curr_stride, mut curr_dilation) = (2usize, 1usize);
     for (i, (in_ch, outs, nominal_stride, no_skip)) in cfg.into_iter().enumerate() {
@@ -790,9 +815,9 @@ fn build_aligned(config: &ModelConfig) -> Network {
     }
     // timm's final feature tap is the last block's output (before the pre-act nets' final ReLU).
     let last_name = format!("blocks.{last}");
-    blocks[last].body.push(Op::Tap { reduction: curr_stride, channels: 2048, module: last_name });
+    blocks[last].body.push(Op::Tap { reduction: curr_stride, channels: num_features, module: last_name });
     let tail = if preact { vec![Op::Relu] } else { vec![] };
-    finish(config, stem, blocks, tail, 2048)
+    finish(config, stem, blocks, tail, num_features)
 }
 
 fn finish(config: &ModelConfig, stem: Vec<Op>, blocks: Vec<Block>, tail: Vec<Op>, num_features: usize) -> Network {
@@ -817,7 +842,14 @@ fn finish(config: &ModelConfig, stem: Vec<Op>, blocks: Vec<Block>, tail: Vec<Op>
                 .collect()
         }
     };
-    let segmentation = config.segmentation.as_ref().map(|s| s.head(config.output_stride, num_features));
+    // The decoder's low-level input: the channels of the map at the decoder tap.
+    let low_level = blocks.iter().flat_map(|b| b.body.iter()).try_fold(0, |channels, op| match op {
+        Op::DecoderTap => Err(channels),
+        Op::Norm(n) => Ok(n.channels),
+        Op::Conv(c) => Ok(c.out_channels),
+        _ => Ok(channels),
+    });
+    let segmentation = config.segmentation.as_ref().map(|s| s.head(config.output_stride, num_features, low_level.err().unwrap_or(0)));
     Network { config: config.clone(), stem, blocks, tail, head, num_features, segmentation }
 }
 

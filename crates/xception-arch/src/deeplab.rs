@@ -51,7 +51,7 @@ impl Segmentation {
     pub(crate) fn validate(&self, config: &ModelConfig) -> Result<()> {
         if config.variant.family() != Family::Aligned {
             return Err(Error::Config(format!(
-                "DeepLabv3+ runs on the aligned xception41, xception65 or xception71, not {}",
+                "DeepLabv3+ runs on the aligned xception41, xception65, xception71 or xception_tiny, not {}",
                 config.variant
             )));
         }
@@ -70,7 +70,7 @@ impl Segmentation {
         Ok(())
     }
 
-    pub(crate) fn head(&self, output_stride: usize, encoder_channels: usize) -> SegHead {
+    pub(crate) fn head(&self, output_stride: usize, encoder_channels: usize, low_level_channels: usize) -> SegHead {
         let rates = self.rates(output_stride);
         let aspp = std::iter::once(conv_bn_relu("aspp.aspp0", encoder_channels, DEPTH))
             .chain(rates.iter().enumerate().map(|(i, &r)| separable(&format!("aspp.aspp{}", i + 1), encoder_channels, DEPTH, r)))
@@ -81,7 +81,7 @@ impl Segmentation {
             image_pool: conv_bn_relu("aspp.image_pooling", encoder_channels, DEPTH),
             aspp,
             project: conv_bn_relu("aspp.project", 5 * DEPTH, DEPTH),
-            low_level: conv_bn_relu("decoder.feature_projection0", DEPTH, LOW_LEVEL_CHANNELS),
+            low_level: conv_bn_relu("decoder.feature_projection0", low_level_channels, LOW_LEVEL_CHANNELS),
             decoder,
             logits: vec![Op::Conv(conv("logits", DEPTH, self.num_classes, 1, 1, 1, true))],
             num_classes: self.num_classes,

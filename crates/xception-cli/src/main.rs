@@ -56,6 +56,7 @@ enum Command {
     },
 }
 
+mod plot;
 mod train;
 use train::{EvalArgs, TrainArgs};
 

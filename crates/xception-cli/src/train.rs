@@ -1,4 +1,5 @@
-//! `xception train` (transfer learning on a frozen backbone) and `xception eval`.
+//! `xception train` (transfer learning on a frozen backbone; fine-tuning the top blocks or the
+//! whole network; training from scratch) and `xception eval`.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -16,9 +17,12 @@ pub struct TrainArgs {
     /// or a CSV of `path,label` lines (paths relative to the CSV).
     #[arg(long)]
     data: PathBuf,
-    /// Backbone weights (any file `classify` takes, or named weights); its classifier is dropped.
+    /// Starting weights (any file `classify` takes, or named weights); their classifier is
+    /// replaced by one for the data's classes. Without it the network trains from scratch
+    /// (timm's initialisation; needs --model).
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
+    /// Any variant, or `xception_tiny` (see `xception info --model xception_tiny`).
     #[arg(long)]
     model: Option<String>,
     /// Run directory: final.safetensors, checkpoints/, metrics.jsonl, summary.json, confusion.png.
@@ -28,12 +32,13 @@ pub struct TrainArgs {
     epochs: usize,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// Peak learning rate (after warm-up; cosine decay to 0 over the run).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// adamw (betas 0.9/0.999, eps 1e-8), sgd (momentum, dampening 0) or rmsprop (PyTorch's form).
-    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd", "rmsprop"])]
-    optimizer: String,
+    /// Peak learning rate (after warm-up) [default: 1e-3; paper recipe 0.045].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// adamw (betas 0.9/0.999, eps 1e-8), sgd (momentum, dampening 0) or rmsprop (PyTorch's form)
+    /// [default: adamw; paper recipe sgd].
+    #[arg(long, value_parser = ["adamw", "sgd", "rmsprop"])]
+    optimizer: Option<String>,
     /// SGD / RMSprop momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
@@ -46,19 +51,21 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1e-8)]
     rms_eps: f64,
     /// After warm-up: cosine (to 0), step (x --decay-rate every --decay-every epochs: the paper's
-    /// 0.94 every 2), poly ((1 - t/T)^--poly-power) or constant.
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "step", "poly", "constant"])]
-    schedule: String,
+    /// 0.94 every 2), poly ((1 - t/T)^--poly-power) or constant [default: cosine; paper recipe step].
+    #[arg(long, value_parser = ["cosine", "step", "poly", "constant"])]
+    schedule: Option<String>,
     #[arg(long, default_value_t = 2)]
     decay_every: usize,
     #[arg(long, default_value_t = 0.94)]
     decay_rate: f64,
     #[arg(long, default_value_t = 0.9)]
     poly_power: f64,
-    #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 0.1)]
-    label_smoothing: f64,
+    /// [default: 1e-4; paper recipe 1e-5]
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// [default: 0.1; paper recipe 0]
+    #[arg(long)]
+    label_smoothing: Option<f64>,
     /// Clip the gradients' global L2 norm (as PyTorch's clip_grad_norm_).
     #[arg(long)]
     clip_grad_norm: Option<f64>,
@@ -66,8 +73,9 @@ pub struct TrainArgs {
     /// (e.g. 0.999; the paper evaluated with Polyak averaging).
     #[arg(long)]
     ema: Option<f64>,
-    #[arg(long, default_value_t = 1)]
-    warmup_epochs: usize,
+    /// [default: 1; paper recipe 0]
+    #[arg(long)]
+    warmup_epochs: Option<usize>,
     /// Hidden layers of the head (ReLU), e.g. `--hidden 256`; none: one dense layer.
     #[arg(long, value_delimiter = ',')]
     hidden: Vec<usize>,
@@ -80,10 +88,39 @@ pub struct TrainArgs {
     /// Input size (default: the backbone's).
     #[arg(long)]
     size: Option<usize>,
-    /// What stays frozen. Only `backbone` (the head alone trains, on features the engine computes
-    /// once) is available so far.
-    #[arg(long, default_value = "backbone", value_parser = ["backbone"])]
-    freeze: String,
+    /// What stays frozen: `backbone` (with --weights: the head alone trains, on features the
+    /// engine computes once, unless --unfreeze-top is given) or `none` (the whole network trains
+    /// on augmented images; the default without --weights).
+    #[arg(long, value_parser = ["backbone", "none"])]
+    freeze: Option<String>,
+    /// Fine-tuning: also train the last K stages of the backbone (blocks, counted from the top),
+    /// their BatchNorms in training mode, the rest frozen in inference mode.
+    #[arg(long)]
+    unfreeze_top: Option<usize>,
+    /// Learning rate of the trained backbone relative to the classifier's.
+    #[arg(long, default_value_t = 1.0)]
+    backbone_lr_scale: f64,
+    /// Dropout before the classifier [default: 0; paper recipe 0.5]. Whole-network training only.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Random-resized-crop area range, `min,max` (torchvision's 0.08,1); `none`: no cropping
+    /// (resize and centre crop as at evaluation). Whole-network training only.
+    #[arg(long, default_value = "0.08,1")]
+    crop_scale: String,
+    /// No random horizontal flips.
+    #[arg(long)]
+    no_flip: bool,
+    /// Also checkpoint every N steps (besides each epoch's end).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Stop after N steps in total (a short run of a longer schedule).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// `paper`: the Xception paper's ImageNet settings (SGD momentum 0.9, lr 0.045 x0.94 every 2
+    /// epochs, weight decay 1e-5, dropout 0.5, Polyak averaging as an EMA of decay 0.9999, no
+    /// label smoothing, no warm-up); options given explicitly still win.
+    #[arg(long, value_parser = ["paper"])]
+    recipe: Option<String>,
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -202,6 +239,35 @@ fn confusion_png(path: &Path, confusion: &[Vec<usize>]) -> Result<()> {
     Ok(xception::segment::write_png(path, &img)?)
 }
 
+/// The optimisation settings: the options given, else the recipe's, else our defaults.
+fn head_config(args: &TrainArgs) -> HeadConfig {
+    let paper = args.recipe.as_deref() == Some("paper");
+    HeadConfig {
+        hidden: args.hidden.clone(),
+        epochs: args.epochs,
+        batch_size: args.batch_size.max(1),
+        lr: args.lr.unwrap_or(if paper { 0.045 } else { 1e-3 }),
+        weight_decay: args.weight_decay.unwrap_or(if paper { 1e-5 } else { 1e-4 }),
+        label_smoothing: args.label_smoothing.unwrap_or(if paper { 0.0 } else { 0.1 }),
+        optimizer: match args.optimizer.as_deref().unwrap_or(if paper { "sgd" } else { "adamw" }) {
+            "sgd" => OptimizerKind::Sgd { momentum: args.momentum, nesterov: args.nesterov },
+            "rmsprop" => OptimizerKind::RmsProp { alpha: args.rms_alpha, momentum: args.momentum, epsilon: args.rms_eps },
+            _ => OptimizerKind::AdamW,
+        },
+        schedule: match args.schedule.as_deref().unwrap_or(if paper { "step" } else { "cosine" }) {
+            "step" => Schedule::StepExp { every: args.decay_every, rate: args.decay_rate },
+            "poly" => Schedule::Poly { power: args.poly_power },
+            "constant" => Schedule::Constant,
+            _ => Schedule::Cosine,
+        },
+        warmup_epochs: args.warmup_epochs.unwrap_or(if paper { 0 } else { 1 }),
+        seed: args.seed,
+        keep_checkpoints: 2,
+        clip_grad_norm: args.clip_grad_norm,
+        ema: args.ema.or(paper.then_some(0.9999)),
+    }
+}
+
 pub fn train(args: TrainArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let (train_ds, val_ds) = match data::open(&args.data)? {
@@ -217,7 +283,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
         bail!("{} already holds a training run; pass --resume to continue it, or choose another --out", args.out.display());
     }
     std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
-    let pipeline = load(&args.weights, &args.model, Head::Drop, args.size, args.threads, args.offline)?;
+    let cfg = head_config(&args);
+    let whole = args.weights.is_none() || args.freeze.as_deref() == Some("none") || args.unfreeze_top.is_some();
+    if args.weights.is_none() && args.freeze.as_deref() == Some("backbone") {
+        bail!("--freeze backbone needs --weights (a frozen backbone must come from somewhere)");
+    }
+    if whole {
+        return train_whole(&args, cfg, train_ds, val_ds, started);
+    }
+    let weights = args.weights.clone().expect("checked above");
+    let pipeline = load(&weights, &args.model, Head::Drop, args.size, args.threads, args.offline)?;
     eprintln!(
         "{} images ({} train, {} val), {classes} classes; backbone {} at {}x{}",
         train_ds.samples.len() + val_ds.samples.len(),
@@ -232,30 +307,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let val_f = cached_features(&pipeline, &val_ds, &features, "val")?;
     let embed_seconds = started.elapsed().as_secs_f64();
 
-    let cfg = HeadConfig {
-        hidden: args.hidden.clone(),
-        epochs: args.epochs,
-        batch_size: args.batch_size.max(1),
-        lr: args.lr,
-        weight_decay: args.weight_decay,
-        label_smoothing: args.label_smoothing,
-        optimizer: match args.optimizer.as_str() {
-            "sgd" => OptimizerKind::Sgd { momentum: args.momentum, nesterov: args.nesterov },
-            "rmsprop" => OptimizerKind::RmsProp { alpha: args.rms_alpha, momentum: args.momentum, epsilon: args.rms_eps },
-            _ => OptimizerKind::AdamW,
-        },
-        schedule: match args.schedule.as_str() {
-            "step" => Schedule::StepExp { every: args.decay_every, rate: args.decay_rate },
-            "poly" => Schedule::Poly { power: args.poly_power },
-            "constant" => Schedule::Constant,
-            _ => Schedule::Cosine,
-        },
-        warmup_epochs: args.warmup_epochs,
-        seed: args.seed,
-        keep_checkpoints: 2,
-        clip_grad_norm: args.clip_grad_norm,
-        ema: args.ema,
-    };
     let bar = progress(0, "train");
     let trained = train_head(&train_f, &val_f, classes, &cfg, &args.out, args.resume, &bar)?;
     bar.finish_and_clear();
@@ -285,7 +336,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
     let best = &trained.history[trained.best_epoch - 1];
     let summary = serde_json::json!({
-        "model": final_path.display().to_string(), "backbone": pipeline.config.name(), "weights": args.weights.display().to_string(),
+        "model": final_path.display().to_string(), "backbone": pipeline.config.name(), "weights": weights.display().to_string(),
         "classes": train_ds.classes, "train_images": train_ds.samples.len(), "val_images": val_ds.samples.len(),
         "best_epoch": trained.best_epoch, "epochs": args.epochs,
         "val_top1": trained.val.top1, "val_top5": trained.val.top5,
@@ -402,6 +453,119 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         println!("{} images: top-1 {:.2}%, top-5 {:.2}%", labels.len(), 100.0 * e.top1, 100.0 * e.top5);
         for c in 0..classes {
             println!("  {:<24} {:>6.2}%  ({} images)", names.name(c), 100.0 * e.per_class[c], e.confusion[c].iter().sum::<usize>());
+        }
+    }
+    Ok(())
+}
+
+/// Training the whole network, or its top blocks, on augmented images (`fit`).
+fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dataset, started: std::time::Instant) -> Result<()> {
+    use xception::fit::{fit, init_weights, Augment, FitConfig};
+    use xception::preprocess::Preprocess;
+    let classes = train_ds.classes.len();
+    let (variant, pretrained, eval) = match &args.weights {
+        Some(w) => {
+            let pipeline = load(w, &args.model, Head::Drop, args.size, args.threads, args.offline)?;
+            (pipeline.config.variant, Some(TensorMap::read(&pipeline.weights_path)?), pipeline.preprocess)
+        }
+        None => {
+            let name = args.model.as_deref().context("training from scratch needs --model (e.g. --model xception_tiny)")?;
+            let v = Variant::parse(name)?;
+            let size = args.size.unwrap_or(if v == Variant::XceptionTiny { 64 } else { 299 });
+            (v, None, Preprocess::default_for(v, size))
+        }
+    };
+    if args.freeze.as_deref() == Some("none") && args.unfreeze_top.is_some() {
+        bail!("--unfreeze-top K trains the top K stages of a frozen backbone; it contradicts --freeze none");
+    }
+    let paper = args.recipe.as_deref() == Some("paper");
+    let dropout = args.dropout.unwrap_or(if paper { 0.5 } else { 0.0 });
+    let mut config = ModelConfig::new(variant);
+    config.num_classes = classes;
+    config.drop_rate = dropout;
+    let net = Network::build(&config)?;
+    let mut init = init_weights(&net, args.seed);
+    if let Some(p) = &pretrained {
+        let head_keys: Vec<String> = net.head.iter().map(|h| format!("{}.", h.key)).collect();
+        for spec in net.tensors().into_iter().filter(|t| !head_keys.iter().any(|k| t.name.starts_with(k))) {
+            let t = p.get(&spec.name).with_context(|| format!("{}: no tensor '{}' for {}", p.source, spec.name, variant))?;
+            if t.shape != spec.shape {
+                bail!("{}: tensor '{}' has shape {:?}, {} expects {:?}", p.source, spec.name, t.shape, variant, spec.shape);
+            }
+            init.insert(spec.name.clone(), t.clone());
+        }
+    }
+    let stages = 1 + net.blocks.len();
+    let frozen_stages = match (args.weights.is_some(), args.unfreeze_top) {
+        (true, Some(k)) => stages.saturating_sub(k),
+        _ => 0,
+    };
+    let crop_scale = match args.crop_scale.as_str() {
+        "none" => None,
+        s => {
+            let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--crop-scale '{s}': expected min,max or none"))?;
+            match v[..] {
+                [a, b] if 0.0 < a && a <= b && b <= 1.0 => Some((a, b)),
+                _ => bail!("--crop-scale '{s}': expected min,max with 0 < min <= max <= 1, or none"),
+            }
+        }
+    };
+    let fit_cfg = FitConfig {
+        opt: cfg,
+        dropout,
+        augment: Augment { crop_scale, hflip: !args.no_flip, ..Augment::default() },
+        frozen_stages,
+        backbone_lr_scale: args.backbone_lr_scale,
+        checkpoint_every: args.checkpoint_every,
+        max_steps: args.max_steps,
+    };
+    let size = eval.size();
+    eprintln!(
+        "{} images ({} train, {} val), {classes} classes; {} at {size}x{size} {}, {} of {stages} stages trained",
+        train_ds.samples.len() + val_ds.samples.len(),
+        train_ds.samples.len(),
+        val_ds.samples.len(),
+        variant,
+        if pretrained.is_some() { "from the given weights" } else { "from scratch" },
+        stages - frozen_stages
+    );
+    let bar = progress(0, "train");
+    let fitted = fit(&net, &init, &train_ds, &val_ds, &eval, &fit_cfg, &args.out, args.resume, args.threads, &bar)?;
+    bar.finish_and_clear();
+
+    let mut out = fitted.weights.clone();
+    out.source = "xception train".into();
+    out.metadata.insert("model".into(), variant.name().into());
+    out.metadata.insert("input_size".into(), format!("{size},{size}"));
+    out.metadata.insert("classes".into(), serde_json::to_string(&train_ds.classes)?);
+    out.check(&net)?;
+    let final_path = args.out.join("final.safetensors");
+    out.write_safetensors(&final_path)?;
+    confusion_png(&args.out.join("confusion.png"), &fitted.val.confusion)?;
+    crate::plot::curves(&args.out.join("curves.png"), &fitted.history)?;
+    let summary = serde_json::json!({
+        "model": final_path.display().to_string(), "variant": variant.name(), "weights": args.weights.as_ref().map(|w| w.display().to_string()),
+        "classes": train_ds.classes, "train_images": train_ds.samples.len(), "val_images": val_ds.samples.len(),
+        "input_size": size, "trained_stages": stages - frozen_stages, "stages": stages, "steps": fitted.steps,
+        "best_epoch": fitted.best_epoch, "epochs": args.epochs, "val_top1": fitted.val.top1, "val_top5": fitted.val.top5,
+        "val_per_class": train_ds.classes.iter().zip(&fitted.val.per_class).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect::<serde_json::Map<_, _>>(),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{}: validation top-1 {:.2}% (epoch {} of {}), top-5 {:.2}%; {:.0} s",
+            final_path.display(),
+            100.0 * fitted.val.top1,
+            fitted.best_epoch,
+            args.epochs,
+            100.0 * fitted.val.top5,
+            started.elapsed().as_secs_f64()
+        );
+        for (c, a) in train_ds.classes.iter().zip(&fitted.val.per_class) {
+            println!("  {c:<24} {:>6.2}%", 100.0 * a);
         }
     }
     Ok(())

@@ -219,3 +219,82 @@ fn bad_data_is_refused_naming_the_cause() {
     fail(&["train", "--data", s(&dir.join("one")), "--weights", s(&weights), "--out", s(&dir.join("r")), "--schedule", "exp"], "exp");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn train_whole(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--data", s(data), "--model", "xception_tiny", "--out", s(out), "--size", "32", "--val-split", "0.25", "--seed", "3", "--batch-size", "12", "--lr", "3e-3", "--warmup-epochs", "0", "--crop-scale", "0.5,1", "--json"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn the_whole_network_trains_from_scratch_and_resumes_mid_epoch_exactly() {
+    let dir = workdir("whole");
+    let data = dir.join("colours");
+    make_images(&data, 16);
+    // 36 training images in batches of 12: 3 steps an epoch, 36 in all. (Batches this small
+    // make train-mode BatchNorm on the 1x1 exit maps a poor guide to inference mode; 12 is
+    // about the least that learns here.)
+    let reference = dir.join("reference");
+    let summary = ok(&train_whole(&data, &reference, &["--epochs", "12", "--checkpoint-every", "2", "--dropout", "0.2"]));
+    assert_eq!(summary["steps"], 36);
+    assert_eq!(summary["trained_stages"], summary["stages"]);
+    assert!(summary["val_top1"].as_f64().unwrap() >= 0.8, "{summary}");
+    for name in ["final.safetensors", "curves.png", "confusion.png", "metrics.jsonl", "summary.json"] {
+        assert!(reference.join(name).is_file(), "{name}");
+    }
+    assert_eq!(metrics(&reference).len(), 12);
+    // The model classifies with its class names on the fast engine.
+    let image = data.join("green").join("00.png");
+    let out = run(&["classify", "--weights", s(&reference.join("final.safetensors")), "--json", s(&image)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.to_string().contains("green"), "{v}");
+
+    // Stopped after step 17 (inside epoch 6), then resumed: the same run to the last bit.
+    let stopped = dir.join("stopped");
+    ok(&train_whole(&data, &stopped, &["--epochs", "12", "--checkpoint-every", "2", "--dropout", "0.2", "--max-steps", "17"]));
+    assert_eq!(metrics(&stopped).len(), 5);
+    ok(&train_whole(&data, &stopped, &["--epochs", "12", "--checkpoint-every", "2", "--dropout", "0.2", "--resume"]));
+    assert_eq!(metrics(&stopped), metrics(&reference));
+    same_model(&stopped.join("final.safetensors"), &reference.join("final.safetensors"));
+    // A damaged newest checkpoint is skipped for the one before it, with a warning.
+    let damaged = dir.join("damaged");
+    ok(&train_whole(&data, &damaged, &["--epochs", "12", "--checkpoint-every", "2", "--dropout", "0.2", "--max-steps", "17"]));
+    let newest = damaged.join("checkpoints").join("step-00000017.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = train_whole(&data, &damaged, &["--epochs", "12", "--checkpoint-every", "2", "--dropout", "0.2", "--resume"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipping damaged checkpoint"), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(&out);
+    same_model(&damaged.join("final.safetensors"), &reference.join("final.safetensors"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fine_tuning_the_top_blocks_leaves_the_frozen_ones_untouched() {
+    let dir = workdir("finetune");
+    let data = dir.join("colours");
+    make_images(&data, 4);
+    let config = ModelConfig { include_top: false, ..ModelConfig::new(Variant::XceptionTiny) };
+    let weights = dir.join("tiny.safetensors");
+    let start = deterministic(&Network::build(&config).unwrap());
+    start.write_safetensors(&weights).unwrap();
+    let out_dir = dir.join("run");
+    let summary = ok(&train_whole(&data, &out_dir, &["--weights", s(&weights), "--unfreeze-top", "2", "--epochs", "1", "--backbone-lr-scale", "0.1"]));
+    assert_eq!(summary["trained_stages"], 2);
+    let done = TensorMap::read_safetensors(&out_dir.join("final.safetensors")).unwrap();
+    // Stages: stem, blocks.0 ..= blocks.6; the top two (blocks.5, blocks.6) train.
+    for (name, t) in &start.tensors {
+        let trained = name.starts_with("blocks.5.") || name.starts_with("blocks.6.");
+        let same = done.tensors[name].data == t.data;
+        assert_eq!(same, !trained || name.ends_with("num_batches_tracked"), "{name}: trained {trained}, unchanged {same}");
+    }
+    // Refused: training from scratch with a frozen backbone; contradictory options.
+    let bad = run(&["train", "--data", s(&data), "--model", "xception_tiny", "--out", s(&dir.join("bad")), "--freeze", "backbone"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("needs --weights"));
+    let bad = run(&["train", "--data", s(&data), "--out", s(&dir.join("bad2"))]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--model"), "{}", String::from_utf8_lossy(&bad.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

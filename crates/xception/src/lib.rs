@@ -7,6 +7,7 @@
 pub mod atomic;
 pub mod data;
 pub mod device;
+pub mod fit;
 pub mod keras;
 pub mod labels;
 pub mod model;
@@ -22,7 +23,7 @@ pub mod weights;
 pub mod zoo;
 
 pub use labels::Labels;
-pub use model::{Outputs, Prediction, Xception};
+pub use model::{Layout, Outputs, Prediction, Xception};
 pub use preprocess::{Item, Preprocess, Resize};
 pub use runner::{Backend, Runner};
 pub use weights::{HostTensor, TensorMap};

@@ -11,8 +11,73 @@ use crate::weights::{HostTensor, TensorMap};
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::activation::relu;
 use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions, PadMode};
+use burn::tensor::{Device, Slice, Tensor, TensorData};
+
+/// Where a feature map keeps its channels. The burn reference path runs NCHW on burn's own
+/// convolutions (what GPUs want); CPU training runs NHWC, where a 1x1 conv is one matrix product
+/// on (pixels, channels), the dense stem conv an im2col product and a depthwise conv a sum of
+/// shifted per-channel products: burn's autodiff then differentiates only matrix products and
+/// elementwise ops, both fast on its CPU backend, instead of its slow grouped and 1x1 conv
+/// backward (the weight gradient of a 1x1 conv run as a convolution, a depthwise one group by
+/// group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+impl Layout {
+    /// NHWC on the CPU backend, NCHW on a GPU.
+    pub fn for_training() -> Layout {
+        if cfg!(feature = "cuda") { Layout::Nchw } else { Layout::Nhwc }
+    }
+
+    fn channel_dim(self) -> usize {
+        match self {
+            Layout::Nchw => 1,
+            Layout::Nhwc => 3,
+        }
+    }
+
+    fn spatial_dims(self) -> [usize; 2] {
+        match self {
+            Layout::Nchw => [2, 3],
+            Layout::Nhwc => [1, 2],
+        }
+    }
+
+    /// (height, width) of a feature map.
+    fn hw(self, x: &Tensor<4>) -> (usize, usize) {
+        let d = x.dims();
+        let [a, b] = self.spatial_dims();
+        (d[a], d[b])
+    }
+
+    /// A per-channel vector shaped to broadcast over a feature map.
+    fn per_channel(self, v: Tensor<1>, c: usize) -> Tensor<4> {
+        match self {
+            Layout::Nchw => v.reshape([1, c, 1, 1]),
+            Layout::Nhwc => v.reshape([1, 1, 1, c]),
+        }
+    }
+
+    /// Converts an NCHW tensor into this layout.
+    fn from_nchw(self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Layout::Nchw => x,
+            Layout::Nhwc => x.permute([0, 2, 3, 1]),
+        }
+    }
+
+    /// Converts a tensor in this layout to NCHW.
+    fn to_nchw(self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Layout::Nchw => x,
+            Layout::Nhwc => x.permute([0, 3, 1, 2]),
+        }
+    }
+}
 
 /// Convolution weight, PyTorch OIHW layout; a bias only on the DeepLab logits conv.
 #[derive(Module, Debug)]
@@ -66,14 +131,58 @@ struct Captured {
     decoder: Option<Tensor<4>>,
 }
 
-fn resize_align_corners(x: Tensor<4>, h: usize, w: usize) -> Tensor<4> {
+fn resize_align_corners(x: Tensor<4>, h: usize, w: usize, layout: Layout) -> Tensor<4> {
     use burn::tensor::module::interpolate;
     use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-    let [_, _, xh, xw] = x.dims();
-    if (xh, xw) == (h, w) {
+    if layout.hw(&x) == (h, w) {
         return x;
     }
-    interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true).with_output_size([h, w]))
+    let options = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true).with_output_size([h, w]);
+    layout.from_nchw(interpolate(layout.to_nchw(x), options))
+}
+
+/// A convolution on an NHWC map (see [`Layout`]), weights OIHW as everywhere else.
+fn conv_nhwc(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, c: &crate::arch::Conv) -> Tensor<4> {
+    let [n, h, w, cin] = x.dims();
+    let (t, b, oh) = c.padding.resolve(h, c.kernel, c.stride, c.dilation);
+    let (l, r, ow) = c.padding.resolve(w, c.kernel, c.stride, c.dilation);
+    let x = if t + b + l + r > 0 { x.pad([(0, 0), (t, b), (l, r), (0, 0)], PadMode::Constant(0.0)) } else { x };
+    // The input pixels kernel tap (i, j) reads for every output pixel.
+    let tap = |i: usize, j: usize| {
+        let (y0, x0) = (i * c.dilation, j * c.dilation);
+        let span = |start: usize, out: usize| Slice::new(start as isize, Some((start + (out - 1) * c.stride + 1) as isize), c.stride as isize);
+        x.clone().slice([Slice::full(), span(y0, oh), span(x0, ow), Slice::full()])
+    };
+    let k = c.kernel;
+    let out = if c.is_depthwise() {
+        // Sum over taps of the shifted input times that tap's per-channel weight.
+        let taps = weight.reshape([cin, k * k]);
+        let mut acc: Option<Tensor<4>> = None;
+        for i in 0..k {
+            for j in 0..k {
+                let wk = taps.clone().slice([0..cin, i * k + j..i * k + j + 1]).reshape([1, 1, 1, cin]);
+                let term = tap(i, j) * wk;
+                acc = Some(match acc {
+                    Some(a) => a + term,
+                    None => term,
+                });
+            }
+        }
+        acc.expect("a kernel has at least one tap")
+    } else if c.groups == 1 {
+        // im2col: the k*k taps side by side, (kh, kw, cin) fastest last, times OIHW as (kh kw ci, co).
+        let cols = if k == 1 { tap(0, 0) } else { Tensor::cat((0..k * k).map(|ij| tap(ij / k, ij % k)).collect(), 3) };
+        let wmat = weight.permute([2, 3, 1, 0]).reshape([k * k * cin, c.out_channels]);
+        cols.reshape([n * oh * ow, k * k * cin]).matmul(wmat).reshape([n, oh, ow, c.out_channels])
+    } else {
+        // Other grouped convs (none in the family today): burn's own, on the padded input.
+        let options = ConvOptions::new([c.stride, c.stride], [0, 0], [c.dilation, c.dilation], c.groups);
+        Layout::Nhwc.from_nchw(conv2d(Layout::Nhwc.to_nchw(x), weight, None, options))
+    };
+    match bias {
+        Some(bias) => out + bias.reshape([1, 1, 1, c.out_channels]),
+        None => out,
+    }
 }
 
 fn activate(x: Tensor<2>, activation: Activation) -> Tensor<2> {
@@ -112,6 +221,7 @@ struct Cursor {
     /// Training: BatchNorm normalises with batch statistics and moves its running statistics by
     /// this momentum (PyTorch's convention: new = (1 - m) * old + m * batch).
     train_momentum: Option<f64>,
+    layout: Layout,
 }
 
 impl Xception {
@@ -185,7 +295,7 @@ impl Xception {
             HostTensor::new(shape, t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float tensor"))
         }
         let mut map = TensorMap::new(self.net.variant().name());
-        let mut cursor = Cursor { conv: 0, norm: 0, train_momentum: None };
+        let mut cursor = Cursor { conv: 0, norm: 0, train_momentum: None, layout: Layout::Nchw };
         for op in self.net.ops() {
             match op {
                 Op::Conv(c) => {
@@ -221,29 +331,108 @@ impl Xception {
 
     /// The backbone, and where its parameters end (the head's start there).
     fn backbone(&self, x: Tensor<4>) -> Result<(Outputs, Cursor)> {
-        self.backbone_with(x, None)
+        self.backbone_with(x, None, Layout::Nchw)
     }
 
     /// Classifier logits in training mode: BatchNorm uses the batch's statistics and updates its
     /// running statistics with the flavour's momentum (0.1 for timm's nets, 0.01 = Keras' 0.99
-    /// decay for the Keras graph); run it on an autodiff device to take gradients.
-    pub fn forward_train(&self, x: Tensor<4>) -> Result<Tensor<2>> {
-        let (out, _) = self.backbone_with(x, Some(self.net.variant().bn_momentum()))?;
-        self.classify(self.pool(out.features))
+    /// decay for the Keras graph); run it on an autodiff device to take gradients. `x` is NCHW;
+    /// `layout` is how the network runs inside ([`Layout::for_training`]).
+    pub fn forward_train(&self, x: Tensor<4>, layout: Layout) -> Result<Tensor<2>> {
+        self.classify(self.pool_train(x, layout, 0, None)?)
     }
 
-    fn backbone_with(&self, x: Tensor<4>, train_momentum: Option<f64>) -> Result<(Outputs, Cursor)> {
+    /// The pooled embedding in training mode. The first `frozen` stages (the stem, then blocks
+    /// in order) run in inference mode and pass no gradient back. Dropout of rate `dropout.0`
+    /// is drawn from the seeded `dropout.1` (inverted, as PyTorch: kept values scaled by
+    /// 1 / (1 - p)).
+    pub fn pool_train(&self, x: Tensor<4>, layout: Layout, frozen: usize, dropout: Option<(f64, u64)>) -> Result<Tensor<2>> {
+        let (out, _) = self.backbone_frozen(x, Some(self.net.variant().bn_momentum()), layout, frozen)?;
+        let pooled = self.pool_in(out.features, layout);
+        Ok(match dropout {
+            Some((p, seed)) if p > 0.0 => {
+                let [n, c] = pooled.dims();
+                let mut rng = crate::data::Rng(seed);
+                let keep: Vec<f32> = (0..n * c).map(|_| if rng.uniform() >= p { (1.0 / (1.0 - p)) as f32 } else { 0.0 }).collect();
+                pooled * Tensor::<2>::from_data(TensorData::new(keep, [n, c]), &self.device())
+            }
+            _ => pooled,
+        })
+    }
+
+    /// Gives every parameter an id fixed by its position, so optimizer state saved by one
+    /// process is found again by the next (burn keys it by parameter id).
+    pub fn with_stable_ids(mut self) -> Xception {
+        let mut k = 0u64;
+        let mut next = || {
+            k += 1;
+            burn::module::ParamId::from(0x5843_0000_0000_0000 + k)
+        };
+        for c in &mut self.convs {
+            c.weight.id = next();
+            if let Some(b) = &mut c.bias {
+                b.id = next();
+            }
+        }
+        for n in &mut self.norms {
+            n.weight.id = next();
+            n.bias.id = next();
+        }
+        for h in &mut self.head {
+            h.weight.id = next();
+            h.bias.id = next();
+        }
+        self
+    }
+
+    /// Every trainable parameter's id and rank.
+    pub fn param_shapes(&self) -> Vec<(burn::module::ParamId, usize)> {
+        let mut out = Vec::new();
+        for c in &self.convs {
+            out.push((c.weight.id, 4));
+            out.extend(c.bias.as_ref().map(|b| (b.id, 1)));
+        }
+        for n in &self.norms {
+            out.extend([(n.weight.id, 1), (n.bias.id, 1)]);
+        }
+        for h in &self.head {
+            out.extend([(h.weight.id, 2), (h.bias.id, 1)]);
+        }
+        out
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.convs[0].weight.val().device()
+    }
+
+    fn backbone_with(&self, x: Tensor<4>, train_momentum: Option<f64>, layout: Layout) -> Result<(Outputs, Cursor)> {
+        self.backbone_frozen(x, train_momentum, layout, 0)
+    }
+
+    fn backbone_frozen(&self, x: Tensor<4>, train_momentum: Option<f64>, layout: Layout, frozen: usize) -> Result<(Outputs, Cursor)> {
         let [_, c, h, w] = x.dims();
         if c != 3 {
             return Err(Error::Shape(format!("expected 3 input channels, got an input of shape {:?}", x.dims())));
         }
         self.net.check_input_size(h, w)?;
-        let mut cursor = Cursor { conv: 0, norm: 0, train_momentum };
+        // Stage 0 is the stem, stage i + 1 block i; frozen stages normalise with running
+        // statistics, and their output is cut from the graph.
+        let mode = |stage: usize| if stage < frozen { None } else { train_momentum };
+        let mut cursor = Cursor { conv: 0, norm: 0, train_momentum: mode(0), layout };
         let mut captured = Captured::default();
-        let mut x = self.run(&self.net.stem, x, &mut cursor, &mut captured);
-        for block in &self.net.blocks {
-            x = self.block(block, x, &mut cursor, &mut captured);
+        let mut x = self.run(&self.net.stem, layout.from_nchw(x), &mut cursor, &mut captured);
+        if frozen == 1 {
+            x = x.detach();
         }
+        for (i, block) in self.net.blocks.iter().enumerate() {
+            cursor.train_momentum = mode(i + 1);
+            x = self.block(block, x, &mut cursor, &mut captured);
+            if frozen == i + 2 {
+                x = x.detach();
+            }
+        }
+        cursor.train_momentum = train_momentum;
         let x = self.run(&self.net.tail, x, &mut cursor, &mut captured);
         Ok((Outputs { features: x, taps: captured.taps, decoder_tap: captured.decoder }, cursor))
     }
@@ -252,34 +441,51 @@ impl Xception {
     /// output, the decoder on [ASPP resized to the low-level size, low-level], logits resized to
     /// the input; every resize bilinear with align_corners=True (deeplabv3plus.md 2-4).
     pub fn segment(&self, x: Tensor<4>) -> Result<Tensor<4>> {
+        self.segment_with(x, None, Layout::Nchw)
+    }
+
+    /// [`Self::segment`] in training mode (BatchNorm on batch statistics everywhere, running
+    /// statistics updated), running inside in `layout`; logits NCHW.
+    pub fn segment_train(&self, x: Tensor<4>, layout: Layout) -> Result<Tensor<4>> {
+        self.segment_with(x, Some(self.net.variant().bn_momentum()), layout)
+    }
+
+    fn segment_with(&self, x: Tensor<4>, train_momentum: Option<f64>, layout: Layout) -> Result<Tensor<4>> {
         let seg = self.net.segmentation.as_ref().ok_or_else(|| Error::Config(format!("{} is not a segmentation model", self.net.config.name())))?;
         let [_, _, h, w] = x.dims();
-        let (out, mut cursor) = self.backbone(x)?;
+        let (out, mut cursor) = self.backbone_with(x, train_momentum, layout)?;
         let low = out.decoder_tap.ok_or_else(|| Error::Config("segmentation network without a decoder tap".into()))?;
         let encoder = out.features;
-        let [_, _, eh, ew] = encoder.dims();
+        let (eh, ew) = layout.hw(&encoder);
+        let [sh, sw] = layout.spatial_dims();
+        let channels = layout.channel_dim();
         let mut none = Captured::default();
-        let image = self.run(&seg.image_pool, encoder.clone().mean_dims(&[2, 3]), &mut cursor, &mut none);
-        let mut branches = vec![image.repeat_dim(2, eh).repeat_dim(3, ew)];
+        let image = self.run(&seg.image_pool, encoder.clone().mean_dims(&[sh, sw]), &mut cursor, &mut none);
+        let mut branches = vec![image.repeat_dim(sh, eh).repeat_dim(sw, ew)];
         for b in &seg.aspp {
             branches.push(self.run(b, encoder.clone(), &mut cursor, &mut none));
         }
-        let aspp = self.run(&seg.project, Tensor::cat(branches, 1), &mut cursor, &mut none);
+        let aspp = self.run(&seg.project, Tensor::cat(branches, channels), &mut cursor, &mut none);
         let low = self.run(&seg.low_level, low, &mut cursor, &mut none);
-        let [_, _, lh, lw] = low.dims();
-        let decoded = self.run(&seg.decoder, Tensor::cat(vec![resize_align_corners(aspp, lh, lw), low], 1), &mut cursor, &mut none);
+        let (lh, lw) = layout.hw(&low);
+        let decoded = self.run(&seg.decoder, Tensor::cat(vec![resize_align_corners(aspp, lh, lw, layout), low], channels), &mut cursor, &mut none);
         let logits = self.run(&seg.logits, decoded, &mut cursor, &mut none);
-        Ok(resize_align_corners(logits, h, w))
+        Ok(layout.to_nchw(resize_align_corners(logits, h, w, layout)))
     }
 
     /// Global pooling of a feature map: the embedding, (N, C).
     pub fn pool(&self, features: Tensor<4>) -> Tensor<2> {
+        self.pool_in(features, Layout::Nchw)
+    }
+
+    fn pool_in(&self, features: Tensor<4>, layout: Layout) -> Tensor<2> {
+        let spatial = layout.spatial_dims();
         let pooled = match self.net.config.pooling {
-            Pooling::Avg => features.mean_dims(&[2, 3]),
-            Pooling::Max => features.max_dims(&[2, 3]),
+            Pooling::Avg => features.mean_dims(&spatial),
+            Pooling::Max => features.max_dims(&spatial),
         };
-        let [n, c, _, _] = pooled.dims();
-        pooled.reshape([n, c])
+        let [n, ..] = pooled.dims();
+        pooled.reshape([n, self.net.num_features])
     }
 
     /// Classifier logits from pooled features: every dense layer of the head, with the
@@ -323,7 +529,13 @@ impl Xception {
 
     fn run(&self, ops: &[Op], mut x: Tensor<4>, cursor: &mut Cursor, taps: &mut Captured) -> Tensor<4> {
         for op in ops {
+            let layout = cursor.layout;
             x = match op {
+                Op::Conv(c) if layout == Layout::Nhwc => {
+                    let conv = &self.convs[cursor.conv];
+                    cursor.conv += 1;
+                    conv_nhwc(x, conv.weight.val(), conv.bias.as_ref().map(|b| b.val()), c)
+                }
                 Op::Conv(c) => {
                     let [_, _, h, w] = x.dims();
                     let (t, b, _) = c.padding.resolve(h, c.kernel, c.stride, c.dilation);
@@ -345,33 +557,34 @@ impl Xception {
                     if let Some(m) = cursor.train_momentum {
                         // Batch statistics over (N, H, W); the biased variance normalises, the
                         // unbiased one enters the running estimate (as PyTorch does).
-                        let [b, _, h, w] = x.dims();
-                        let mean = x.clone().mean_dims(&[0, 2, 3]);
+                        let [a, b] = layout.spatial_dims();
+                        let dims = [0, a, b];
+                        let count = (x.dims()[0] * x.dims()[a] * x.dims()[b]) as f64;
+                        let mean = x.clone().mean_dims(&dims);
                         let centered = x - mean.clone();
-                        let var = centered.clone().powi_scalar(2).mean_dims(&[0, 2, 3]);
+                        let var = centered.clone().powi_scalar(2).mean_dims(&dims);
                         let y = centered / (var.clone() + n.eps).sqrt();
-                        let count = (b * h * w) as f64;
                         let unbiased = var.detach().reshape([c]) * (count / (count - 1.0).max(1.0));
                         bn.running_mean.update(bn.running_mean.value_sync() * (1.0 - m) + mean.detach().reshape([c]) * m);
                         bn.running_var.update(bn.running_var.value_sync() * (1.0 - m) + unbiased * m);
-                        y * bn.weight.val().reshape([1, c, 1, 1]) + bn.bias.val().reshape([1, c, 1, 1])
+                        y * layout.per_channel(bn.weight.val(), c) + layout.per_channel(bn.bias.val(), c)
                     } else {
                         // Inference BatchNorm folded to one scale and shift per channel, as
                         // PyTorch's CPU kernel does: y = x * (gamma / sqrt(var + eps)) + (beta - mean * scale).
                         let scale = bn.weight.val() / (bn.running_var.value_sync() + n.eps).sqrt();
                         let shift = bn.bias.val() - bn.running_mean.value_sync() * scale.clone();
-                        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+                        x * layout.per_channel(scale, c) + layout.per_channel(shift, c)
                     }
                 }
                 Op::Relu => relu(x),
                 Op::MaxPool { kernel, stride, padding } => {
-                    let [_, _, h, w] = x.dims();
+                    let (h, w) = layout.hw(&x);
                     let (t, b, _) = padding.resolve(h, *kernel, *stride, 1);
                     let (l, r, _) = padding.resolve(w, *kernel, *stride, 1);
                     let options = MaxPoolOptions::new([*kernel, *kernel])
                         .with_stride([*stride, *stride])
                         .with_padding_pairs([(t, b), (l, r)]);
-                    max_pool2d(x, options)
+                    layout.from_nchw(max_pool2d(layout.to_nchw(x), options))
                 }
                 Op::Tap { .. } => {
                     taps.taps.push(x.clone());

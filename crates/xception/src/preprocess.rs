@@ -59,7 +59,7 @@ impl Preprocess {
         match variant {
             Variant::Xception => Preprocess::Keras { size, resize: Resize::Nearest },
             Variant::LegacyXception => Preprocess::timm(size, 0.8975, Resize::Bicubic),
-            Variant::Xception41 | Variant::Xception65 | Variant::Xception71 => Preprocess::timm(size, 0.903, Resize::Bicubic),
+            Variant::Xception41 | Variant::Xception65 | Variant::Xception71 | Variant::XceptionTiny => Preprocess::timm(size, 0.903, Resize::Bicubic),
             Variant::Xception41p | Variant::Xception65p => Preprocess::timm(size, 0.94, Resize::Bicubic),
         }
     }
@@ -79,14 +79,16 @@ impl Preprocess {
                 let img = pil_resize(img, size as u32, size as u32, resize);
                 img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect()
             }
-            Preprocess::Timm { size, resize, crop_pct, mean, std } => {
-                let img = timm_resize_crop(img, size, crop_pct, resize);
-                img.as_raw()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| (v as f32 / 255.0 - mean[i % 3]) / std[i % 3])
-                    .collect()
-            }
+            Preprocess::Timm { size, resize, crop_pct, .. } => self.normalize(&timm_resize_crop(img, size, crop_pct, resize)),
+        }
+    }
+
+    /// The value mapping alone, on an image already at the input size (training augmentation
+    /// crops and resizes on its own).
+    pub fn normalize(&self, img: &RgbImage) -> Vec<f32> {
+        match *self {
+            Preprocess::Keras { .. } => img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect(),
+            Preprocess::Timm { mean, std, .. } => img.as_raw().iter().enumerate().map(|(i, &v)| (v as f32 / 255.0 - mean[i % 3]) / std[i % 3]).collect(),
         }
     }
 }

@@ -503,7 +503,7 @@ pub fn head_steps(w: &[f32], b: &[f32], batches: &[Vec<f32>], y: &[usize], cfg: 
 }
 
 /// The optimizer with every setting that differs between burn and PyTorch given explicitly.
-fn new_optimizer(cfg: &HeadConfig) -> burn::optim::ModuleOptimizer {
+pub(crate) fn new_optimizer(cfg: &HeadConfig) -> burn::optim::ModuleOptimizer {
     match cfg.optimizer {
         OptimizerKind::AdamW => AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(cfg.weight_decay as f32).init(),
         OptimizerKind::Sgd { momentum, nesterov } => SgdConfig::new()

@@ -148,6 +148,7 @@ pub fn lookup(name: &str, model: Option<Variant>, include_top: bool) -> Result<&
             Variant::Xception71 => "xception71.tf_in1k",
             Variant::Xception41p => "xception41p.ra3_in1k",
             Variant::Xception65p => "xception65p.ra3_in1k",
+            Variant::XceptionTiny => return Err(Error::Config("xception_tiny has no pretrained weights; train it with `xception train --model xception_tiny`".into())),
         };
         return lookup(wanted, None, include_top);
     }
@@ -319,10 +320,11 @@ mod tests {
 
     #[test]
     fn imagenet_resolves_for_every_variant_and_names_are_unique() {
-        for v in Variant::ALL {
+        for v in Variant::ALL.into_iter().filter(|&v| v != Variant::XceptionTiny) {
             let e = lookup("imagenet", Some(v), true).unwrap();
             assert_eq!(e.model, v);
         }
+        assert!(lookup("imagenet", Some(Variant::XceptionTiny), true).unwrap_err().to_string().contains("no pretrained weights"));
         assert_eq!(lookup("imagenet", Some(Variant::Xception), false).unwrap().name, "xception.keras_imagenet_notop");
         let mut names: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
         names.sort();

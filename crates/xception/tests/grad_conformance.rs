@@ -12,7 +12,7 @@ use safetensors::SafeTensors;
 use std::path::PathBuf;
 use xception::arch::{ModelConfig, Network, Op, Variant};
 use xception::weights::{deterministic, TensorMap};
-use xception::Xception;
+use xception::{Layout, Xception};
 
 const TOLERANCE: f32 = 1e-4;
 /// Gradients accumulate over every layer above them; measured worst 1.4e-4 of a tensor's scale.
@@ -35,7 +35,7 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
 
-fn check(case: &Case) -> (f32, String, f32) {
+fn check(case: &Case, layout: Layout) -> (f32, String, f32) {
     let variant = Variant::parse(&case.variant).unwrap();
     let config = ModelConfig { num_classes: case.classes, ..ModelConfig::new(variant) };
     let net = Network::build(&config).unwrap();
@@ -59,7 +59,7 @@ fn check(case: &Case) -> (f32, String, f32) {
     let x = Tensor::<4>::from_data(TensorData::new(x, [n, h, w, 3]), &device).permute([0, 3, 1, 2]);
     let y: Vec<i64> = reference(&st, "y").values.iter().map(|&v| v as i64).collect();
     let y = Tensor::<1, Int>::from_data(TensorData::new(y, [n]), &device);
-    let logits = model.forward_train(x).unwrap();
+    let logits = model.forward_train(x, layout).unwrap();
     let loss = CrossEntropyLossConfig::new().init(&device).forward(logits, y);
     let loss_value: f32 = loss.clone().into_scalar();
     let want_loss = reference(&st, "loss").values[0];
@@ -119,9 +119,11 @@ fn check(case: &Case) -> (f32, String, f32) {
 fn one_training_step_matches_timm() {
     let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(fixtures().join("grad/manifest.json")).unwrap()).unwrap();
     assert_eq!(cases.len(), 4);
-    for case in &cases {
-        let (loss_err, name, worst) = check(case);
-        eprintln!("{}: loss {loss_err:.2e}, worst gradient {name} {worst:.2e} of its scale", case.file);
+    // Both ways the network trains: burn's convolutions on NCHW (the GPU path) and the NHWC
+    // matrix-product formulation the CPU trains with.
+    for (case, layout) in cases.iter().flat_map(|c| [(c, Layout::Nchw), (c, Layout::Nhwc)]) {
+        let (loss_err, name, worst) = check(case, layout);
+        eprintln!("{} {layout:?}: loss {loss_err:.2e}, worst gradient {name} {worst:.2e} of its scale", case.file);
         assert!(loss_err <= TOLERANCE, "{}: loss differs by {loss_err:e}", case.file);
         // With every ReLU input kept far from 0, no unit can be active on one side and not on the
         // other, and every gradient must agree to rounding. Without the shift, units sitting at
