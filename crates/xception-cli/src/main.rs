@@ -178,6 +178,10 @@ struct BenchArgs {
     /// flow shapes instead of the whole network.
     #[arg(long)]
     ops: bool,
+    /// Time training steps (forward, backward, SGD update through burn's autodiff in the CPU
+    /// training layout) instead of inference.
+    #[arg(long)]
+    train: bool,
     #[arg(long)]
     json: bool,
 }
@@ -520,27 +524,34 @@ fn bench(args: BenchArgs) -> Result<()> {
     let s = args.input_size;
     let info = net.info(s, s)?;
     // Timing does not depend on the values: deterministic weights, a constant input.
-    let weights = xception::weights::deterministic(&net);
     let threads = xception::engine::resolve_threads(args.threads);
-    let runner = Runner::new(Backend::parse(&args.backend)?, net, &weights, threads)?;
-    drop(weights);
-    let item = xception::Item { name: "bench".into(), height: s, width: s, data: vec![0.1; s * s * 3] };
-    let items = vec![item; args.batch];
-    runner.predict(&items, args.batch)?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..args.runs.max(1) {
-        let t = std::time::Instant::now();
-        runner.predict(&items, args.batch)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
+    let mut times = if args.train {
+        // A training step costs about three forward passes (forward, input and weight gradients).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        pool.install(|| xception::fit::bench_steps(&net, args.batch, s, args.runs.max(1)))?
+    } else {
+        let weights = xception::weights::deterministic(&net);
+        let runner = Runner::new(Backend::parse(&args.backend)?, net, &weights, threads)?;
+        drop(weights);
+        let item = xception::Item { name: "bench".into(), height: s, width: s, data: vec![0.1; s * s * 3] };
+        let items = vec![item; args.batch];
+        runner.predict(&items, args.batch)?; // warm-up
+        let mut times = Vec::new();
+        for _ in 0..args.runs.max(1) {
+            let t = std::time::Instant::now();
+            runner.predict(&items, args.batch)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times
+    };
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let flops = 2.0 * info.macs as f64 * args.batch as f64;
+    let flops = if args.train { 3.0 } else { 1.0 } * 2.0 * info.macs as f64 * args.batch as f64;
     let gflops = flops / median / 1e9;
     let ghz = cpu_ghz();
     let peak = ghz.map(|g| g * flops_per_cycle() * threads as f64);
     let out = serde_json::json!({
-        "model": args.model, "backend": args.backend, "batch": args.batch, "threads": threads,
+        "model": args.model, "backend": if args.train { "burn-train" } else { args.backend.as_str() }, "mode": if args.train { "train" } else { "inference" }, "batch": args.batch, "threads": threads,
         "input_size": s, "output_stride": args.output_stride, "runs": times.len(),
         "median_ms": median * 1e3, "images_per_s": args.batch as f64 / median, "gflops": gflops,
         "cpu_ghz": ghz, "peak_gflops": peak, "peak_fraction": peak.map(|p| gflops / p),

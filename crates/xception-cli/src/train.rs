@@ -14,9 +14,31 @@ use xception::TensorMap;
 #[derive(Args)]
 pub struct TrainArgs {
     /// Images: a folder of class folders (with train/ and val/ inside, or split by --val-split),
-    /// or a CSV of `path,label` lines (paths relative to the CSV).
+    /// or a CSV of `path,label` lines (paths relative to the CSV); IDX files (Fashion-MNIST).
+    /// `--task segment`: a VOC or Cityscapes-style tree (its train and val splits).
     #[arg(long)]
     data: PathBuf,
+    /// classify, or segment (a DeepLabv3+ model, e.g. --model deeplabv3plus_xception65).
+    #[arg(long, default_value = "classify", value_parser = ["classify", "segment"])]
+    task: String,
+    /// Segmentation: classes of the masks (VOC: 21, background included).
+    #[arg(long, default_value_t = 21)]
+    num_classes: usize,
+    /// Segmentation: training crop (DeepLab: 513).
+    #[arg(long, default_value_t = 513)]
+    crop: usize,
+    /// Segmentation: random scale range of the training images, `min,max`.
+    #[arg(long, default_value = "0.5,2.0")]
+    scale_range: String,
+    /// Segmentation: output stride while training (DeepLab: 16).
+    #[arg(long, default_value_t = 16)]
+    output_stride: usize,
+    /// Segmentation: output stride of validation (DeepLab evaluates at 8).
+    #[arg(long, default_value_t = 8)]
+    eval_output_stride: usize,
+    /// Segmentation: validation input size (images shrink to fit it, as `segment --size`).
+    #[arg(long, default_value_t = 513)]
+    eval_size: usize,
     /// Starting weights (any file `classify` takes, or named weights); their classifier is
     /// replaced by one for the data's classes. Without it the network trains from scratch
     /// (timm's initialisation; needs --model).
@@ -270,6 +292,9 @@ fn head_config(args: &TrainArgs) -> HeadConfig {
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let started = std::time::Instant::now();
+    if args.task == "segment" {
+        return train_segment(&args, started);
+    }
     let (train_ds, val_ds) = match data::open(&args.data)? {
         Data::One(ds) => ds.split(args.val_split, args.seed)?,
         Data::Split { train, val } => (train, val),
@@ -460,7 +485,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 
 /// Training the whole network, or its top blocks, on augmented images (`fit`).
 fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dataset, started: std::time::Instant) -> Result<()> {
-    use xception::fit::{fit, init_weights, Augment, FitConfig};
+    use xception::fit::{fit, Augment, Classify, FitConfig};
     use xception::preprocess::Preprocess;
     let classes = train_ds.classes.len();
     let (variant, pretrained, eval) = match &args.weights {
@@ -484,17 +509,7 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
     config.num_classes = classes;
     config.drop_rate = dropout;
     let net = Network::build(&config)?;
-    let mut init = init_weights(&net, args.seed);
-    if let Some(p) = &pretrained {
-        let head_keys: Vec<String> = net.head.iter().map(|h| format!("{}.", h.key)).collect();
-        for spec in net.tensors().into_iter().filter(|t| !head_keys.iter().any(|k| t.name.starts_with(k))) {
-            let t = p.get(&spec.name).with_context(|| format!("{}: no tensor '{}' for {}", p.source, spec.name, variant))?;
-            if t.shape != spec.shape {
-                bail!("{}: tensor '{}' has shape {:?}, {} expects {:?}", p.source, spec.name, t.shape, variant, spec.shape);
-            }
-            init.insert(spec.name.clone(), t.clone());
-        }
-    }
+    let init = starting_weights(&net, pretrained.as_ref(), args.seed)?;
     let stages = 1 + net.blocks.len();
     let frozen_stages = match (args.weights.is_some(), args.unfreeze_top) {
         (true, Some(k)) => stages.saturating_sub(k),
@@ -530,8 +545,10 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
         stages - frozen_stages
     );
     let bar = progress(0, "train");
-    let fitted = fit(&net, &init, &train_ds, &val_ds, &eval, &fit_cfg, &args.out, args.resume, args.threads, &bar)?;
+    let task = std::sync::Arc::new(Classify { train: train_ds.clone(), val: val_ds.clone(), eval, augment: fit_cfg.augment.clone() });
+    let fitted = fit(&net, &init, task, &fit_cfg, &args.out, args.resume, args.threads, &bar)?;
     bar.finish_and_clear();
+    let fitted_val = &fitted.val.eval;
 
     let mut out = fitted.weights.clone();
     out.source = "xception train".into();
@@ -541,14 +558,14 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
     out.check(&net)?;
     let final_path = args.out.join("final.safetensors");
     out.write_safetensors(&final_path)?;
-    confusion_png(&args.out.join("confusion.png"), &fitted.val.confusion)?;
+    confusion_png(&args.out.join("confusion.png"), &fitted_val.confusion)?;
     crate::plot::curves(&args.out.join("curves.png"), &fitted.history)?;
     let summary = serde_json::json!({
         "model": final_path.display().to_string(), "variant": variant.name(), "weights": args.weights.as_ref().map(|w| w.display().to_string()),
         "classes": train_ds.classes, "train_images": train_ds.samples.len(), "val_images": val_ds.samples.len(),
         "input_size": size, "trained_stages": stages - frozen_stages, "stages": stages, "steps": fitted.steps,
-        "best_epoch": fitted.best_epoch, "epochs": args.epochs, "val_top1": fitted.val.top1, "val_top5": fitted.val.top5,
-        "val_per_class": train_ds.classes.iter().zip(&fitted.val.per_class).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect::<serde_json::Map<_, _>>(),
+        "best_epoch": fitted.best_epoch, "epochs": args.epochs, "val_top1": fitted_val.top1, "val_top5": fitted_val.top5,
+        "val_per_class": train_ds.classes.iter().zip(&fitted_val.per_class).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect::<serde_json::Map<_, _>>(),
         "seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
@@ -558,15 +575,137 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
         println!(
             "{}: validation top-1 {:.2}% (epoch {} of {}), top-5 {:.2}%; {:.0} s",
             final_path.display(),
-            100.0 * fitted.val.top1,
+            100.0 * fitted_val.top1,
             fitted.best_epoch,
             args.epochs,
-            100.0 * fitted.val.top5,
+            100.0 * fitted_val.top5,
             started.elapsed().as_secs_f64()
         );
-        for (c, a) in train_ds.classes.iter().zip(&fitted.val.per_class) {
+        for (c, a) in train_ds.classes.iter().zip(&fitted_val.per_class) {
             println!("  {c:<24} {:>6.2}%", 100.0 * a);
         }
+    }
+    Ok(())
+}
+
+/// Fresh weights for `net` (timm's initialisation, seeded), with every backbone tensor taken from
+/// `pretrained` when given (the classifier and a segmentation head always start fresh).
+fn starting_weights(net: &Network, pretrained: Option<&TensorMap>, seed: u64) -> Result<TensorMap> {
+    let mut init = xception::fit::init_weights(net, seed);
+    let Some(p) = pretrained else { return Ok(init) };
+    let fresh: Vec<String> = net.head.iter().map(|h| format!("{}.", h.key)).chain(["aspp.", "decoder.", "logits."].map(String::from)).collect();
+    for spec in net.tensors().into_iter().filter(|t| !fresh.iter().any(|k| t.name.starts_with(k))) {
+        let t = p.get(&spec.name).with_context(|| format!("{}: no tensor '{}' for {}", p.source, spec.name, net.config.name()))?;
+        if t.shape != spec.shape {
+            bail!("{}: tensor '{}' has shape {:?}, {} expects {:?}", p.source, spec.name, t.shape, net.config.name(), spec.shape);
+        }
+        init.insert(spec.name.clone(), t.clone());
+    }
+    Ok(init)
+}
+
+fn parse_range(s: &str, what: &str) -> Result<(f64, f64)> {
+    let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().with_context(|| format!("{what} '{s}': expected min,max"))?;
+    match v[..] {
+        [a, b] if 0.0 < a && a <= b => Ok((a, b)),
+        _ => bail!("{what} '{s}': expected min,max with 0 < min <= max"),
+    }
+}
+
+/// DeepLabv3+ training on a VOC or Cityscapes-style tree.
+fn train_segment(args: &TrainArgs, started: std::time::Instant) -> Result<()> {
+    use xception::fit::{fit, FitConfig, Segment};
+    let name = args.model.as_deref().context("segmentation training needs --model (e.g. deeplabv3plus_xception65)")?;
+    let backbone = Variant::parse(name.strip_prefix(xception::arch::deeplab::PREFIX).unwrap_or(name))?;
+    let config = xception::arch::Segmentation::config(backbone, args.num_classes, args.output_stride)?;
+    let net = Network::build(&config)?;
+    let train = xception::segdata::open(&args.data, "train")?;
+    let val = xception::segdata::open(&args.data, "val")?;
+    if train.is_empty() || val.is_empty() {
+        bail!("{}: segmentation training needs images in both its train and val lists", args.data.display());
+    }
+    let checkpoints = args.out.join("checkpoints");
+    if !args.resume && std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some()) {
+        bail!("{} already holds a training run; pass --resume to continue it, or choose another --out", args.out.display());
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+    let pretrained = match &args.weights {
+        Some(w) => {
+            let pipeline = load(w, &Some(backbone.name().to_string()), Head::Drop, None, args.threads, args.offline)?;
+            Some(TensorMap::read(&pipeline.weights_path)?)
+        }
+        None => None,
+    };
+    let init = starting_weights(&net, pretrained.as_ref(), args.seed)?;
+    let mut opt = head_config(args);
+    // DeepLab's recipe where the user said nothing: momentum SGD, poly decay.
+    if args.optimizer.is_none() && args.recipe.is_none() {
+        opt.optimizer = OptimizerKind::Sgd { momentum: args.momentum, nesterov: args.nesterov };
+    }
+    if args.schedule.is_none() && args.recipe.is_none() {
+        opt.schedule = Schedule::Poly { power: args.poly_power };
+    }
+    if args.lr.is_none() && args.recipe.is_none() {
+        opt.lr = 0.007;
+    }
+    if args.label_smoothing.is_none() {
+        opt.label_smoothing = 0.0;
+    }
+    let fit_cfg = FitConfig {
+        opt,
+        dropout: 0.0,
+        augment: xception::fit::Augment::default(),
+        frozen_stages: 0,
+        backbone_lr_scale: args.backbone_lr_scale,
+        checkpoint_every: args.checkpoint_every,
+        max_steps: args.max_steps,
+    };
+    let task = std::sync::Arc::new(Segment {
+        train: train.clone(),
+        val: val.clone(),
+        crop: args.crop,
+        scale: parse_range(&args.scale_range, "--scale-range")?,
+        hflip: !args.no_flip,
+        eval_size: args.eval_size,
+        eval_output_stride: args.eval_output_stride,
+        classes: args.num_classes,
+    });
+    eprintln!(
+        "{} training and {} validation images, {} classes; {} at OS {} on {}x{} crops {}, validated at OS {}",
+        train.len(),
+        val.len(),
+        args.num_classes,
+        config.name(),
+        args.output_stride,
+        args.crop,
+        args.crop,
+        if pretrained.is_some() { "from the given backbone" } else { "from scratch" },
+        args.eval_output_stride
+    );
+    let bar = progress(0, "train");
+    let fitted = fit(&net, &init, task, &fit_cfg, &args.out, args.resume, args.threads, &bar)?;
+    bar.finish_and_clear();
+    let mut out = fitted.weights.clone();
+    out.source = "xception train".into();
+    out.metadata.insert("model".into(), config.name());
+    out.check(&net)?;
+    let final_path = args.out.join("final.safetensors");
+    out.write_safetensors(&final_path)?;
+    crate::plot::curves(&args.out.join("curves.png"), &fitted.history)?;
+    let miou = fitted.val.miou.unwrap_or(0.0);
+    let summary = serde_json::json!({
+        "model": final_path.display().to_string(), "network": config.name(), "weights": args.weights.as_ref().map(|w| w.display().to_string()),
+        "train_images": train.len(), "val_images": val.len(), "classes": args.num_classes, "crop": args.crop,
+        "output_stride": args.output_stride, "eval_output_stride": args.eval_output_stride, "steps": fitted.steps,
+        "best_epoch": fitted.best_epoch, "epochs": args.epochs, "val_miou": miou, "val_pixel_accuracy": fitted.val.eval.top1,
+        "val_per_class_iou": fitted.val.eval.per_class.iter().map(|v| if v.is_nan() { serde_json::Value::Null } else { serde_json::json!(v) }).collect::<Vec<_>>(),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!("{}: validation mean IoU {:.2}% at OS {} (epoch {} of {}), pixel accuracy {:.2}%; {:.0} s", final_path.display(), 100.0 * miou, args.eval_output_stride, fitted.best_epoch, args.epochs, 100.0 * fitted.val.eval.top1, started.elapsed().as_secs_f64());
     }
     Ok(())
 }

@@ -182,3 +182,60 @@ fn burn_and_engine_write_the_same_mask() {
     assert!(agree >= 0.999, "engine and burn masks agree on {agree}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn train_seg(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    train_seg_classes(data, out, "4", extra)
+}
+
+fn train_seg_classes(data: &Path, out: &Path, classes: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train", "--task", "segment", "--data", s(data), "--model", "deeplabv3plus_xception_tiny", "--num-classes", classes, "--out", s(out), "--crop", "33",
+        "--eval-size", "49", "--batch-size", "4", "--optimizer", "adamw", "--lr", "2e-3", "--warmup-epochs", "0", "--seed", "1", "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn deeplab_trains_evaluates_and_resumes_exactly() {
+    let dir = workdir("segtrain");
+    let data = dir.join("synth");
+    let out = run(&["synth-voc", "--out", s(&data), "--count", "20", "--size", "48", "--seed", "5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 16 training images in batches of 4: 4 steps an epoch, 8 in all.
+    let reference = dir.join("reference");
+    let out = train_seg(&data, &reference, &["--epochs", "2", "--checkpoint-every", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"], 8);
+    assert_eq!(summary["eval_output_stride"], 8);
+    for name in ["final.safetensors", "curves.png", "metrics.jsonl", "summary.json"] {
+        assert!(reference.join(name).is_file(), "{name}");
+    }
+    // `eval --task segment` on the same split at the same size and stride scores the same mIoU.
+    let best = summary["best_epoch"].as_u64().unwrap();
+    let out = run(&["eval", "--task", "segment", "--data", s(&data), "--weights", s(&reference.join("final.safetensors")), "--output-stride", "8", "--size", "49", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eval: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let logged_miou = logged[best as usize - 1]["val_miou"].as_f64().unwrap();
+    assert!((eval["miou"].as_f64().unwrap() - logged_miou).abs() < 1e-9, "eval {} vs training log {logged_miou}", eval["miou"]);
+    assert!((summary["val_miou"].as_f64().unwrap() - logged_miou).abs() < 1e-9);
+
+    // Stopped inside epoch 2, resumed: the same weights to the last bit.
+    let stopped = dir.join("stopped");
+    assert!(train_seg(&data, &stopped, &["--epochs", "2", "--checkpoint-every", "3", "--max-steps", "6"]).status.success());
+    let out = train_seg(&data, &stopped, &["--epochs", "2", "--checkpoint-every", "3", "--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) = (TensorMap::read_safetensors(&stopped.join("final.safetensors")).unwrap(), TensorMap::read_safetensors(&reference.join("final.safetensors")).unwrap());
+    for (name, t) in &a.tensors {
+        assert_eq!(t.data, b.tensors[name].data, "{name} differs after the resume");
+    }
+
+    // A mask value beyond the classes is refused, naming the mask.
+    let out = train_seg_classes(&data, &dir.join("three"), "3", &["--epochs", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SegmentationClass") && err.contains("holds class value 3"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -215,7 +215,7 @@ fn bad_data_is_refused_naming_the_cause() {
     fail(&["train", "--data", s(&dir.join("one")), "--weights", s(&weights), "--out", s(&dir.join("r"))], "at least two");
     std::fs::write(dir.join("list.csv"), "path,label\nmissing.png,a\n").unwrap();
     fail(&["train", "--data", s(&dir.join("list.csv")), "--weights", s(&weights), "--out", s(&dir.join("r"))], "missing.png");
-    fail(&["train", "--data", s(&dir.join("one")), "--weights", s(&weights), "--out", s(&dir.join("r")), "--freeze", "none"], "none");
+    fail(&["train", "--data", s(&dir.join("one")), "--weights", s(&weights), "--out", s(&dir.join("r")), "--freeze", "all"], "all");
     fail(&["train", "--data", s(&dir.join("one")), "--weights", s(&weights), "--out", s(&dir.join("r")), "--schedule", "exp"], "exp");
     std::fs::remove_dir_all(&dir).unwrap();
 }

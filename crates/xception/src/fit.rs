@@ -1,5 +1,5 @@
-//! Training the whole network (or its top blocks) on images: from scratch or fine-tuning loaded
-//! weights. Images are decoded and augmented on worker threads ahead of the training thread; the
+//! Training the whole network (or its top blocks) on images, for classification or (DeepLabv3+)
+//! segmentation: from scratch or fine-tuning loaded weights. Images are decoded and augmented on worker threads ahead of the training thread; the
 //! network runs in burn's autodiff in the CPU training layout ([`Layout::for_training`]), its
 //! BatchNorms in training mode with the flavour's momentum, frozen leading stages in inference
 //! mode. Checkpoints are written atomically every `checkpoint_every` steps and at each epoch's
@@ -113,21 +113,21 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-/// A decoded, augmented batch: NHWC pixels and labels.
+/// A decoded, augmented batch: NHWC pixels and targets (one class per image, or one per pixel).
 struct Batch {
     step: usize,
+    images: usize,
     pixels: Vec<f32>,
-    labels: Vec<usize>,
+    targets: Vec<i64>,
 }
 
 /// Decodes and augments the batches of `steps` on worker threads, at most `ahead` batches ahead
 /// of the consumer. Each batch's images are decoded in parallel (rayon); results arrive in order.
-fn prefetch(ds: &Dataset, eval: Preprocess, augment: Augment, batch_size: usize, seed: u64, steps: std::ops::Range<usize>, steps_per_epoch: usize, ahead: usize) -> std::sync::mpsc::Receiver<Result<Batch>> {
+fn prefetch<T: Task>(task: std::sync::Arc<T>, batch_size: usize, seed: u64, steps: std::ops::Range<usize>, steps_per_epoch: usize, ahead: usize) -> std::sync::mpsc::Receiver<Result<Batch>> {
     let (tx, rx) = std::sync::mpsc::sync_channel(ahead);
-    let samples = ds.samples.clone();
     std::thread::spawn(move || {
         use rayon::prelude::*;
-        let n = samples.len();
+        let n = task.len();
         let mut cached: Option<(usize, Vec<usize>)> = None;
         for step in steps {
             let (epoch, b) = (step / steps_per_epoch, step % steps_per_epoch);
@@ -136,14 +136,11 @@ fn prefetch(ds: &Dataset, eval: Preprocess, augment: Augment, batch_size: usize,
             }
             let order = &cached.as_ref().expect("set above").1;
             let members = &order[b * batch_size..((b + 1) * batch_size).min(n)];
-            let images: Result<Vec<Vec<f32>>> = members
-                .par_iter()
-                .map(|&i| {
-                    let img = samples[i].load()?;
-                    Ok(augment_image(&img, &eval, &augment, &mut sample_rng(seed, epoch, i)))
-                })
-                .collect();
-            let batch = images.map(|imgs| Batch { step, pixels: imgs.concat(), labels: members.iter().map(|&i| samples[i].label).collect() });
+            let samples: Result<Vec<(Vec<f32>, Vec<i64>)>> = members.par_iter().map(|&i| task.sample(i, &mut sample_rng(seed, epoch, i))).collect();
+            let batch = samples.map(|s| {
+                let (pixels, targets): (Vec<Vec<f32>>, Vec<Vec<i64>>) = s.into_iter().unzip();
+                Batch { step, images: members.len(), pixels: pixels.concat(), targets: targets.concat() }
+            });
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
                 return;
@@ -151,6 +148,225 @@ fn prefetch(ds: &Dataset, eval: Preprocess, augment: Augment, batch_size: usize,
         }
     });
     rx
+}
+
+/// How one training pass runs the network.
+pub struct Pass {
+    pub layout: Layout,
+    pub frozen_stages: usize,
+    /// Dropout before the classifier: (rate, seed of this step's mask).
+    pub dropout: Option<(f64, u64)>,
+    pub label_smoothing: f64,
+}
+
+/// One validation's figures.
+pub struct Validation {
+    pub loss: f64,
+    /// Classification top-1 / segmentation pixel accuracy, per-class figures (accuracy / IoU,
+    /// NaN for absent classes) and the confusion matrix.
+    pub eval: Evaluation,
+    /// Segmentation: mean IoU.
+    pub miou: Option<f64>,
+}
+
+impl Validation {
+    /// What picks the best epoch: mean IoU for segmentation, top-1 otherwise.
+    pub fn score(&self) -> f64 {
+        self.miou.unwrap_or(self.eval.top1)
+    }
+}
+
+/// What a run learns: how a sample becomes an input and targets, the loss, and validation.
+pub trait Task: Send + Sync + 'static {
+    /// Training samples.
+    fn len(&self) -> usize;
+    /// Training sample `i` augmented with the stream `rng`: the input (size x size x 3) and its
+    /// targets (one class, or one per pixel with 255 ignored).
+    fn sample(&self, i: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<i64>)>;
+    fn input_size(&self) -> usize;
+    /// The batch's mean loss, and how many targets were predicted right out of how many counted.
+    fn loss(&self, model: &Xception, x: Tensor<4>, targets: Vec<i64>, pass: &Pass) -> Result<(Tensor<1>, usize, usize)>;
+    /// Scores `weights` (the network `net` was trained as) on the held-out data.
+    fn validate(&self, net: &Network, weights: &TensorMap, threads: usize) -> Result<Validation>;
+}
+
+/// Image classification on a [`Dataset`].
+pub struct Classify {
+    pub train: Dataset,
+    pub val: Dataset,
+    /// The eval transform (also the normalisation after augmentation).
+    pub eval: Preprocess,
+    pub augment: Augment,
+}
+
+impl Task for Classify {
+    fn len(&self) -> usize {
+        self.train.samples.len()
+    }
+
+    fn sample(&self, i: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<i64>)> {
+        let s = &self.train.samples[i];
+        Ok((augment_image(&s.load()?, &self.eval, &self.augment, rng), vec![s.label as i64]))
+    }
+
+    fn input_size(&self) -> usize {
+        self.eval.size()
+    }
+
+    fn loss(&self, model: &Xception, x: Tensor<4>, targets: Vec<i64>, pass: &Pass) -> Result<(Tensor<1>, usize, usize)> {
+        let device = x.device();
+        let n = targets.len();
+        let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+        let logits = model.classify(model.pool_train(x, pass.layout, pass.frozen_stages, pass.dropout)?)?;
+        let smoothing = (pass.label_smoothing > 0.0).then_some(pass.label_smoothing as f32);
+        let loss = CrossEntropyLossConfig::new().with_smoothing(smoothing).init(&device).forward(logits.clone(), y.clone());
+        let correct = logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
+        Ok((loss, correct, n))
+    }
+
+    fn validate(&self, net: &Network, weights: &TensorMap, threads: usize) -> Result<Validation> {
+        let (loss, eval) = validate(net, weights, &self.val, &self.eval, threads)?;
+        Ok(Validation { loss, eval, miou: None })
+    }
+}
+
+/// DeepLabv3+ training on VOC-style samples: DeepLab's augmentation (random scale, a crop padded
+/// with the mean pixel and the ignore label, a random mirror), per-pixel cross-entropy over the
+/// labelled pixels; validation fits each image as `segment` does and scores mean IoU, optionally
+/// at another output stride (DeepLab trains at 16 and evaluates at 8).
+pub struct Segment {
+    pub train: Vec<crate::segdata::SegSample>,
+    pub val: Vec<crate::segdata::SegSample>,
+    pub crop: usize,
+    /// Random scale range (DeepLab: 0.5 to 2.0).
+    pub scale: (f64, f64),
+    pub hflip: bool,
+    /// Input size of validation (images shrink to fit it, as `segment --size`).
+    pub eval_size: usize,
+    /// Output stride validation runs at.
+    pub eval_output_stride: usize,
+    /// Classes of the network; a mask value beyond them (other than 255) is an error.
+    pub classes: usize,
+}
+
+/// Nearest-neighbour resize of a class mask (labels must not blend).
+fn resize_mask(mask: &[u8], w: usize, h: usize, nw: usize, nh: usize) -> Vec<u8> {
+    let mut out = vec![0u8; nw * nh];
+    for y in 0..nh {
+        let sy = ((y as f64 + 0.5) * h as f64 / nh as f64) as usize;
+        for x in 0..nw {
+            let sx = ((x as f64 + 0.5) * w as f64 / nw as f64) as usize;
+            out[y * nw + x] = mask[sy.min(h - 1) * w + sx.min(w - 1)];
+        }
+    }
+    out
+}
+
+impl Task for Segment {
+    fn len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn sample(&self, i: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<i64>)> {
+        let s = &self.train[i];
+        let img = crate::preprocess::load_image(&s.image)?;
+        let (mw, mh, mask) = crate::segdata::read_mask(&s.mask)?;
+        if (mw, mh) != (img.width(), img.height()) {
+            return Err(Error::file(&s.mask, format!("is {mw}x{mh} but its image {} is {}x{}", s.image.display(), img.width(), img.height())));
+        }
+        if let Some(bad) = mask.iter().find(|&&v| v != crate::segdata::IGNORE && v as usize >= self.classes) {
+            return Err(Error::file(&s.mask, format!("holds class value {bad}, but the model has {} classes (0..{}, 255 = ignore)", self.classes, self.classes - 1)));
+        }
+        let (w, h) = (mw as usize, mh as usize);
+        let scale = self.scale.0 + (self.scale.1 - self.scale.0) * rng.uniform();
+        let (nw, nh) = (((w as f64 * scale).round() as usize).max(1), ((h as f64 * scale).round() as usize).max(1));
+        let img = pil_resize(&img, nw as u32, nh as u32, Resize::Bilinear);
+        let mask = resize_mask(&mask, w, h, nw, nh);
+        let crop = self.crop;
+        let x0 = (rng.uniform() * (nw.max(crop) - crop + 1) as f64) as usize;
+        let y0 = (rng.uniform() * (nh.max(crop) - crop + 1) as f64) as usize;
+        let flip = self.hflip && rng.uniform() < 0.5;
+        // Outside the scaled image: the mean pixel (0 after DeepLab's 2/255 x - 1) and IGNORE.
+        let mut pixels = vec![0f32; crop * crop * 3];
+        let mut labels = vec![crate::segdata::IGNORE as i64; crop * crop];
+        for y in 0..crop {
+            let sy = y0 + y;
+            if sy >= nh {
+                continue;
+            }
+            for x in 0..crop {
+                let sx = x0 + if flip { crop - 1 - x } else { x };
+                if sx >= nw {
+                    continue;
+                }
+                let p = img.get_pixel(sx as u32, sy as u32).0;
+                for c in 0..3 {
+                    pixels[(y * crop + x) * 3 + c] = p[c] as f32 / 127.5 - 1.0;
+                }
+                labels[y * crop + x] = mask[sy * nw + sx] as i64;
+            }
+        }
+        Ok((pixels, labels))
+    }
+
+    fn input_size(&self) -> usize {
+        self.crop
+    }
+
+    fn loss(&self, model: &Xception, x: Tensor<4>, targets: Vec<i64>, pass: &Pass) -> Result<(Tensor<1>, usize, usize)> {
+        let device = x.device();
+        let logits = model.segment_train(x, pass.layout)?; // N, K, H, W
+        let [n, k, h, w] = logits.dims();
+        let logp = burn::tensor::activation::log_softmax(logits.permute([0, 2, 3, 1]).reshape([n * h * w, k]), 1);
+        let valid: Vec<f32> = targets.iter().map(|&t| (t != crate::segdata::IGNORE as i64) as u8 as f32).collect();
+        let counted = valid.iter().filter(|&&v| v > 0.0).count();
+        let index: Vec<i64> = targets.iter().map(|&t| if t == crate::segdata::IGNORE as i64 { 0 } else { t }).collect();
+        let index = Tensor::<2, Int>::from_data(TensorData::new(index, [n * h * w, 1]), &device);
+        let valid = Tensor::<2>::from_data(TensorData::new(valid, [n * h * w, 1]), &device);
+        let picked = logp.clone().gather(1, index.clone()) * valid.clone();
+        let loss = picked.sum().neg() / counted.max(1) as f64;
+        let right = logp.argmax(1).equal(index).float() * valid;
+        let correct = right.sum().into_scalar::<f32>() as usize;
+        Ok((loss, correct, counted))
+    }
+
+    fn validate(&self, net: &Network, weights: &TensorMap, threads: usize) -> Result<Validation> {
+        let mut config = net.config.clone();
+        config.output_stride = self.eval_output_stride;
+        let net = Network::build(&config)?;
+        let classes = net.segmentation.as_ref().map(|s| s.num_classes).ok_or_else(|| Error::Config("validation needs a segmentation network".into()))?;
+        let runner = crate::runner::Runner::new(crate::runner::Backend::Engine, net, weights, threads)?;
+        let mut confusion = crate::segdata::Confusion::new(classes);
+        let (mut loss, mut counted) = (0f64, 0usize);
+        for s in &self.val {
+            let img = crate::preprocess::load_image(&s.image)?;
+            let (w, h, truth) = crate::segdata::read_mask(&s.mask)?;
+            if (w, h) != (img.width(), img.height()) {
+                return Err(Error::file(&s.mask, format!("is {w}x{h} but its image {} is {}x{}", s.image.display(), img.width(), img.height())));
+            }
+            let fitted = crate::segment::fit(&img, self.eval_size);
+            let logits = runner.segment(&fitted.data, self.eval_size, self.eval_size)?;
+            confusion.add(&truth, &crate::segment::label_map(&logits, fitted.content_h, fitted.content_w, h as usize, w as usize), &s.mask)?;
+            // The loss at the network's input resolution, over the part the image covers, against
+            // the mask resized there (nearest).
+            let small = resize_mask(&truth, w as usize, h as usize, fitted.content_w, fitted.content_h);
+            for y in 0..fitted.content_h {
+                for x in 0..fitted.content_w {
+                    let t = small[y * fitted.content_w + x];
+                    if t == crate::segdata::IGNORE {
+                        continue;
+                    }
+                    let row = &logits.data[(y * logits.w + x) * logits.c..][..logits.c];
+                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                    loss += m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() - row[t as usize] as f64;
+                    counted += 1;
+                }
+            }
+        }
+        let iou = confusion.iou();
+        let eval = Evaluation { top1: confusion.pixel_accuracy(), top5: f64::NAN, per_class: iou.iter().map(|v| v.unwrap_or(f64::NAN)).collect(), confusion: confusion.matrix() };
+        Ok(Validation { loss: loss / counted.max(1) as f64, eval, miou: Some(confusion.mean_iou()) })
+    }
 }
 
 /// Fresh weights for training from scratch, timm's initialisation: convs Kaiming-normal with
@@ -236,7 +452,7 @@ pub struct Fitted {
     pub weights: TensorMap,
     pub history: Vec<EpochMetrics>,
     pub best_epoch: usize,
-    pub val: Evaluation,
+    pub val: Validation,
     pub steps: usize,
 }
 
@@ -270,9 +486,9 @@ pub fn validate(net: &Network, weights: &TensorMap, ds: &Dataset, eval: &Preproc
 /// validating on `val` at each epoch's end; checkpoints under `run/checkpoints`, the log in
 /// `run/metrics.jsonl`. With `resume`, continues from the newest intact checkpoint.
 #[allow(clippy::too_many_arguments)]
-pub fn fit(net: &Network, init: &TensorMap, train: &Dataset, val: &Dataset, eval: &Preprocess, cfg: &FitConfig, run: &Path, resume: bool, threads: usize, progress: &indicatif::ProgressBar) -> Result<Fitted> {
-    if train.samples.is_empty() || val.samples.is_empty() {
-        return Err(Error::Config("training needs images in both the training and the validation split".into()));
+pub fn fit<T: Task>(net: &Network, init: &TensorMap, task: std::sync::Arc<T>, cfg: &FitConfig, run: &Path, resume: bool, threads: usize, progress: &indicatif::ProgressBar) -> Result<Fitted> {
+    if task.len() == 0 {
+        return Err(Error::Config("training needs images in the training split".into()));
     }
     let opt = &cfg.opt;
     let device = crate::device::default_device().autodiff();
@@ -284,7 +500,7 @@ pub fn fit(net: &Network, init: &TensorMap, train: &Dataset, val: &Dataset, eval
     std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
     let metrics_path = run.join("metrics.jsonl");
     let mut history: Vec<EpochMetrics> = Vec::new();
-    let n = train.samples.len();
+    let n = task.len();
     let steps_per_epoch = n.div_ceil(opt.batch_size);
     let total = steps_per_epoch * opt.epochs;
     let last_step = cfg.max_steps.map_or(total, |m| m.min(total));
@@ -316,7 +532,7 @@ pub fn fit(net: &Network, init: &TensorMap, train: &Dataset, val: &Dataset, eval
                     (model, optim, ema) = (m, o, e);
                     resumed_sums = sums;
                     let done_epochs = step / steps_per_epoch;
-                    history = read_history(&metrics_path)?.into_iter().filter(|h| h.epoch <= done_epochs).collect();
+                    history = crate::train::read_history(&metrics_path)?.into_iter().filter(|h| h.epoch <= done_epochs).collect();
                     start = step;
                     break;
                 }
@@ -325,34 +541,37 @@ pub fn fit(net: &Network, init: &TensorMap, train: &Dataset, val: &Dataset, eval
             }
         }
     }
-    let loss_fn = CrossEntropyLossConfig::new().with_smoothing((opt.label_smoothing > 0.0).then_some(opt.label_smoothing as f32)).init(&device);
-    let size = eval.size();
+    let size = task.input_size();
     progress.set_length((last_step * opt.batch_size).min(last_step / steps_per_epoch * n + (last_step % steps_per_epoch) * opt.batch_size) as u64);
     progress.set_position((start * opt.batch_size).min(n * (start / steps_per_epoch) + (start % steps_per_epoch) * opt.batch_size) as u64);
     progress.reset_eta();
-    let batches = prefetch(train, eval.clone(), cfg.augment.clone(), opt.batch_size, opt.seed, start..last_step, steps_per_epoch, 3);
+    let batches = prefetch(task.clone(), opt.batch_size, opt.seed, start..last_step, steps_per_epoch, 3);
     let head_ids: Vec<ParamId> = model.head.iter().flat_map(|l| [l.weight.id, l.bias.id]).collect();
     // The running figures of the epoch under way (restored mid-epoch from the checkpoint).
-    let EpochSums { mut loss_sum, mut correct, mut seen } = resumed_sums;
+    let EpochSums { mut loss_sum, mut correct, mut seen, mut counted_total } = resumed_sums;
     let mut epoch_started = std::time::Instant::now();
 
     for step in start..last_step {
         let batch = batches.recv().map_err(|_| Error::Config("the data loader stopped".into()))??;
         debug_assert_eq!(batch.step, step);
-        let bn = batch.labels.len();
+        let bn = batch.images;
         let lr = opt.lr_at(step, total, steps_per_epoch);
         let x = Tensor::<4>::from_data(TensorData::new(batch.pixels, [bn, size, size, 3]), &device).permute([0, 3, 1, 2]);
-        let y = Tensor::<1, Int>::from_data(TensorData::new(batch.labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [bn]), &device);
-        let dropout = (cfg.dropout > 0.0).then_some((cfg.dropout, opt.seed ^ 0xD0D0_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        let logits = model.classify(model.pool_train(x, layout, cfg.frozen_stages, dropout)?)?;
-        let loss = loss_fn.forward(logits.clone(), y.clone());
+        let pass = Pass {
+            layout,
+            frozen_stages: cfg.frozen_stages,
+            dropout: (cfg.dropout > 0.0).then_some((cfg.dropout, opt.seed ^ 0xD0D0_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+            label_smoothing: opt.label_smoothing,
+        };
+        let (loss, right, counted) = task.loss(&model, x, batch.targets, &pass)?;
         let value: f32 = loss.clone().into_scalar();
         if !value.is_finite() {
             return Err(Error::Config(format!("step {}: the loss became {value}; lower --lr", step + 1)));
         }
-        correct += logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
+        correct += right;
         loss_sum += value as f64 * bn as f64;
         seen += bn;
+        counted_total += counted;
         let mut grads = loss.backward();
         let mut head_grads = GradientsParams::from_params(&mut grads, &model, &head_ids);
         let mut backbone_grads = GradientsParams::from_grads(grads, &model);
@@ -368,22 +587,16 @@ pub fn fit(net: &Network, init: &TensorMap, train: &Dataset, val: &Dataset, eval
         }
         progress.inc(bn as u64);
         let done = step + 1;
-        progress.set_message(format!("epoch {}/{} loss {:.4} acc {:.1}% lr {lr:.3e}", step / steps_per_epoch + 1, opt.epochs, loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64));
+        progress.set_message(format!("epoch {}/{} loss {:.4} acc {:.1}% lr {lr:.3e}", step / steps_per_epoch + 1, opt.epochs, loss_sum / seen as f64, 100.0 * correct as f64 / counted_total.max(1) as f64));
         let epoch_end = done % steps_per_epoch == 0;
         if epoch_end {
             let epoch = done / steps_per_epoch;
             let weights = ema.clone().unwrap_or_else(|| model.to_tensor_map());
-            let (val_loss, val_eval) = validate(net, &weights, val, eval, threads)?;
-            history.push(EpochMetrics {
-                epoch,
-                lr,
-                train_loss: loss_sum / seen.max(1) as f64,
-                train_accuracy: correct as f64 / seen.max(1) as f64,
-                val_loss,
-                val_accuracy: val_eval.top1,
-                seconds: epoch_started.elapsed().as_secs_f64(),
-            });
-            let line = format!("epoch {epoch}: train loss {:.4} acc {:.2}%, val loss {val_loss:.4} acc {:.2}%", loss_sum / seen.max(1) as f64, 100.0 * correct as f64 / seen.max(1) as f64, 100.0 * val_eval.top1);
+            let v = task.validate(net, &weights, threads)?;
+            let (train_loss, train_accuracy) = (loss_sum / seen.max(1) as f64, correct as f64 / counted_total.max(1) as f64);
+            history.push(EpochMetrics { epoch, lr, train_loss, train_accuracy, val_loss: v.loss, val_accuracy: v.eval.top1, val_miou: v.miou, seconds: epoch_started.elapsed().as_secs_f64() });
+            let miou = v.miou.map_or(String::new(), |m| format!(", mIoU {:.2}%", 100.0 * m));
+            let line = format!("epoch {epoch}: train loss {train_loss:.4} acc {:.2}%, val loss {:.4} acc {:.2}%{miou}", 100.0 * train_accuracy, v.loss, 100.0 * v.eval.top1);
             // A hidden bar (no terminal) swallows println: the log line goes to stderr then.
             if progress.is_hidden() {
                 eprintln!("{line}");
@@ -392,22 +605,28 @@ pub fn fit(net: &Network, init: &TensorMap, train: &Dataset, val: &Dataset, eval
             }
             let lines: String = history.iter().map(|h| serde_json::to_string(h).expect("plain numbers") + "\n").collect();
             crate::atomic::write(&metrics_path, lines.as_bytes())?;
-            (loss_sum, correct, seen) = (0.0, 0, 0);
+            (loss_sum, correct, seen, counted_total) = (0.0, 0, 0, 0);
             epoch_started = std::time::Instant::now();
         }
         if epoch_end || (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || done == last_step {
-            let sums = EpochSums { loss_sum, correct, seen };
+            let sums = EpochSums { loss_sum, correct, seen, counted_total };
             save_checkpoint(&checkpoints, done, &model, ema.as_ref(), &optim, &history, steps_per_epoch, opt.keep_checkpoints, &sums)?;
         }
     }
     // The best epoch by validation accuracy (the earliest among ties); a run stopped before its
     // first epoch ended exports its last step.
-    let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch);
+    let best = best_epoch(&history);
     let best_step = best.map_or(last_step, |e| e * steps_per_epoch);
     let map = TensorMap::read_safetensors(&checkpoints.join(checkpoint_name(best_step)))?;
     let weights = strip_prefix(&map, if opt.ema.is_some() { "ema." } else { "" });
-    let (_, val_eval) = validate(net, &weights, val, eval, threads)?;
-    Ok(Fitted { weights, history, best_epoch: best.unwrap_or(0), val: val_eval, steps: last_step })
+    let val = task.validate(net, &weights, threads)?;
+    Ok(Fitted { weights, history, best_epoch: best.unwrap_or(0), val, steps: last_step })
+}
+
+/// The epoch with the best validation score (mean IoU, else accuracy), the earliest among ties.
+fn best_epoch(history: &[EpochMetrics]) -> Option<usize> {
+    let score = |m: &EpochMetrics| m.val_miou.unwrap_or(m.val_accuracy);
+    history.iter().max_by(|a, b| score(a).total_cmp(&score(b)).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch)
 }
 
 /// The tensors of `map` under `prefix`, renamed without it ("" takes those without a dot-prefix
@@ -479,18 +698,20 @@ struct EpochSums {
     loss_sum: f64,
     correct: usize,
     seen: usize,
+    /// Targets counted for the accuracy (images, or labelled pixels).
+    counted_total: usize,
 }
 
 impl EpochSums {
     fn to_metadata(&self, map: &mut TensorMap) {
         // Rust prints f64 so that it parses back to the same bits.
-        map.metadata.insert("epoch_sums".into(), format!("{},{},{}", self.loss_sum, self.correct, self.seen));
+        map.metadata.insert("epoch_sums".into(), format!("{},{},{},{}", self.loss_sum, self.correct, self.seen, self.counted_total));
     }
 
     fn from_metadata(map: &TensorMap) -> EpochSums {
         let parts: Vec<&str> = map.metadata.get("epoch_sums").map_or(vec![], |s| s.split(',').collect());
         match parts[..] {
-            [l, c, n] => EpochSums { loss_sum: l.parse().unwrap_or(0.0), correct: c.parse().unwrap_or(0), seen: n.parse().unwrap_or(0) },
+            [l, c, n, k] => EpochSums { loss_sum: l.parse().unwrap_or(0.0), correct: c.parse().unwrap_or(0), seen: n.parse().unwrap_or(0), counted_total: k.parse().unwrap_or(0) },
             _ => EpochSums::default(),
         }
     }
@@ -511,7 +732,7 @@ fn save_checkpoint(dir: &Path, step: usize, model: &Xception, ema: Option<&Tenso
     crate::atomic::write(&weights.with_extension("optim"), &optim.to_bytes()?)?;
     map.write_safetensors(&weights)?;
     // Keep the newest `keep` and the best epoch's.
-    let best = history.iter().max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy).then(b.epoch.cmp(&a.epoch))).map(|m| m.epoch * steps_per_epoch);
+    let best = best_epoch(history).map(|e| e * steps_per_epoch);
     for (old, path) in checkpoints_newest_first(dir)?.into_iter().skip(keep.max(1)) {
         if Some(old) != best {
             let _ = std::fs::remove_file(&path);
@@ -523,24 +744,34 @@ fn save_checkpoint(dir: &Path, step: usize, model: &Xception, ema: Option<&Tenso
 
 /// Checkpoints (weights and optimizer state both present), newest first.
 fn checkpoints_newest_first(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let p = e.map_err(|e| Error::io(dir, e))?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse::<usize>().ok()) {
-            if p.with_extension("optim").is_file() {
-                found.push((step, p));
-            }
-        }
-    }
-    found.sort_by_key(|c| std::cmp::Reverse(c.0));
-    Ok(found)
+    crate::train::numbered_checkpoints(dir, "step-")
 }
 
-fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
-    if !path.exists() {
-        return Ok(Vec::new());
+/// Seconds of each of `runs` training steps (forward, backward, SGD step; after one warm-up
+/// step) of `net` on a constant batch of `batch` images of `size` x `size`, deterministic
+/// weights, in the CPU training layout. For `xception bench --train`.
+pub fn bench_steps(net: &Network, batch: usize, size: usize, runs: usize) -> Result<Vec<f64>> {
+    let device = crate::device::default_device().autodiff();
+    let weights = crate::weights::deterministic(net);
+    let mut model = Xception::from_weights(net.clone(), &weights, &device)?;
+    let cfg = HeadConfig { optimizer: crate::train::OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, ..HeadConfig::default() };
+    let mut optim = crate::train::new_optimizer(&cfg);
+    let classes = net.config.classes().ok_or_else(|| Error::Config("training benchmarks need a classifier".into()))?;
+    let pass = Pass { layout: Layout::for_training(), frozen_stages: 0, dropout: None, label_smoothing: 0.0 };
+    let task = Classify { train: Dataset { classes: vec![], samples: vec![] }, val: Dataset { classes: vec![], samples: vec![] }, eval: Preprocess::timm(size, 1.0, Resize::Bilinear), augment: Augment::default() };
+    let mut times = Vec::new();
+    for run in 0..=runs {
+        let started = std::time::Instant::now();
+        let x = Tensor::<4>::from_data(TensorData::new(vec![0.1f32; batch * 3 * size * size], [batch, 3, size, size]), &device);
+        let targets = (0..batch).map(|i| (i % classes) as i64).collect();
+        let (loss, _, _) = task.loss(&model, x, targets, &pass)?;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-3, model, grads);
+        // Wait for the last update to land before stopping the clock.
+        let _ = model.convs[0].weight.val().into_data();
+        if run > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(|e| Error::file(path, format!("bad metrics line: {e}")))).collect()
+    Ok(times)
 }

@@ -136,6 +136,11 @@ impl Confusion {
         present.iter().sum::<f64>() / present.len().max(1) as f64
     }
 
+    /// matrix[true][predicted]
+    pub fn matrix(&self) -> Vec<Vec<usize>> {
+        self.counts.chunks(self.classes).map(|r| r.iter().map(|&v| v as usize).collect()).collect()
+    }
+
     pub fn pixel_accuracy(&self) -> f64 {
         let total: u64 = self.counts.iter().sum();
         let right: u64 = (0..self.classes).map(|c| self.counts[c * self.classes + c]).sum();

@@ -278,7 +278,11 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     pub train_accuracy: f64,
     pub val_loss: f64,
+    /// Classification: top-1; segmentation: pixel accuracy.
     pub val_accuracy: f64,
+    /// Segmentation: mean IoU over the classes present (what selects the best epoch there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_miou: Option<f64>,
     pub seconds: f64,
 }
 
@@ -400,6 +404,7 @@ pub fn train_head(train: &Features, val: &Features, classes: usize, cfg: &HeadCo
             train_accuracy: correct as f64 / n as f64,
             val_loss,
             val_accuracy: val_eval.top1,
+            val_miou: None,
             seconds: started.elapsed().as_secs_f64(),
         };
         progress.set_message(format!("epoch {}/{}: loss {:.4}, train {:.1}%, val {:.1}%", m.epoch, cfg.epochs, m.train_loss, 100.0 * m.train_accuracy, 100.0 * m.val_accuracy));
@@ -557,13 +562,19 @@ fn save_checkpoint(dir: &Path, epoch: usize, head: &Head, ema: Option<&TensorMap
 
 /// Checkpoints (weights and optimizer state both present), newest first.
 fn checkpoints_newest_first(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    numbered_checkpoints(dir, "epoch-")
+}
+
+/// Files `<prefix><number>.safetensors` in `dir` with their `.optim` beside them, by number,
+/// newest first.
+pub(crate) fn numbered_checkpoints(dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
     let mut found = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let p = e.map_err(|e| Error::io(dir, e))?.path();
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(epoch) = name.strip_prefix("epoch-").and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(number) = name.strip_prefix(prefix).and_then(|s| s.strip_suffix(".safetensors")).and_then(|s| s.parse::<usize>().ok()) {
             if p.with_extension("optim").is_file() {
-                found.push((epoch, p));
+                found.push((number, p));
             }
         }
     }
@@ -571,7 +582,7 @@ fn checkpoints_newest_first(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(found)
 }
 
-fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
+pub(crate) fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
