@@ -28,7 +28,7 @@ from make_fixtures import ROOT, build_model, fill_formula_weights, load_norm_sta
 # The shifted case keeps every ReLU input far from 0: implementations whose rounding differs can
 # then not disagree on which units are active, and gradients must agree to rounding.
 CASES = [("xception41", 128, 5, 0.1, 0.0), ("legacy_xception", 128, 4, 0.1, 0.0), ("xception", 131, 3, 0.01, 0.0),
-         ("xception41", 96, 5, 0.1, 4.0)]
+         ("xception41", 96, 5, 0.1, 4.0), ("xception", 99, 3, 0.01, 4.0)]
 SAMPLE = 256
 
 

@@ -564,7 +564,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             "{} batch {} on {threads} threads ({}): median {:.1} ms, {:.2} images/s, {:.1} GFLOP/s{}, peak RSS {:.0} MB",
             args.model,
             args.batch,
-            args.backend,
+            if args.train { "training steps, burn" } else { args.backend.as_str() },
             median * 1e3,
             args.batch as f64 / median,
             gflops,

@@ -517,13 +517,10 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
     };
     let crop_scale = match args.crop_scale.as_str() {
         "none" => None,
-        s => {
-            let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--crop-scale '{s}': expected min,max or none"))?;
-            match v[..] {
-                [a, b] if 0.0 < a && a <= b && b <= 1.0 => Some((a, b)),
-                _ => bail!("--crop-scale '{s}': expected min,max with 0 < min <= max <= 1, or none"),
-            }
-        }
+        s => match parse_range(s, "--crop-scale")? {
+            (_, b) if b > 1.0 => bail!("--crop-scale '{s}': the area fraction cannot exceed 1"),
+            range => Some(range),
+        },
     };
     let fit_cfg = FitConfig {
         opt: cfg,

@@ -7,6 +7,7 @@
 pub mod atomic;
 pub mod data;
 pub mod device;
+pub mod train_ops;
 pub mod fit;
 pub mod keras;
 pub mod labels;

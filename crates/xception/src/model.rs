@@ -146,6 +146,15 @@ fn conv_nhwc(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, c: &crate
     let [n, h, w, cin] = x.dims();
     let (t, b, oh) = c.padding.resolve(h, c.kernel, c.stride, c.dilation);
     let (l, r, ow) = c.padding.resolve(w, c.kernel, c.stride, c.dilation);
+    // Our depthwise kernels run on the CPU backend (the only one a non-cuda build has).
+    if c.is_depthwise() && !cfg!(feature = "cuda") {
+        let g = crate::train_ops::Geometry { kernel: c.kernel, stride: c.stride, dilation: c.dilation, pad_top: t, pad_left: l, out_h: oh, out_w: ow };
+        let out = crate::train_ops::depthwise_nhwc(x, weight, g);
+        return match bias {
+            Some(bias) => out + bias.reshape([1, 1, 1, c.out_channels]),
+            None => out,
+        };
+    }
     let x = if t + b + l + r > 0 { x.pad([(0, 0), (t, b), (l, r), (0, 0)], PadMode::Constant(0.0)) } else { x };
     // The input pixels kernel tap (i, j) reads for every output pixel.
     let tap = |i: usize, j: usize| {
@@ -554,7 +563,16 @@ impl Xception {
                     let bn = &self.norms[cursor.norm];
                     cursor.norm += 1;
                     let c = n.channels;
-                    if let Some(m) = cursor.train_momentum {
+                    if let (Some(m), Layout::Nhwc, false) = (cursor.train_momentum, layout, cfg!(feature = "cuda")) {
+                        // The CPU training path: statistics from burn's reductions on the
+                        // detached input, normalisation and its backward in one kernel each.
+                        let count = (x.dims()[0] * x.dims()[1] * x.dims()[2]) as f64;
+                        let (mean, var) = crate::train_ops::channel_moments_nhwc(x.clone().detach());
+                        let unbiased = var.clone() * (count / (count - 1.0).max(1.0));
+                        bn.running_mean.update(bn.running_mean.value_sync() * (1.0 - m) + mean.clone() * m);
+                        bn.running_var.update(bn.running_var.value_sync() * (1.0 - m) + unbiased * m);
+                        crate::train_ops::batch_norm_train_nhwc(x, bn.weight.val(), bn.bias.val(), mean, var, n.eps)
+                    } else if let Some(m) = cursor.train_momentum {
                         // Batch statistics over (N, H, W); the biased variance normalises, the
                         // unbiased one enters the running estimate (as PyTorch does).
                         let [a, b] = layout.spatial_dims();

@@ -17,6 +17,8 @@ use xception::{Layout, Xception};
 const TOLERANCE: f32 = 1e-4;
 /// Gradients accumulate over every layer above them; measured worst 1.4e-4 of a tensor's scale.
 const GRADIENT_TOLERANCE: f32 = 5e-4;
+/// The original net, whose max pools route each gradient to one of near-equal values.
+const MAX_POOL_GRADIENT_TOLERANCE: f32 = 2e-3;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -118,19 +120,31 @@ fn check(case: &Case, layout: Layout) -> (f32, String, f32) {
 #[test]
 fn one_training_step_matches_timm() {
     let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(fixtures().join("grad/manifest.json")).unwrap()).unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 5);
     // Both ways the network trains: burn's convolutions on NCHW (the GPU path) and the NHWC
     // matrix-product formulation the CPU trains with.
+    let mut failures = Vec::new();
     for (case, layout) in cases.iter().flat_map(|c| [(c, Layout::Nchw), (c, Layout::Nhwc)]) {
         let (loss_err, name, worst) = check(case, layout);
         eprintln!("{} {layout:?}: loss {loss_err:.2e}, worst gradient {name} {worst:.2e} of its scale", case.file);
-        assert!(loss_err <= TOLERANCE, "{}: loss differs by {loss_err:e}", case.file);
+        if loss_err > TOLERANCE {
+            failures.push(format!("{} {layout:?}: loss differs by {loss_err:e}", case.file));
+        }
         // With every ReLU input kept far from 0, no unit can be active on one side and not on the
-        // other, and every gradient must agree to rounding. Without the shift, units sitting at
-        // about 1e-6 of 0 switch between implementations, and each switch moves the gradients of
-        // everything before it (measured: up to a few % at 128 px); loss and running statistics
-        // are still checked there, and the gradients guarded against gross errors.
-        let bound = if case.bias_shift > 0.0 { GRADIENT_TOLERANCE } else { 0.1 };
-        assert!(worst <= bound, "{}: gradient of {name} differs by {worst:e} of its scale", case.file);
+        // other, and the aligned nets' gradients must agree to rounding. Without the shift, units
+        // sitting at about 1e-6 of 0 switch between implementations, and each switch moves the
+        // gradients of everything before it (measured: up to 11% at 128 px); loss and running
+        // statistics are still checked there, and the gradients guarded against gross errors. The
+        // original net's max pools make the same kind of discrete choice (which of near-equal
+        // values wins) even when shifted: measured 9e-4 for burn's own NCHW path there.
+        let bound = match (case.bias_shift > 0.0, case.variant.as_str()) {
+            (true, "xception" | "legacy_xception") => MAX_POOL_GRADIENT_TOLERANCE,
+            (true, _) => GRADIENT_TOLERANCE,
+            (false, _) => 0.25,
+        };
+        if worst > bound {
+            failures.push(format!("{} {layout:?}: gradient of {name} differs by {worst:e} of its scale (bound {bound:e})", case.file));
+        }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
