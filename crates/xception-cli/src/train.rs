@@ -57,19 +57,21 @@ pub struct TrainArgs {
     /// Peak learning rate (after warm-up) [default: 1e-3; paper recipe 0.045].
     #[arg(long)]
     lr: Option<f64>,
-    /// adamw (betas 0.9/0.999, eps 1e-8), sgd (momentum, dampening 0) or rmsprop (PyTorch's form)
-    /// [default: adamw; paper recipe sgd].
-    #[arg(long, value_parser = ["adamw", "sgd", "rmsprop"])]
+    /// adamw (betas 0.9/0.999, eps 1e-8), sgd (momentum, dampening 0), rmsprop (PyTorch's form)
+    /// or rmsprop-tf (TensorFlow/Keras' form: epsilon inside the square root, decoupled weight
+    /// decay) [default: adamw; paper recipe sgd].
+    #[arg(long, value_parser = ["adamw", "sgd", "rmsprop", "rmsprop-tf"])]
     optimizer: Option<String>,
     /// SGD / RMSprop momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
     #[arg(long)]
     nesterov: bool,
-    /// RMSprop smoothing constant (PyTorch's alpha; TF's decay).
+    /// RMSprop smoothing constant (PyTorch's alpha; TF's decay, Keras' rho).
     #[arg(long, default_value_t = 0.99)]
     rms_alpha: f64,
-    /// RMSprop epsilon, added to sqrt(mean square) as PyTorch does.
+    /// RMSprop epsilon: added to sqrt(mean square) (rmsprop), or under the root (rmsprop-tf; Keras'
+    /// default is 1e-7, TF1's 1e-10).
     #[arg(long, default_value_t = 1e-8)]
     rms_eps: f64,
     /// After warm-up: cosine (to 0), step (x --decay-rate every --decay-every epochs: the paper's
@@ -274,6 +276,7 @@ fn head_config(args: &TrainArgs) -> HeadConfig {
         optimizer: match args.optimizer.as_deref().unwrap_or(if paper { "sgd" } else { "adamw" }) {
             "sgd" => OptimizerKind::Sgd { momentum: args.momentum, nesterov: args.nesterov },
             "rmsprop" => OptimizerKind::RmsProp { alpha: args.rms_alpha, momentum: args.momentum, epsilon: args.rms_eps },
+            "rmsprop-tf" => OptimizerKind::RmsPropTf { rho: args.rms_alpha, momentum: args.momentum, epsilon: args.rms_eps },
             _ => OptimizerKind::AdamW,
         },
         schedule: match args.schedule.as_deref().unwrap_or(if paper { "step" } else { "cosine" }) {

@@ -14,6 +14,7 @@ pub mod labels;
 pub mod model;
 pub mod npy;
 pub mod pipeline;
+pub mod rmsprop_tf;
 pub mod preprocess;
 pub mod runner;
 pub mod segdata;

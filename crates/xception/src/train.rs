@@ -117,6 +117,10 @@ pub enum OptimizerKind {
     /// RMSprop, PyTorch's form: grad / (sqrt(mean square) + eps) (burn's defaults, momentum 0.9 and
     /// eps 1e-5, are not PyTorch's 0 and 1e-8: all three are given).
     RmsProp { alpha: f64, momentum: f64, epsilon: f64 },
+    /// RMSprop in TensorFlow's and Keras' form ([`crate::rmsprop_tf`]): epsilon inside the square
+    /// root (Keras' default 1e-7; the paper's JFT runs used TF's RMSProp with epsilon 1.0),
+    /// decoupled weight decay.
+    RmsPropTf { rho: f64, momentum: f64, epsilon: f64 },
 }
 
 /// How the learning rate moves after the linear warm-up.
@@ -522,6 +526,7 @@ pub(crate) fn new_optimizer(cfg: &HeadConfig) -> burn::optim::ModuleOptimizer {
             .with_centered(false)
             .with_weight_decay((cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32)))
             .init(),
+        OptimizerKind::RmsPropTf { rho, momentum, epsilon } => burn::optim::ModuleOptimizer::from(crate::rmsprop_tf::TfRmsProp { rho, momentum, epsilon, weight_decay: cfg.weight_decay }),
     }
 }
 

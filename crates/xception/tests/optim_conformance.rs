@@ -1,6 +1,7 @@
 //! The head `xception train` trains, stepped by burn's autodiff and optimizers as our training
 //! loop configures them, against torch.optim (tools/make_optim_fixtures.py, torch 2.15): three
-//! steps of AdamW and of SGD with momentum (plain and Nesterov), label-smoothed cross-entropy.
+//! steps of AdamW and of SGD with momentum (plain and Nesterov), label-smoothed cross-entropy; and
+//! the TF-style RMSprop against Keras 3's (tools/make_keras_rmsprop_fixture.py).
 
 mod common;
 
@@ -99,5 +100,51 @@ fn schedules_match_torch_schedulers() {
             let ours = cfg.lr_at(epoch, want.len(), 1);
             assert!((ours - lr).abs() <= 1e-9 * lr.abs().max(1e-12) + 1e-15, "{name} epoch {epoch}: {ours} vs torch {lr}");
         }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct KerasSetting {
+    name: String,
+    learning_rate: f64,
+    rho: f64,
+    momentum: f64,
+    epsilon: f64,
+    weight_decay: Option<f64>,
+}
+
+#[test]
+fn tf_style_rmsprop_matches_keras() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/optim");
+    let inputs = TensorMap::read_safetensors(&dir.join("head_steps.safetensors")).unwrap();
+    let path = dir.join("keras_rmsprop.safetensors");
+    let fx = TensorMap::read_safetensors(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    #[derive(serde::Deserialize)]
+    struct KerasMeta {
+        settings: Vec<KerasSetting>,
+    }
+    let meta: KerasMeta = serde_json::from_str(&header.metadata().as_ref().unwrap()["case"]).unwrap();
+    let t = |m: &TensorMap, name: &str| m.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).data.clone();
+    let y: Vec<usize> = t(&inputs, "y").iter().map(|&v| v as usize).collect();
+    let batches: Vec<Vec<f32>> = (0..3).map(|i| t(&inputs, &format!("x{i}"))).collect();
+    assert_eq!(meta.settings.len(), 2);
+    for s in &meta.settings {
+        let cfg = HeadConfig {
+            weight_decay: s.weight_decay.unwrap_or(0.0),
+            label_smoothing: 0.1,
+            optimizer: OptimizerKind::RmsPropTf { rho: s.rho, momentum: s.momentum, epsilon: s.epsilon },
+            ..HeadConfig::default()
+        };
+        let steps = head_steps(&t(&inputs, "w0"), &t(&inputs, "b0"), &batches, &y, &cfg, s.learning_rate);
+        let losses = t(&fx, &format!("{}.loss", s.name));
+        let mut worst = 0f32;
+        for (i, step) in steps.iter().enumerate() {
+            assert!((step.loss - losses[i]).abs() <= 1e-5 * losses[i].abs(), "{} step {}: loss {} vs Keras {}", s.name, i + 1, step.loss, losses[i]);
+            worst = worst.max(max_rel(&step.weight, &t(&fx, &format!("{}.w{}", s.name, i + 1)))).max(max_rel(&step.bias, &t(&fx, &format!("{}.b{}", s.name, i + 1))));
+        }
+        eprintln!("{}: 3 steps, worst weight difference {worst:.2e} of scale", s.name);
+        assert!(worst <= 1e-5, "{}: weights differ from Keras by {worst:e}", s.name);
     }
 }
