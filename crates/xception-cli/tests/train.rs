@@ -298,3 +298,37 @@ fn fine_tuning_the_top_blocks_leaves_the_frozen_ones_untouched() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--model"), "{}", String::from_utf8_lossy(&bad.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn whole_network_training_killed_mid_run_resumes_to_the_same_end() {
+    let dir = workdir("whole-kill");
+    let data = dir.join("colours");
+    make_images(&data, 16);
+    let extra = ["--epochs", "12", "--checkpoint-every", "1"];
+    let reference = dir.join("reference");
+    ok(&train_whole(&data, &reference, &extra));
+    let killed = dir.join("killed");
+    let mut args = vec!["train", "--data", s(&data), "--model", "xception_tiny", "--out", s(&killed), "--size", "32", "--val-split", "0.25", "--seed", "3", "--batch-size", "12", "--lr", "3e-3", "--warmup-epochs", "0", "--crop-scale", "0.5,1", "--json"];
+    args.extend_from_slice(&extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xception")).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill it between checkpoints once a few steps are saved (step 7 is inside epoch 3).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !killed.join("checkpoints/step-00000007.safetensors").exists() {
+        assert!(std::time::Instant::now() < until && child.try_wait().unwrap().is_none(), "training ended or stalled before the kill");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Command::new("kill").args(["-9", &child.id().to_string()]).status().unwrap();
+    child.wait().unwrap();
+    assert!(!killed.join("final.safetensors").exists(), "killed after the run had finished");
+    for e in std::fs::read_dir(killed.join("checkpoints")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            TensorMap::read_safetensors(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+    }
+    args.push("--resume");
+    ok(&run(&args));
+    assert_eq!(metrics(&killed), metrics(&reference));
+    same_model(&killed.join("final.safetensors"), &reference.join("final.safetensors"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
