@@ -38,6 +38,24 @@ impl Geometry {
     fn source(&self, o: usize, i: usize, pad: usize, n: usize) -> Option<usize> {
         (o * self.stride + i * self.dilation).checked_sub(pad).filter(|&v| v < n)
     }
+
+    /// Calls `f(tap, input row, output column, input column)` for every tap output row `oy`
+    /// reads from an `h` x `w` input (taps in the padding skipped), taps by kernel row, then
+    /// output column, then kernel column: the one walk the forward and both gradients share.
+    #[inline]
+    fn row_taps(&self, oy: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let k = self.kernel;
+        for i in 0..k {
+            let Some(iy) = self.source(oy, i, self.pad_top, h) else { continue };
+            for ox in 0..self.out_w {
+                for j in 0..k {
+                    if let Some(ix) = self.source(ox, j, self.pad_left, w) {
+                        f(i * k + j, iy, ox, ix);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[backend_extension(Flex, Autodiff)]
@@ -87,24 +105,15 @@ fn forward(x: &FlexTensor, weight: &FlexTensor, g: Geometry) -> FlexTensor {
     let xs = values(x);
     let (taps, wc) = taps_last(weight);
     assert_eq!(wc, c, "depthwise weight for {wc} channels on a {c}-channel map");
-    let k = g.kernel;
     let mut out = vec![0f32; n * g.out_h * g.out_w * c];
     out.par_chunks_mut(g.out_w * c).enumerate().for_each(|(row, o)| {
         let (b, oy) = (row / g.out_h, row % g.out_h);
-        for i in 0..k {
-            let Some(iy) = g.source(oy, i, g.pad_top, h) else { continue };
-            let line = &xs[(b * h + iy) * w * c..][..w * c];
-            for ox in 0..g.out_w {
-                let acc = &mut o[ox * c..][..c];
-                for j in 0..k {
-                    let Some(ix) = g.source(ox, j, g.pad_left, w) else { continue };
-                    let (px, wt) = (&line[ix * c..][..c], &taps[(i * k + j) * c..][..c]);
-                    for ((a, &v), &t) in acc.iter_mut().zip(px).zip(wt) {
-                        *a += v * t;
-                    }
-                }
+        g.row_taps(oy, h, w, |tap, iy, ox, ix| {
+            let (acc, px, wt) = (&mut o[ox * c..][..c], &xs[((b * h + iy) * w + ix) * c..][..c], &taps[tap * c..][..c]);
+            for ((a, &v), &t) in acc.iter_mut().zip(px).zip(wt) {
+                *a += v * t;
             }
-        }
+        });
     });
     FlexTensor::from_data(TensorData::new(out, [n, g.out_h, g.out_w, c]))
 }
@@ -114,24 +123,17 @@ fn grad_input(grad: &FlexTensor, weight: &FlexTensor, x_dims: [usize; 4], g: Geo
     let [n, h, w, c] = x_dims;
     let gs = values(grad);
     let (taps, _) = taps_last(weight);
-    let k = g.kernel;
     let mut out = vec![0f32; n * h * w * c];
     // One image per task: the scatter of one image never touches another's pixels.
     out.par_chunks_mut(h * w * c).enumerate().for_each(|(b, img)| {
         for oy in 0..g.out_h {
-            for i in 0..k {
-                let Some(iy) = g.source(oy, i, g.pad_top, h) else { continue };
-                for ox in 0..g.out_w {
-                    let go = &gs[((b * g.out_h + oy) * g.out_w + ox) * c..][..c];
-                    for j in 0..k {
-                        let Some(ix) = g.source(ox, j, g.pad_left, w) else { continue };
-                        let (dst, wt) = (&mut img[(iy * w + ix) * c..][..c], &taps[(i * k + j) * c..][..c]);
-                        for ((d, &v), &t) in dst.iter_mut().zip(go).zip(wt) {
-                            *d += v * t;
-                        }
-                    }
+            g.row_taps(oy, h, w, |tap, iy, ox, ix| {
+                let go = &gs[((b * g.out_h + oy) * g.out_w + ox) * c..][..c];
+                let (dst, wt) = (&mut img[(iy * w + ix) * c..][..c], &taps[tap * c..][..c]);
+                for ((d, &v), &t) in dst.iter_mut().zip(go).zip(wt) {
+                    *d += v * t;
                 }
-            }
+            });
         }
     });
     FlexTensor::from_data(TensorData::new(out, [n, h, w, c]))
@@ -148,19 +150,13 @@ fn grad_weight(x: &FlexTensor, grad: &FlexTensor, g: Geometry) -> FlexTensor {
         .map(|b| {
             let mut acc = vec![0f32; k * k * c];
             for oy in 0..g.out_h {
-                for i in 0..k {
-                    let Some(iy) = g.source(oy, i, g.pad_top, h) else { continue };
-                    for ox in 0..g.out_w {
-                        let go = &gs[((b * g.out_h + oy) * g.out_w + ox) * c..][..c];
-                        for j in 0..k {
-                            let Some(ix) = g.source(ox, j, g.pad_left, w) else { continue };
-                            let (a, px) = (&mut acc[(i * k + j) * c..][..c], &xs[((b * h + iy) * w + ix) * c..][..c]);
-                            for ((s, &v), &p) in a.iter_mut().zip(go).zip(px) {
-                                *s += v * p;
-                            }
-                        }
+                g.row_taps(oy, h, w, |tap, iy, ox, ix| {
+                    let go = &gs[((b * g.out_h + oy) * g.out_w + ox) * c..][..c];
+                    let (a, px) = (&mut acc[tap * c..][..c], &xs[((b * h + iy) * w + ix) * c..][..c]);
+                    for ((s, &v), &p) in a.iter_mut().zip(go).zip(px) {
+                        *s += v * p;
                     }
-                }
+                });
             }
             acc
         })
@@ -197,27 +193,38 @@ impl TrainOpsBackend for Flex {
 fn moments(x: &FlexTensor) -> FlexTensor {
     let xs = values(x);
     let c = x.layout().shape().dims::<4>()[3];
-    let channel_sums = |f: &(dyn Fn(usize, f32) -> f64 + Sync)| -> Vec<f64> {
-        xs.par_chunks(c * 64)
-            .map(|block| {
-                let mut a = vec![0f64; c];
-                for row in block.chunks(c) {
-                    for (ch, (s, &v)) in a.iter_mut().zip(row).enumerate() {
-                        *s += f(ch, v);
-                    }
-                }
-                a
-            })
-            .reduce(|| vec![0f64; c], |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            })
-    };
-    let count = (xs.len() / c.max(1)) as f64;
-    let mean: Vec<f64> = channel_sums(&|_, v| v as f64).iter().map(|s| s / count).collect();
-    let var: Vec<f64> = channel_sums(&|ch, v| (v as f64 - mean[ch]).powi(2)).iter().map(|s| s / count).collect();
+    let rows = xs.len() / c.max(1);
+    let [sums] = channel_sums(rows, c, |r, ch| [xs[r * c + ch] as f64]);
+    let mean: Vec<f64> = sums.iter().map(|s| s / rows as f64).collect();
+    let [squares] = channel_sums(rows, c, |r, ch| [(xs[r * c + ch] as f64 - mean[ch]).powi(2)]);
+    let var: Vec<f64> = squares.iter().map(|s| s / rows as f64).collect();
     let out: Vec<f32> = mean.iter().chain(&var).map(|&v| v as f32).collect();
     FlexTensor::from_data(TensorData::new(out, [2, c]))
+}
+
+/// Per-channel f64 sums of the `K` values `f(row, channel)` over the rows of a (rows, C) map,
+/// blocks of 64 rows in parallel.
+fn channel_sums<const K: usize>(rows: usize, c: usize, f: impl Fn(usize, usize) -> [f64; K] + Sync) -> [Vec<f64>; K] {
+    let zeros = || std::array::from_fn::<Vec<f64>, K, _>(|_| vec![0f64; c]);
+    (0..rows.div_ceil(64))
+        .into_par_iter()
+        .map(|block| {
+            let mut acc = zeros();
+            for r in block * 64..(block * 64 + 64).min(rows) {
+                for ch in 0..c {
+                    for (a, v) in acc.iter_mut().zip(f(r, ch)) {
+                        a[ch] += v;
+                    }
+                }
+            }
+            acc
+        })
+        .reduce(zeros, |mut a, b| {
+            for (x, y) in a.iter_mut().zip(&b) {
+                x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+            }
+            a
+        })
 }
 
 /// The backward step of an operation no gradient flows through.
@@ -316,26 +323,11 @@ impl Backward<Flex, 3> for BatchNormGrad {
         let (g, m) = (channel_values(&gamma), channel_values(&mean));
         let inv_std: Vec<f64> = channel_values(&var).iter().map(|v| 1.0 / (v + self.0).sqrt()).collect();
         let rows = xs.len() / c;
-        // Per-channel sums of dy and dy * x_hat, in f64, row blocks in parallel.
-        let (sum_dy, sum_dy_xhat) = xs
-            .par_chunks(c * 64)
-            .zip(dy.par_chunks(c * 64))
-            .map(|(xb, db)| {
-                let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
-                for (xr, dr) in xb.chunks(c).zip(db.chunks(c)) {
-                    for ch in 0..c {
-                        let d = dr[ch] as f64;
-                        s1[ch] += d;
-                        s2[ch] += d * (xr[ch] as f64 - m[ch]) * inv_std[ch];
-                    }
-                }
-                (s1, s2)
-            })
-            .reduce(|| (vec![0f64; c], vec![0f64; c]), |(mut a1, mut a2), (b1, b2)| {
-                a1.iter_mut().zip(&b1).for_each(|(x, y)| *x += y);
-                a2.iter_mut().zip(&b2).for_each(|(x, y)| *x += y);
-                (a1, a2)
-            });
+        // Per-channel sums of dy and dy * x_hat.
+        let [sum_dy, sum_dy_xhat] = channel_sums(rows, c, |r, ch| {
+            let d = dy[r * c + ch] as f64;
+            [d, d * (xs[r * c + ch] as f64 - m[ch]) * inv_std[ch]]
+        });
         let channel = |v: Vec<f64>| FlexTensor::from_data(TensorData::new(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), [c]));
         if let Some(node) = node_x {
             let count = rows as f64;
