@@ -95,6 +95,18 @@ pub struct BatchNorm2d {
     pub running_var: RunningState<Tensor<1>>,
 }
 
+impl BatchNorm2d {
+    /// Moves the running statistics towards a batch's with momentum `m` (PyTorch's convention:
+    /// new = (1 - m) * old + m * batch). `var` is the batch's biased variance over `count`
+    /// values per channel, which normalises; its unbiased form enters the running estimate, as
+    /// PyTorch does.
+    fn update_running(&self, mean: Tensor<1>, var: Tensor<1>, count: f64, m: f64) {
+        let unbiased = var * (count / (count - 1.0).max(1.0));
+        self.running_mean.update(self.running_mean.value_sync() * (1.0 - m) + mean * m);
+        self.running_var.update(self.running_var.value_sync() * (1.0 - m) + unbiased * m);
+    }
+}
+
 /// Linear classifier, PyTorch layout: weight (out, in), bias (out).
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -146,8 +158,7 @@ fn conv_nhwc(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, c: &crate
     let [n, h, w, cin] = x.dims();
     let (t, b, oh) = c.padding.resolve(h, c.kernel, c.stride, c.dilation);
     let (l, r, ow) = c.padding.resolve(w, c.kernel, c.stride, c.dilation);
-    // Our depthwise kernels run on the CPU backend (the only one a non-cuda build has).
-    if c.is_depthwise() && !cfg!(feature = "cuda") {
+    if c.is_depthwise() && crate::train_ops::AVAILABLE {
         let g = crate::train_ops::Geometry { kernel: c.kernel, stride: c.stride, dilation: c.dilation, pad_top: t, pad_left: l, out_h: oh, out_w: ow };
         let out = crate::train_ops::depthwise_nhwc(x, weight, g);
         return match bias {
@@ -563,28 +574,21 @@ impl Xception {
                     let bn = &self.norms[cursor.norm];
                     cursor.norm += 1;
                     let c = n.channels;
-                    if let (Some(m), Layout::Nhwc, false) = (cursor.train_momentum, layout, cfg!(feature = "cuda")) {
-                        // The CPU training path: statistics from burn's reductions on the
-                        // detached input, normalisation and its backward in one kernel each.
-                        let count = (x.dims()[0] * x.dims()[1] * x.dims()[2]) as f64;
+                    let [a, b] = layout.spatial_dims();
+                    let count = (x.dims()[0] * x.dims()[a] * x.dims()[b]) as f64;
+                    if let (Some(m), Layout::Nhwc, true) = (cursor.train_momentum, layout, crate::train_ops::AVAILABLE) {
+                        // The CPU training path: statistics of the detached input and the
+                        // normalisation with its backward, each one of our kernels.
                         let (mean, var) = crate::train_ops::channel_moments_nhwc(x.clone().detach());
-                        let unbiased = var.clone() * (count / (count - 1.0).max(1.0));
-                        bn.running_mean.update(bn.running_mean.value_sync() * (1.0 - m) + mean.clone() * m);
-                        bn.running_var.update(bn.running_var.value_sync() * (1.0 - m) + unbiased * m);
+                        bn.update_running(mean.clone(), var.clone(), count, m);
                         crate::train_ops::batch_norm_train_nhwc(x, bn.weight.val(), bn.bias.val(), mean, var, n.eps)
                     } else if let Some(m) = cursor.train_momentum {
-                        // Batch statistics over (N, H, W); the biased variance normalises, the
-                        // unbiased one enters the running estimate (as PyTorch does).
-                        let [a, b] = layout.spatial_dims();
                         let dims = [0, a, b];
-                        let count = (x.dims()[0] * x.dims()[a] * x.dims()[b]) as f64;
                         let mean = x.clone().mean_dims(&dims);
                         let centered = x - mean.clone();
                         let var = centered.clone().powi_scalar(2).mean_dims(&dims);
                         let y = centered / (var.clone() + n.eps).sqrt();
-                        let unbiased = var.detach().reshape([c]) * (count / (count - 1.0).max(1.0));
-                        bn.running_mean.update(bn.running_mean.value_sync() * (1.0 - m) + mean.detach().reshape([c]) * m);
-                        bn.running_var.update(bn.running_var.value_sync() * (1.0 - m) + unbiased * m);
+                        bn.update_running(mean.detach().reshape([c]), var.detach().reshape([c]), count, m);
                         y * layout.per_channel(bn.weight.val(), c) + layout.per_channel(bn.bias.val(), c)
                     } else {
                         // Inference BatchNorm folded to one scale and shift per channel, as

@@ -19,6 +19,10 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
+/// Whether these kernels can run: they are written for the CPU backend, the only one a build
+/// without the `cuda` feature has (a cuda build trains on burn's own NCHW ops).
+pub const AVAILABLE: bool = !cfg!(feature = "cuda");
+
 /// Where a depthwise conv reads: kernel k x k, stride, dilation, the padding before the first
 /// row and column, and the output size (the padding after follows from it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
