@@ -368,13 +368,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         "classes": train_ds.classes, "train_images": train_ds.samples.len(), "val_images": val_ds.samples.len(),
         "best_epoch": trained.best_epoch, "epochs": args.epochs,
         "val_top1": trained.val.top1, "val_top5": trained.val.top5,
-        "val_per_class": train_ds.classes.iter().zip(&trained.val.per_class).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect::<serde_json::Map<_, _>>(),
+        "val_per_class": per_class(&train_ds.classes, &trained.val.per_class),
         "train_accuracy_at_best": best.train_accuracy, "embed_seconds": embed_seconds, "seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    if args.json {
-        println!("{summary}");
-    } else {
+    report(&args.out, &summary, args.json, || {
         println!(
             "{}: validation top-1 {:.2}% (epoch {} of {}), top-5 {:.2}%; {:.0} s ({:.0} s embedding)",
             final_path.display(),
@@ -385,9 +382,29 @@ pub fn train(args: TrainArgs) -> Result<()> {
             started.elapsed().as_secs_f64(),
             embed_seconds
         );
-        for (c, a) in train_ds.classes.iter().zip(&trained.val.per_class) {
-            println!("  {c:<24} {:>6.2}%", 100.0 * a);
-        }
+        print_per_class(&train_ds.classes, &trained.val.per_class);
+    })
+}
+
+/// Per-class accuracies by class name, for summary.json.
+fn per_class(classes: &[String], values: &[f64]) -> serde_json::Map<String, serde_json::Value> {
+    classes.iter().zip(values).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect()
+}
+
+fn print_per_class(classes: &[String], values: &[f64]) {
+    for (c, a) in classes.iter().zip(values) {
+        println!("  {c:<24} {:>6.2}%", 100.0 * a);
+    }
+}
+
+/// Writes `RUN/summary.json` (atomically, like every file of a run) and prints the summary: as
+/// one JSON line with `--json`, else by `human`.
+fn report(out: &Path, summary: &serde_json::Value, json: bool, human: impl FnOnce()) -> Result<()> {
+    xception::atomic::write(&out.join("summary.json"), serde_json::to_string_pretty(summary)?.as_bytes())?;
+    if json {
+        println!("{summary}");
+    } else {
+        human();
     }
     Ok(())
 }
@@ -395,7 +412,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
 /// Mean IoU over a segmentation tree: each image fitted as `segment` fits it, its class map at
 /// the mask's size scored against the mask (255 ignored).
 fn eval_segment(args: &EvalArgs) -> Result<()> {
-    use xception::segdata::{read_mask, Confusion};
+    use xception::segdata::Confusion;
     use xception::segment::{fit, label_map, label_map_multiscale};
     let samples = xception::segdata::open(&args.data, &args.split)?;
     let mut options = LoadOptions::new(args.weights.clone(), Head::IfPresent);
@@ -409,11 +426,8 @@ fn eval_segment(args: &EvalArgs) -> Result<()> {
     let mut confusion = Confusion::new(seg.num_classes);
     let bar = progress(samples.len(), "eval");
     for s in &samples {
-        let img = xception::preprocess::load_image(&s.image)?;
-        let (w, h, truth) = read_mask(&s.mask)?;
-        if (w, h) != (img.width(), img.height()) {
-            bail!("{} is {w}x{h} but its image {} is {}x{}", s.mask.display(), s.image.display(), img.width(), img.height());
-        }
+        let (img, truth) = s.load()?;
+        let (w, h) = (img.width(), img.height());
         let predicted = if args.scales == [1.0] && !args.flip {
             let fitted = fit(&img, size);
             let logits = pipeline.runner.segment(&fitted.data, size, size)?;
@@ -491,6 +505,9 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
     use xception::fit::{fit, Augment, Classify, FitConfig};
     use xception::preprocess::Preprocess;
     let classes = train_ds.classes.len();
+    if args.freeze.as_deref() == Some("none") && args.unfreeze_top.is_some() {
+        bail!("--unfreeze-top K trains the top K stages of a frozen backbone; it contradicts --freeze none");
+    }
     let (variant, pretrained, eval) = match &args.weights {
         Some(w) => {
             let pipeline = load(w, &args.model, Head::Drop, args.size, args.threads, args.offline)?;
@@ -503,9 +520,6 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
             (v, None, Preprocess::default_for(v, size))
         }
     };
-    if args.freeze.as_deref() == Some("none") && args.unfreeze_top.is_some() {
-        bail!("--unfreeze-top K trains the top K stages of a frozen backbone; it contradicts --freeze none");
-    }
     let paper = args.recipe.as_deref() == Some("paper");
     let dropout = args.dropout.unwrap_or(if paper { 0.5 } else { 0.0 });
     let mut config = ModelConfig::new(variant);
@@ -525,10 +539,10 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
             range => Some(range),
         },
     };
+    let augment = Augment { crop_scale, hflip: !args.no_flip, ..Augment::default() };
     let fit_cfg = FitConfig {
         opt: cfg,
         dropout,
-        augment: Augment { crop_scale, hflip: !args.no_flip, ..Augment::default() },
         frozen_stages,
         backbone_lr_scale: args.backbone_lr_scale,
         checkpoint_every: args.checkpoint_every,
@@ -545,7 +559,7 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
         stages - frozen_stages
     );
     let bar = progress(0, "train");
-    let task = std::sync::Arc::new(Classify { train: train_ds.clone(), val: val_ds.clone(), eval, augment: fit_cfg.augment.clone() });
+    let task = std::sync::Arc::new(Classify { train: train_ds.clone(), val: val_ds.clone(), eval, augment });
     let fitted = fit(&net, &init, task, &fit_cfg, &args.out, args.resume, args.threads, &bar)?;
     bar.finish_and_clear();
     let fitted_val = &fitted.val.eval;
@@ -565,13 +579,10 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
         "classes": train_ds.classes, "train_images": train_ds.samples.len(), "val_images": val_ds.samples.len(),
         "input_size": size, "trained_stages": stages - frozen_stages, "stages": stages, "steps": fitted.steps,
         "best_epoch": fitted.best_epoch, "epochs": args.epochs, "val_top1": fitted_val.top1, "val_top5": fitted_val.top5,
-        "val_per_class": train_ds.classes.iter().zip(&fitted_val.per_class).map(|(c, a)| (c.clone(), serde_json::Value::from(*a))).collect::<serde_json::Map<_, _>>(),
+        "val_per_class": per_class(&train_ds.classes, &fitted_val.per_class),
         "seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    if args.json {
-        println!("{summary}");
-    } else {
+    report(&args.out, &summary, args.json, || {
         println!(
             "{}: validation top-1 {:.2}% (epoch {} of {}), top-5 {:.2}%; {:.0} s",
             final_path.display(),
@@ -581,11 +592,8 @@ fn train_whole(args: &TrainArgs, cfg: HeadConfig, train_ds: Dataset, val_ds: Dat
             100.0 * fitted_val.top5,
             started.elapsed().as_secs_f64()
         );
-        for (c, a) in train_ds.classes.iter().zip(&fitted_val.per_class) {
-            println!("  {c:<24} {:>6.2}%", 100.0 * a);
-        }
-    }
-    Ok(())
+        print_per_class(&train_ds.classes, &fitted_val.per_class);
+    })
 }
 
 /// Fresh weights for `net` (timm's initialisation, seeded), with every backbone tensor taken from
@@ -654,7 +662,6 @@ fn train_segment(args: &TrainArgs, started: std::time::Instant) -> Result<()> {
     let fit_cfg = FitConfig {
         opt,
         dropout: 0.0,
-        augment: xception::fit::Augment::default(),
         frozen_stages: 0,
         backbone_lr_scale: args.backbone_lr_scale,
         checkpoint_every: args.checkpoint_every,
@@ -701,11 +708,7 @@ fn train_segment(args: &TrainArgs, started: std::time::Instant) -> Result<()> {
         "val_per_class_iou": fitted.val.eval.per_class.iter().map(|v| if v.is_nan() { serde_json::Value::Null } else { serde_json::json!(v) }).collect::<Vec<_>>(),
         "seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(args.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    if args.json {
-        println!("{summary}");
-    } else {
+    report(&args.out, &summary, args.json, || {
         println!("{}: validation mean IoU {:.2}% at OS {} (epoch {} of {}), pixel accuracy {:.2}%; {:.0} s", final_path.display(), 100.0 * miou, args.eval_output_stride, fitted.best_epoch, args.epochs, 100.0 * fitted.val.eval.top1, started.elapsed().as_secs_f64());
-    }
-    Ok(())
+    })
 }

@@ -1,6 +1,6 @@
 //! Training the whole network (or its top blocks) on images, for classification or (DeepLabv3+)
-//! segmentation: from scratch or fine-tuning loaded weights. Images are decoded and augmented on worker threads ahead of the training thread; the
-//! network runs in burn's autodiff in the CPU training layout ([`Layout::for_training`]), its
+//! segmentation: from scratch or fine-tuning loaded weights. Images are decoded and augmented on
+//! worker threads ahead of the training thread; the network runs in burn's autodiff in the CPU training layout ([`Layout::for_training`]), its
 //! BatchNorms in training mode with the flavour's momentum, frozen leading stages in inference
 //! mode. Checkpoints are written atomically every `checkpoint_every` steps and at each epoch's
 //! end; everything random (data order, crops, flips, dropout) is a function of the seed and the
@@ -45,7 +45,6 @@ pub struct FitConfig {
     pub opt: HeadConfig,
     /// Dropout before the classifier (the paper's 0.5).
     pub dropout: f64,
-    pub augment: Augment,
     /// Leading stages (stem, then blocks in order) kept frozen: BatchNorm in inference mode, no
     /// gradients. 0 trains everything.
     pub frozen_stages: usize,
@@ -127,7 +126,7 @@ fn prefetch<T: Task>(task: std::sync::Arc<T>, batch_size: usize, seed: u64, step
     let (tx, rx) = std::sync::mpsc::sync_channel(ahead);
     std::thread::spawn(move || {
         use rayon::prelude::*;
-        let n = task.len();
+        let n = task.train_len();
         let mut cached: Option<(usize, Vec<usize>)> = None;
         for step in steps {
             let (epoch, b) = (step / steps_per_epoch, step % steps_per_epoch);
@@ -178,8 +177,8 @@ impl Validation {
 
 /// What a run learns: how a sample becomes an input and targets, the loss, and validation.
 pub trait Task: Send + Sync + 'static {
-    /// Training samples.
-    fn len(&self) -> usize;
+    /// Number of training samples.
+    fn train_len(&self) -> usize;
     /// Training sample `i` augmented with the stream `rng`: the input (size x size x 3) and its
     /// targets (one class, or one per pixel with 255 ignored).
     fn sample(&self, i: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<i64>)>;
@@ -200,7 +199,7 @@ pub struct Classify {
 }
 
 impl Task for Classify {
-    fn len(&self) -> usize {
+    fn train_len(&self) -> usize {
         self.train.samples.len()
     }
 
@@ -214,20 +213,32 @@ impl Task for Classify {
     }
 
     fn loss(&self, model: &Xception, x: Tensor<4>, targets: Vec<i64>, pass: &Pass) -> Result<(Tensor<1>, usize, usize)> {
-        let device = x.device();
-        let n = targets.len();
-        let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
-        let logits = model.classify(model.pool_train(x, pass.layout, pass.frozen_stages, pass.dropout)?)?;
-        let smoothing = (pass.label_smoothing > 0.0).then_some(pass.label_smoothing as f32);
-        let loss = CrossEntropyLossConfig::new().with_smoothing(smoothing).init(&device).forward(logits.clone(), y.clone());
-        let correct = logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
-        Ok((loss, correct, n))
+        classification_loss(model, x, targets, pass)
     }
 
     fn validate(&self, net: &Network, weights: &TensorMap, threads: usize) -> Result<Validation> {
         let (loss, eval) = validate(net, weights, &self.val, &self.eval, threads)?;
         Ok(Validation { loss, eval, miou: None })
     }
+}
+
+/// Mean (label-smoothed) cross-entropy of the classifier on an NCHW batch in training mode, and
+/// how many of the `targets` were predicted right.
+fn classification_loss(model: &Xception, x: Tensor<4>, targets: Vec<i64>, pass: &Pass) -> Result<(Tensor<1>, usize, usize)> {
+    let device = x.device();
+    let n = targets.len();
+    let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    let logits = model.classify(model.pool_train(x, pass.layout, pass.frozen_stages, pass.dropout)?)?;
+    let smoothing = (pass.label_smoothing > 0.0).then_some(pass.label_smoothing as f32);
+    let loss = CrossEntropyLossConfig::new().with_smoothing(smoothing).init(&device).forward(logits.clone(), y.clone());
+    let correct = logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
+    Ok((loss, correct, n))
+}
+
+/// -log softmax(row)[y], in f64.
+fn nll(row: &[f32], y: usize) -> f64 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() - row[y] as f64
 }
 
 /// DeepLabv3+ training on VOC-style samples: DeepLab's augmentation (random scale, a crop padded
@@ -263,21 +274,17 @@ fn resize_mask(mask: &[u8], w: usize, h: usize, nw: usize, nh: usize) -> Vec<u8>
 }
 
 impl Task for Segment {
-    fn len(&self) -> usize {
+    fn train_len(&self) -> usize {
         self.train.len()
     }
 
     fn sample(&self, i: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<i64>)> {
         let s = &self.train[i];
-        let img = crate::preprocess::load_image(&s.image)?;
-        let (mw, mh, mask) = crate::segdata::read_mask(&s.mask)?;
-        if (mw, mh) != (img.width(), img.height()) {
-            return Err(Error::file(&s.mask, format!("is {mw}x{mh} but its image {} is {}x{}", s.image.display(), img.width(), img.height())));
-        }
+        let (img, mask) = s.load()?;
         if let Some(bad) = mask.iter().find(|&&v| v != crate::segdata::IGNORE && v as usize >= self.classes) {
             return Err(Error::file(&s.mask, format!("holds class value {bad}, but the model has {} classes (0..{}, 255 = ignore)", self.classes, self.classes - 1)));
         }
-        let (w, h) = (mw as usize, mh as usize);
+        let (w, h) = (img.width() as usize, img.height() as usize);
         let scale = self.scale.0 + (self.scale.1 - self.scale.0) * rng.uniform();
         let (nw, nh) = (((w as f64 * scale).round() as usize).max(1), ((h as f64 * scale).round() as usize).max(1));
         let img = pil_resize(&img, nw as u32, nh as u32, Resize::Bilinear);
@@ -339,11 +346,8 @@ impl Task for Segment {
         let mut confusion = crate::segdata::Confusion::new(classes);
         let (mut loss, mut counted) = (0f64, 0usize);
         for s in &self.val {
-            let img = crate::preprocess::load_image(&s.image)?;
-            let (w, h, truth) = crate::segdata::read_mask(&s.mask)?;
-            if (w, h) != (img.width(), img.height()) {
-                return Err(Error::file(&s.mask, format!("is {w}x{h} but its image {} is {}x{}", s.image.display(), img.width(), img.height())));
-            }
+            let (img, truth) = s.load()?;
+            let (w, h) = (img.width(), img.height());
             let fitted = crate::segment::fit(&img, self.eval_size);
             let logits = runner.segment(&fitted.data, self.eval_size, self.eval_size)?;
             confusion.add(&truth, &crate::segment::label_map(&logits, fitted.content_h, fitted.content_w, h as usize, w as usize), &s.mask)?;
@@ -356,9 +360,7 @@ impl Task for Segment {
                     if t == crate::segdata::IGNORE {
                         continue;
                     }
-                    let row = &logits.data[(y * logits.w + x) * logits.c..][..logits.c];
-                    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                    loss += m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() - row[t as usize] as f64;
+                    loss += nll(&logits.data[(y * logits.w + x) * logits.c..][..logits.c], t as usize);
                     counted += 1;
                 }
             }
@@ -434,18 +436,6 @@ impl Optimizers {
     }
 }
 
-/// The moving average of every tensor of the network (running statistics included, as timm's
-/// ModelEmaV2 averages the whole state dict).
-fn ema_update(ema: &mut TensorMap, current: &TensorMap, decay: f64) {
-    let d = decay as f32;
-    for (name, t) in &current.tensors {
-        let shadow = ema.tensors.get_mut(name).expect("same network");
-        for (s, v) in shadow.data.iter_mut().zip(&t.data) {
-            *s = d * *s + (1.0 - d) * v;
-        }
-    }
-}
-
 /// What a finished run returns.
 pub struct Fitted {
     /// The weights of the best epoch by validation accuracy (the moving average with `ema`).
@@ -473,12 +463,7 @@ pub fn validate(net: &Network, weights: &TensorMap, ds: &Dataset, eval: &Preproc
         }
     }
     let labels: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
-    let mut loss = 0f64;
-    for (row, &y) in logits.chunks(classes).zip(&labels) {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-        loss += lse - row[y] as f64;
-    }
+    let loss: f64 = logits.chunks(classes).zip(&labels).map(|(row, &y)| nll(row, y)).sum();
     Ok((loss / labels.len().max(1) as f64, evaluate(&logits, &labels, classes)))
 }
 
@@ -487,7 +472,7 @@ pub fn validate(net: &Network, weights: &TensorMap, ds: &Dataset, eval: &Preproc
 /// `run/metrics.jsonl`. With `resume`, continues from the newest intact checkpoint.
 #[allow(clippy::too_many_arguments)]
 pub fn fit<T: Task>(net: &Network, init: &TensorMap, task: std::sync::Arc<T>, cfg: &FitConfig, run: &Path, resume: bool, threads: usize, progress: &indicatif::ProgressBar) -> Result<Fitted> {
-    if task.len() == 0 {
+    if task.train_len() == 0 {
         return Err(Error::Config("training needs images in the training split".into()));
     }
     let opt = &cfg.opt;
@@ -500,7 +485,7 @@ pub fn fit<T: Task>(net: &Network, init: &TensorMap, task: std::sync::Arc<T>, cf
     std::fs::create_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
     let metrics_path = run.join("metrics.jsonl");
     let mut history: Vec<EpochMetrics> = Vec::new();
-    let n = task.len();
+    let n = task.train_len();
     let steps_per_epoch = n.div_ceil(opt.batch_size);
     let total = steps_per_epoch * opt.epochs;
     let last_step = cfg.max_steps.map_or(total, |m| m.min(total));
@@ -542,8 +527,10 @@ pub fn fit<T: Task>(net: &Network, init: &TensorMap, task: std::sync::Arc<T>, cf
         }
     }
     let size = task.input_size();
-    progress.set_length((last_step * opt.batch_size).min(last_step / steps_per_epoch * n + (last_step % steps_per_epoch) * opt.batch_size) as u64);
-    progress.set_position((start * opt.batch_size).min(n * (start / steps_per_epoch) + (start % steps_per_epoch) * opt.batch_size) as u64);
+    // Images trained on before `step` (an epoch's last batch may be short).
+    let images_before = |step: usize| (step / steps_per_epoch * n + step % steps_per_epoch * opt.batch_size) as u64;
+    progress.set_length(images_before(last_step));
+    progress.set_position(images_before(start));
     progress.reset_eta();
     let batches = prefetch(task.clone(), opt.batch_size, opt.seed, start..last_step, steps_per_epoch, 3);
     let head_ids: Vec<ParamId> = model.head.iter().flat_map(|l| [l.weight.id, l.bias.id]).collect();
@@ -576,14 +563,16 @@ pub fn fit<T: Task>(net: &Network, init: &TensorMap, task: std::sync::Arc<T>, cf
         let mut head_grads = GradientsParams::from_params(&mut grads, &model, &head_ids);
         let mut backbone_grads = GradientsParams::from_grads(grads, &model);
         if let Some(max_norm) = opt.clip_grad_norm {
-            clip_global_norm(&model, &mut [&mut head_grads, &mut backbone_grads], max_norm);
+            crate::train::clip_global_norm(&model.param_shapes(), &mut [&mut head_grads, &mut backbone_grads], max_norm);
         }
         model = optim.head.step(lr, model, head_grads);
         if !backbone_grads.is_empty() {
             model = optim.backbone.step(lr * cfg.backbone_lr_scale, model, backbone_grads);
         }
+        // The moving average of every tensor (running statistics included, as timm's ModelEmaV2
+        // averages the whole state dict).
         if let (Some(e), Some(d)) = (ema.as_mut(), opt.ema) {
-            ema_update(e, &model.to_tensor_map(), d);
+            crate::train::ema_blend(e, &model.to_tensor_map().tensors, d);
         }
         progress.inc(bn as u64);
         let done = step + 1;
@@ -645,46 +634,6 @@ fn strip_prefix(map: &TensorMap, prefix: &str) -> TensorMap {
         }
     }
     out
-}
-
-/// PyTorch's clip_grad_norm_ over both parameter groups together.
-fn clip_global_norm(model: &Xception, groups: &mut [&mut GradientsParams], max_norm: f64) {
-    let ids = model.param_shapes();
-    let mut total = 0f64;
-    for g in groups.iter() {
-        for &(id, rank) in &ids {
-            total += match rank {
-                1 => g.get::<1>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar::<f32>() as f64),
-                2 => g.get::<2>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar::<f32>() as f64),
-                _ => g.get::<4>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar::<f32>() as f64),
-            };
-        }
-    }
-    let coef = (max_norm / (total.sqrt() + 1e-6)).min(1.0);
-    if coef >= 1.0 {
-        return;
-    }
-    for g in groups.iter_mut() {
-        for &(id, rank) in &ids {
-            match rank {
-                1 => {
-                    if let Some(t) = g.remove::<1>(id) {
-                        g.register(id, t * coef)
-                    }
-                }
-                2 => {
-                    if let Some(t) = g.remove::<2>(id) {
-                        g.register(id, t * coef)
-                    }
-                }
-                _ => {
-                    if let Some(t) = g.remove::<4>(id) {
-                        g.register(id, t * coef)
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn checkpoint_name(step: usize) -> String {
@@ -758,13 +707,12 @@ pub fn bench_steps(net: &Network, batch: usize, size: usize, runs: usize) -> Res
     let mut optim = crate::train::new_optimizer(&cfg);
     let classes = net.config.classes().ok_or_else(|| Error::Config("training benchmarks need a classifier".into()))?;
     let pass = Pass { layout: Layout::for_training(), frozen_stages: 0, dropout: None, label_smoothing: 0.0 };
-    let task = Classify { train: Dataset { classes: vec![], samples: vec![] }, val: Dataset { classes: vec![], samples: vec![] }, eval: Preprocess::timm(size, 1.0, Resize::Bilinear), augment: Augment::default() };
     let mut times = Vec::new();
     for run in 0..=runs {
         let started = std::time::Instant::now();
         let x = Tensor::<4>::from_data(TensorData::new(vec![0.1f32; batch * 3 * size * size], [batch, 3, size, size]), &device);
         let targets = (0..batch).map(|i| (i % classes) as i64).collect();
-        let (loss, _, _) = task.loss(&model, x, targets, &pass)?;
+        let (loss, _, _) = classification_loss(&model, x, targets, &pass)?;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-3, model, grads);
         // Wait for the last update to land before stopping the clock.

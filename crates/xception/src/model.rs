@@ -63,7 +63,7 @@ impl Layout {
     }
 
     /// Converts an NCHW tensor into this layout.
-    fn from_nchw(self, x: Tensor<4>) -> Tensor<4> {
+    fn convert_from_nchw(self, x: Tensor<4>) -> Tensor<4> {
         match self {
             Layout::Nchw => x,
             Layout::Nhwc => x.permute([0, 2, 3, 1]),
@@ -150,7 +150,7 @@ fn resize_align_corners(x: Tensor<4>, h: usize, w: usize, layout: Layout) -> Ten
         return x;
     }
     let options = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(true).with_output_size([h, w]);
-    layout.from_nchw(interpolate(layout.to_nchw(x), options))
+    layout.convert_from_nchw(interpolate(layout.to_nchw(x), options))
 }
 
 /// A convolution on an NHWC map (see [`Layout`]), weights OIHW as everywhere else.
@@ -197,7 +197,7 @@ fn conv_nhwc(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, c: &crate
     } else {
         // Other grouped convs (none in the family today): burn's own, on the padded input.
         let options = ConvOptions::new([c.stride, c.stride], [0, 0], [c.dilation, c.dilation], c.groups);
-        Layout::Nhwc.from_nchw(conv2d(Layout::Nhwc.to_nchw(x), weight, None, options))
+        Layout::Nhwc.convert_from_nchw(conv2d(Layout::Nhwc.to_nchw(x), weight, None, options))
     };
     match bias {
         Some(bias) => out + bias.reshape([1, 1, 1, c.out_channels]),
@@ -441,7 +441,7 @@ impl Xception {
         let mode = |stage: usize| if stage < frozen { None } else { train_momentum };
         let mut cursor = Cursor { conv: 0, norm: 0, train_momentum: mode(0), layout };
         let mut captured = Captured::default();
-        let mut x = self.run(&self.net.stem, layout.from_nchw(x), &mut cursor, &mut captured);
+        let mut x = self.run(&self.net.stem, layout.convert_from_nchw(x), &mut cursor, &mut captured);
         if frozen == 1 {
             x = x.detach();
         }
@@ -606,7 +606,7 @@ impl Xception {
                     let options = MaxPoolOptions::new([*kernel, *kernel])
                         .with_stride([*stride, *stride])
                         .with_padding_pairs([(t, b), (l, r)]);
-                    layout.from_nchw(max_pool2d(layout.to_nchw(x), options))
+                    layout.convert_from_nchw(max_pool2d(layout.to_nchw(x), options))
                 }
                 Op::Tap { .. } => {
                     taps.taps.push(x.clone());

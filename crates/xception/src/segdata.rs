@@ -16,6 +16,19 @@ pub struct SegSample {
     pub mask: PathBuf,
 }
 
+impl SegSample {
+    /// The image and its mask's class indices (row-major, at the image's size); a mask of another
+    /// size than its image is refused naming both.
+    pub fn load(&self) -> Result<(image::RgbImage, Vec<u8>)> {
+        let img = crate::preprocess::load_image(&self.image)?;
+        let (w, h, mask) = read_mask(&self.mask)?;
+        if (w, h) != (img.width(), img.height()) {
+            return Err(Error::Shape(format!("{} is {w}x{h} but its image {} is {}x{}", self.mask.display(), self.image.display(), img.width(), img.height())));
+        }
+        Ok((img, mask))
+    }
+}
+
 /// The samples of `split` under `root`, whichever layout it has.
 pub fn open(root: &Path, split: &str) -> Result<Vec<SegSample>> {
     if root.join("ImageSets/Segmentation").is_dir() {

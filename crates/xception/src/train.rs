@@ -191,12 +191,18 @@ impl Ema {
     }
 
     fn update(&mut self, head: &Head) {
-        let d = self.decay as f32;
-        for (name, t) in head.tensors() {
-            let shadow = self.map.tensors.get_mut(&name).expect("same head");
-            for (s, v) in shadow.data.iter_mut().zip(&t.data) {
-                *s = d * *s + (1.0 - d) * v;
-            }
+        ema_blend(&mut self.map, head.tensors().iter().map(|(n, t)| (n, t)), self.decay);
+    }
+}
+
+/// One step of a moving average: every `shadow` tensor named in `current` becomes
+/// decay * shadow + (1 - decay) * current.
+pub(crate) fn ema_blend<'a>(shadow: &mut TensorMap, current: impl IntoIterator<Item = (&'a String, &'a HostTensor)>, decay: f64) {
+    let d = decay as f32;
+    for (name, t) in current {
+        let s = shadow.tensors.get_mut(name).expect("the moving average covers the same tensors");
+        for (a, v) in s.data.iter_mut().zip(&t.data) {
+            *a = d * *a + (1.0 - d) * v;
         }
     }
 }
@@ -446,31 +452,45 @@ fn train_step(head: Head, optim: &mut burn::optim::ModuleOptimizer, loss_fn: &bu
     let correct = logits.argmax(1).squeeze::<1>().equal(y).int().sum().into_scalar::<i64>() as usize;
     let mut grads = GradientsParams::from_grads(loss.backward(), &head);
     if let Some(max_norm) = clip {
-        clip_global_norm(&head, &mut grads, max_norm);
+        let ids: Vec<(ParamId, usize)> = head.layers.iter().flat_map(|l| [(l.weight.id, 2), (l.bias.as_ref().expect("bias").id, 1)]).collect();
+        clip_global_norm(&ids, &mut [&mut grads], max_norm);
     }
     (optim.step(lr, head, grads), value, correct)
 }
 
 /// Scales all gradients together so their joint L2 norm is at most `max_norm`, as PyTorch's
-/// clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6), capped at 1). burn's own clipping
-/// works per tensor.
-fn clip_global_norm(head: &Head, grads: &mut GradientsParams, max_norm: f64) {
-    let ids: Vec<(ParamId, ParamId)> = head.layers.iter().map(|l| (l.weight.id, l.bias.as_ref().expect("bias").id)).collect();
+/// clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6), capped at 1), over every
+/// parameter `(id, rank)` in `ids` across all `groups`. burn's own clipping works per tensor.
+pub(crate) fn clip_global_norm(ids: &[(ParamId, usize)], groups: &mut [&mut GradientsParams], max_norm: f64) {
+    fn squares<const D: usize>(g: &GradientsParams, id: ParamId) -> f64 {
+        g.get::<D>(id).map_or(0.0, |t| t.powi_scalar(2).sum().into_scalar::<f32>() as f64)
+    }
+    fn scale<const D: usize>(g: &mut GradientsParams, id: ParamId, coef: f64) {
+        if let Some(t) = g.remove::<D>(id) {
+            g.register(id, t * coef);
+        }
+    }
     let mut total = 0f64;
-    for &(w, b) in &ids {
-        total += grads.get::<2>(w).map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar::<f32>() as f64);
-        total += grads.get::<1>(b).map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar::<f32>() as f64);
+    for g in groups.iter() {
+        for &(id, rank) in ids {
+            total += match rank {
+                1 => squares::<1>(g, id),
+                2 => squares::<2>(g, id),
+                _ => squares::<4>(g, id),
+            };
+        }
     }
     let coef = (max_norm / (total.sqrt() + 1e-6)).min(1.0);
     if coef >= 1.0 {
         return;
     }
-    for &(w, b) in &ids {
-        if let Some(g) = grads.remove::<2>(w) {
-            grads.register(w, g * coef);
-        }
-        if let Some(g) = grads.remove::<1>(b) {
-            grads.register(b, g * coef);
+    for g in groups.iter_mut() {
+        for &(id, rank) in ids {
+            match rank {
+                1 => scale::<1>(g, id, coef),
+                2 => scale::<2>(g, id, coef),
+                _ => scale::<4>(g, id, coef),
+            }
         }
     }
 }
