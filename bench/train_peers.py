@@ -109,7 +109,7 @@ def write(args, rows):
         f"Machine: {cpu}, {os.cpu_count()} cores, {ghz:.2f} GHz; fp32 peak with {args.threads} threads {peak:.1f} GFLOP/s.",
         f"Batch {args.batch}, {args.threads} threads each, median of {args.rounds} interleaved rounds; torch {torch.__version__}, "
         f"timm {timm.__version__}. One step: train-mode forward, cross-entropy, backward, SGD momentum update.",
-        f"Command: `bench/train_peers.py --models {args.models} --sizes {args.sizes} --batch {args.batch} --threads {args.threads} --rounds {args.rounds}`",
+        f"Measured {time.strftime('%Y-%m-%d')}. Command: `bench/train_peers.py --models {args.models} --sizes {args.sizes} --batch {args.batch} --threads {args.threads} --rounds {args.rounds}`",
         "",
         "| model | input | contender | step (s) | images/s | GFLOP/s | % of peak | their step / ours |",
         "|---|---|---|---:|---:|---:|---:|---:|",
