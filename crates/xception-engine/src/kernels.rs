@@ -2,8 +2,11 @@
 //! multiply-add), im2col for the few dense convs, max pool, and the `gemm` crate for every matrix
 //! product.
 
+use crate::packed::{gemm_rows, Epilogue, PackedB, SharedOut};
 use crate::{Activations, DenseConv, SepConv};
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
 use xception_arch::Padding;
 
 /// dst (m x n) = [dst +] lhs (m x k) * rhs (k x n), all row-major.
@@ -45,60 +48,143 @@ fn out_size(p: Padding, n: usize, k: usize, s: usize, d: usize) -> (usize, usize
     (before, out)
 }
 
-/// Rows filled with the bias, ready for an accumulating GEMM.
-fn bias_rows(rows: usize, bias: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows * bias.len());
-    for _ in 0..rows {
-        out.extend_from_slice(bias);
+/// Activation buffers reused across layers and passes: a layer's output takes the smallest free
+/// buffer that fits instead of fresh memory (fresh memory costs a page fault per 4 KiB, which
+/// measured as much as the arithmetic on the 147x147 layers).
+#[derive(Default)]
+pub struct Buffers(Mutex<Vec<Vec<f32>>>);
+
+impl Buffers {
+    /// A buffer of `len` values whose contents are unspecified (left from an earlier layer):
+    /// callers overwrite every value.
+    pub fn take(&self, len: usize) -> Vec<f32> {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let best = free.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
+        let mut buf = match best {
+            Some(i) => free.swap_remove(i),
+            None => Vec::new(),
+        };
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0.0);
+        }
+        buf
     }
-    out
+
+    /// Returns a buffer for reuse.
+    pub fn give(&self, buf: Vec<f32>) {
+        if buf.capacity() > 0 {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+        }
+    }
 }
 
-fn relu_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+thread_local! {
+    /// Each worker's band of GEMM input rows (depthwise outputs, im2col patches).
+    static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize) -> Activations {
+/// Where the rows of a GEMM's left operand come from.
+pub enum Lhs<'a> {
+    /// Already in memory: (rows x k) row-major.
+    Ready(&'a [f32]),
+    /// Made on demand, one output image line (`per_line` rows) at a time: `fill(line, rows)`.
+    Lines { lines: usize, per_line: usize, fill: &'a (dyn Fn(usize, &mut [f32]) + Sync) },
+}
+
+/// GEMM rows produced in bands at least this large keep the micro-kernel's row tiles full.
+const BAND_ROWS: usize = 192;
+
+/// out (rows x b.n) = lhs x b + bias, then the epilogue (residual rows laid out like `out`).
+///
+/// Large layers run band by band: each worker fills a band of rows into its own cache-resident
+/// buffer (for a separable conv: the depthwise output) and multiplies it at once, so the
+/// intermediate never goes to memory. Small layers (the middle and exit flows) make all rows
+/// first and split the output columns between the workers instead.
+pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, relu: bool, threads: usize, scratch: &mut Vec<f32>) {
+    let (k, n) = (b.k, b.n);
+    let rows = out.len() / n.max(1);
+    assert_eq!(out.len(), rows * n, "matmul output shape");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "residual shape");
+    }
+    let shared = SharedOut::new(out);
+    let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu };
+    let a: &[f32] = match lhs {
+        Lhs::Lines { lines, per_line, fill } if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads => {
+            let band = BAND_ROWS.div_ceil(per_line).clamp(1, lines / (4 * threads));
+            (0..lines.div_ceil(band)).into_par_iter().for_each(|i| {
+                let (l0, l1) = (i * band, ((i + 1) * band).min(lines));
+                let m = (l1 - l0) * per_line;
+                BAND.with_borrow_mut(|buf| {
+                    buf.resize(buf.len().max(m * k), 0.0);
+                    for l in l0..l1 {
+                        fill(l, &mut buf[(l - l0) * per_line * k..][..per_line * k]);
+                    }
+                    let row0 = l0 * per_line;
+                    // SAFETY: this band owns output rows [row0, row0 + m).
+                    unsafe { gemm_rows(m, buf, k, b, 0..b.panels(), shared.offset(row0 * n), n, epi_at(row0)) };
+                });
+            });
+            return;
+        }
+        Lhs::Lines { lines, per_line, fill } => {
+            scratch.resize(scratch.len().max(rows * k), 0.0);
+            let made = &mut scratch[..rows * k];
+            made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
+            debug_assert_eq!(lines * per_line, rows);
+            made
+        }
+        Lhs::Ready(a) => a,
+    };
+    assert!(a.len() >= rows * k, "matmul lhs shape");
+    // Large layers: chunks of rows, each over every panel. Small ones (the middle and exit
+    // flows): every row, the panels shared out, so each worker streams only its own part of the
+    // weights (a row split would stream all of them once per chunk).
+    let panels = b.panels();
+    let (chunk, col_chunks) = if rows >= 8 * BAND_ROWS || panels < threads { (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1) } else { (rows, threads) };
+    let row_chunks = rows.div_ceil(chunk);
+    let per = panels.div_ceil(col_chunks);
+    (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
+        let (ri, ci) = (t / col_chunks, t % col_chunks);
+        let row0 = ri * chunk;
+        let m = chunk.min(rows - row0);
+        let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
+        // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
+        unsafe { gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, epi_at(row0)) };
+    });
+}
+
+pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>) -> Activations {
     let (pt, oh) = out_size(d.padding, x.h, d.k, d.stride, d.dilation);
     let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
-    let rows = x.n * oh * ow;
-    let kk = d.k * d.k * d.cin;
-    let mut out = bias_rows(rows, &d.bias);
+    let mut out = bufs.take(x.n * oh * ow * d.cout);
     if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
-        gemm(rows, d.cout, kk, &x.data, &d.weight, &mut out, true, threads);
+        matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads, scratch);
     } else {
-        // im2col in tiles of output rows, each tile's GEMM right after its gather, so the
-        // gathered patches stay in cache (the stem's full im2col would be 25 MB).
-        let tile = (8 * 1024 * 1024 / 4 / (ow * kk).max(1)).clamp(1, 16);
-        let image_rows: Vec<(usize, usize)> = (0..x.n).flat_map(|b| (0..oh).step_by(tile).map(move |oy| (b, oy))).collect();
-        let out_addr = out.as_mut_ptr() as usize;
-        image_rows.par_iter().for_each(|&(b, oy0)| {
-            let oy1 = (oy0 + tile).min(oh);
-            let mut cols = vec![0f32; (oy1 - oy0) * ow * kk];
-            for oy in oy0..oy1 {
-                for ox in 0..ow {
-                    let dst = &mut cols[((oy - oy0) * ow + ox) * kk..][..kk];
-                    for ky in 0..d.k {
-                        let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
-                        for kx in 0..d.k {
-                            let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
-                                let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
-                                dst[(ky * d.k + kx) * d.cin..][..d.cin].copy_from_slice(&x.data[src..src + d.cin]);
-                            }
+        let kk = d.k * d.k * d.cin;
+        // im2col, one output line at a time (the stem's whole im2col would be 25 MB).
+        let fill = |line: usize, cols: &mut [f32]| {
+            let (b, oy) = (line / oh, line % oh);
+            for ox in 0..ow {
+                let dst = &mut cols[ox * kk..][..kk];
+                for ky in 0..d.k {
+                    let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
+                    for kx in 0..d.k {
+                        let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
+                        let tap = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];
+                        if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
+                            let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
+                            tap.copy_from_slice(&x.data[src..src + d.cin]);
+                        } else {
+                            tap.fill(0.0);
                         }
                     }
                 }
             }
-            let first = (b * oh + oy0) * ow;
-            let m = (oy1 - oy0) * ow;
-            // SAFETY: tiles cover disjoint output rows [first, first + m) of `out`.
-            let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(first * d.cout), m * d.cout) };
-            gemm(m, d.cout, kk, &cols, &d.weight, dst, true, 1);
-        });
-    }
-    if d.relu {
-        relu_in_place(&mut out);
+        };
+        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &d.weight, &mut out, None, d.relu, threads, scratch);
     }
     Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
 }
@@ -107,6 +193,8 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize) -> Activations
 /// BatchNorm + ReLU); monomorphised so the innermost loop has no branch on it.
 trait Load: Copy + Sync {
     fn apply(&self, v: f32, channel: usize) -> f32;
+    /// The same transform as data: (scale, shift) if any, and whether ReLU follows.
+    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool);
 }
 
 #[derive(Clone, Copy)]
@@ -116,6 +204,9 @@ impl Load for Plain {
     fn apply(&self, v: f32, _: usize) -> f32 {
         v
     }
+    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool) {
+        (None, false)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -124,6 +215,9 @@ impl Load for Relu {
     #[inline(always)]
     fn apply(&self, v: f32, _: usize) -> f32 {
         v.max(0.0)
+    }
+    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool) {
+        (None, true)
     }
 }
 
@@ -142,6 +236,9 @@ impl Load for AffineRelu<'_> {
         } else {
             y
         }
+    }
+    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool) {
+        (Some((self.scale, self.shift)), self.relu)
     }
 }
 
@@ -196,88 +293,197 @@ unsafe fn dw_row_avx512<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize
     dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
 }
 
-/// Writes the depthwise output into `mid` (resized, reused across layers); returns (h, w).
-fn depthwise_with<L: Load>(x: &Activations, s: &SepConv, load: L, mid: &mut Vec<f32>) -> (usize, usize) {
-    let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
-    let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-    let c = s.channels;
+/// One output line of the depthwise conv with the best kernel this CPU runs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = avx2 && is_x86_feature_detected!("avx512f");
-    mid.resize(x.n * oh * ow * c, 0.0);
-    mid.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
-        let (b, oy) = (row / oh, row % oh);
-        #[cfg(target_arch = "x86_64")]
-        if avx512 {
+    {
+        if s.k == 3 && crate::packed::has_avx512() {
+            // SAFETY: the CPU has AVX-512F and FMA (checked above).
+            unsafe {
+                match load.transform() {
+                    (None, false) => dw3_avx512::line::<false, false>(x, s, &[], &[], b, oy, ow, pt, pl, out),
+                    (None, true) => dw3_avx512::line::<false, true>(x, s, &[], &[], b, oy, ow, pt, pl, out),
+                    (Some((sc, sh)), false) => dw3_avx512::line::<true, false>(x, s, sc, sh, b, oy, ow, pt, pl, out),
+                    (Some((sc, sh)), true) => dw3_avx512::line::<true, true>(x, s, sc, sh, b, oy, ow, pt, pl, out),
+                }
+            }
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
             unsafe { dw_row_avx512(x, s, load, b, oy, ow, pt, pl, out) };
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
             unsafe { dw_row_avx2(x, s, load, b, oy, ow, pt, pl, out) };
             return;
         }
-        dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
-    });
-    (oh, ow)
+    }
+    dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
 }
 
-/// A separable conv. With `residual` (the block's shortcut, same shape as the output), the
-/// pointwise GEMM accumulates onto it: the residual add costs no extra pass.
-pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, scratch: &mut Vec<f32>, residual: Option<Vec<f32>>) -> Activations {
-    let (oh, ow) = depthwise_into(x, s, scratch);
-    let rows = x.n * oh * ow;
-    let mut out = match residual {
-        Some(mut r) => {
-            assert_eq!(r.len(), rows * s.cout, "residual shape");
-            r.par_chunks_mut(s.cout * 64).for_each(|chunk| {
-                for px in chunk.chunks_mut(s.cout) {
-                    px.iter_mut().zip(&s.pw_bias).for_each(|(v, b)| *v += b);
+/// The 3x3 depthwise conv with AVX-512: sixteen channels at a time, their nine tap weights held
+/// in registers for the whole line, each output vector accumulated in a register and stored once.
+#[cfg(target_arch = "x86_64")]
+mod dw3_avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// `AFFINE`: each input value goes through `v * scale + shift` as it loads; `RELU`: then max(0).
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn line<const AFFINE: bool, const RELU: bool>(
+        x: &Activations,
+        s: &SepConv,
+        scale: &[f32],
+        shift: &[f32],
+        b: usize,
+        oy: usize,
+        ow: usize,
+        pt: usize,
+        pl: usize,
+        out: &mut [f32],
+    ) {
+        let (c, st, d) = (s.channels, s.stride, s.dilation);
+        assert!(out.len() >= ow * c && s.dw.len() >= 9 * c && (!AFFINE || (scale.len() >= c && shift.len() >= c)));
+        // The three input lines the taps read (None: in the padding).
+        let lines: [Option<*const f32>; 3] = std::array::from_fn(|ky| {
+            let iy = (oy * st + ky * d) as isize - pt as isize;
+            (iy >= 0 && (iy as usize) < x.h).then(|| x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c].as_ptr())
+        });
+        // All three lines inside the image, and the outputs [inner.0, inner.1) whose taps are all
+        // inside it horizontally.
+        let full = match lines {
+            [Some(a), Some(b), Some(c)] => Some([a, b, c]),
+            _ => None,
+        };
+        let lo = pl.div_ceil(st);
+        let hi = if x.w + pl > 2 * d { ((x.w + pl - 2 * d - 1) / st + 1).min(ow) } else { 0 };
+        let inner = (lo, hi.max(lo));
+        let zero = _mm512_setzero_ps();
+        let o = out.as_mut_ptr();
+        let dw = s.dw.as_ptr();
+        // Runs of TILE output pixels; per run, each sixteen-channel vector's nine weights are
+        // loaded once into registers and the run's outputs accumulate in registers, stored once.
+        const TILE: usize = 8;
+        let mut ox0 = 0;
+        while ox0 < ow {
+            let ox1 = (ox0 + TILE).min(ow);
+            let interior = full.is_some() && ox0 >= inner.0 && ox1 <= inner.1;
+            let mut cb = 0;
+            while cb < c {
+                let lanes = (c - cb).min(16);
+                let m: __mmask16 = if lanes == 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
+                let (sc, sh) =
+                    if AFFINE { (_mm512_maskz_loadu_ps(m, scale.as_ptr().add(cb)), _mm512_maskz_loadu_ps(m, shift.as_ptr().add(cb))) } else { (zero, zero) };
+                let load = |p: *const f32| {
+                    let mut v = _mm512_maskz_loadu_ps(m, p);
+                    if AFFINE {
+                        v = _mm512_add_ps(_mm512_mul_ps(v, sc), sh);
+                    }
+                    if RELU {
+                        v = _mm512_max_ps(v, zero);
+                    }
+                    v
+                };
+                let w: [__m512; 9] = [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|t| _mm512_maskz_loadu_ps(m, dw.add(t * c + cb)));
+                let bias = match &s.dw_bias {
+                    Some(bias) => _mm512_maskz_loadu_ps(m, bias.as_ptr().add(cb)),
+                    None => zero,
+                };
+                for ox in ox0..ox1 {
+                    let mut acc = bias;
+                    if interior {
+                        let base = full.expect("interior");
+                        // Away from the borders: nine taps, no checks.
+                        let at = (ox * st - pl) * c + cb;
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                acc = _mm512_fmadd_ps(load(base[ky].add(at + kx * d * c)), w[ky * 3 + kx], acc);
+                            }
+                        }
+                    } else {
+                        let ix0 = (ox * st) as isize - pl as isize;
+                        for (ky, line) in lines.iter().enumerate() {
+                            let Some(line) = *line else { continue };
+                            for kx in 0..3 {
+                                let ix = ix0 + (kx * d) as isize;
+                                if ix >= 0 && (ix as usize) < x.w {
+                                    acc = _mm512_fmadd_ps(load(line.add(ix as usize * c + cb)), w[ky * 3 + kx], acc);
+                                }
+                            }
+                        }
+                    }
+                    if s.mid_relu {
+                        acc = _mm512_max_ps(acc, zero);
+                    }
+                    _mm512_mask_storeu_ps(o.add(ox * c + cb), m, acc);
                 }
-            });
-            r
+                cb += 16;
+            }
+            ox0 = ox1;
         }
-        None => bias_rows(rows, &s.pw_bias),
-    };
-    gemm(rows, s.cout, s.channels, &scratch[..rows * s.channels], &s.pw, &mut out, true, threads);
-    if s.out_relu {
-        relu_in_place(&mut out);
     }
-    Activations { n: x.n, h: oh, w: ow, c: s.cout, data: out }
 }
 
-/// The pointwise half: (rows, c) x (c, cout) + bias, ReLU if asked.
-pub fn pointwise(mid: &[f32], rows: usize, s: &SepConv, threads: usize) -> Vec<f32> {
-    let mut out = bias_rows(rows, &s.pw_bias);
-    gemm(rows, s.cout, s.channels, mid, &s.pw, &mut out, true, threads);
-    if s.out_relu {
-        relu_in_place(&mut out);
-    }
-    out
-}
-
-
-/// The depthwise half, with the input transform and the folded norm, into `mid`; returns (h, w).
-pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usize, usize) {
+/// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
+/// With `residual` (the block's shortcut, same shape as the output) the GEMM adds it as it
+/// stores: the residual add costs no extra pass.
+pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>, residual: Option<&[f32]>) -> Activations {
     match (&s.in_affine, s.in_relu) {
-        (Some(a), relu) => depthwise_with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, mid),
-        (None, true) => depthwise_with(x, s, Relu, mid),
-        (None, false) => depthwise_with(x, s, Plain, mid),
+        (Some(a), relu) => sep_conv_with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, threads, bufs, scratch, residual),
+        (None, true) => sep_conv_with(x, s, Relu, threads, bufs, scratch, residual),
+        (None, false) => sep_conv_with(x, s, Plain, threads, bufs, scratch, residual),
     }
 }
 
-pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding) -> Activations {
+fn sep_conv_with<L: Load>(
+    x: &Activations,
+    s: &SepConv,
+    load: L,
+    threads: usize,
+    bufs: &Buffers,
+    scratch: &mut Vec<f32>,
+    residual: Option<&[f32]>,
+) -> Activations {
+    let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+    let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+    let fill = |line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out);
+    let mut out = bufs.take(x.n * oh * ow * s.pw.n);
+    matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &s.pw, &mut out, residual, s.out_relu, threads, scratch);
+    Activations { n: x.n, h: oh, w: ow, c: s.pw.n, data: out }
+}
+
+/// The depthwise half alone (with its input transform and folded norm) into `mid`; returns
+/// (h, w). For timing the kernel (`bench_ops`).
+pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usize, usize) {
+    fn with<L: Load>(x: &Activations, s: &SepConv, load: L, mid: &mut Vec<f32>) -> (usize, usize) {
+        let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+        let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+        mid.resize(x.n * oh * ow * s.channels, 0.0);
+        mid.par_chunks_mut(ow * s.channels).enumerate().for_each(|(line, out)| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out));
+        (oh, ow)
+    }
+    match (&s.in_affine, s.in_relu) {
+        (Some(a), relu) => with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, mid),
+        (None, true) => with(x, s, Relu, mid),
+        (None, false) => with(x, s, Plain, mid),
+    }
+}
+
+pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs: &Buffers) -> Activations {
     let (pt, oh) = out_size(padding, x.h, k, stride, 1);
     let (pl, ow) = out_size(padding, x.w, k, stride, 1);
     let c = x.c;
-    let mut out = vec![f32::NEG_INFINITY; x.n * oh * ow * c];
+    let mut out = bufs.take(x.n * oh * ow * c);
     out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
         let (b, oy) = (row / oh, row % oh);
         for ox in 0..ow {
             let acc = &mut dst[ox * c..][..c];
+            acc.fill(f32::NEG_INFINITY);
             for ky in 0..k {
                 let iy = (oy * stride + ky) as isize - pt as isize;
                 if iy < 0 || iy as usize >= x.h {

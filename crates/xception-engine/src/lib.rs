@@ -9,12 +9,16 @@
 //! GEMM rows.
 
 mod kernels;
+#[doc(hidden)]
+pub mod packed;
 
 pub use kernels::align_corners_taps;
+use kernels::Buffers;
+use packed::PackedB;
 
 use rayon::prelude::*;
-use xception_arch::{Block, Conv, Network, Norm, Op, Padding, Pooling, Shortcut};
 use xception_arch::{Activation, Error, Result};
+use xception_arch::{Block, Conv, Network, Norm, Op, Padding, Pooling, Shortcut};
 
 /// Per-channel scale and shift (an inference BatchNorm).
 #[derive(Clone, Debug)]
@@ -32,9 +36,8 @@ struct DenseConv {
     padding: Padding,
     cin: usize,
     cout: usize,
-    /// (k*k*cin, cout), rows in (ky, kx, ci) order.
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    /// (k*k*cin, cout), rows in (ky, kx, ci) order, with the bias.
+    weight: PackedB,
     relu: bool,
 }
 
@@ -53,10 +56,8 @@ struct SepConv {
     dw: Vec<f32>,
     dw_bias: Option<Vec<f32>>,
     mid_relu: bool,
-    cout: usize,
-    /// (channels, cout)
-    pw: Vec<f32>,
-    pw_bias: Vec<f32>,
+    /// (channels, cout), with the bias.
+    pw: PackedB,
     out_relu: bool,
 }
 
@@ -141,6 +142,8 @@ pub struct EngineOutput {
 /// Activations a forward pass keeps besides its output.
 #[derive(Default)]
 struct Captured {
+    /// Whether the multi-level feature taps are wanted.
+    want_taps: bool,
     taps: Vec<Activations>,
     /// The DeepLab decoder's low-level feature.
     decoder: Option<Activations>,
@@ -169,8 +172,10 @@ pub struct Engine {
     threads: usize,
     /// XCEPTION_ENGINE_PROFILE=1: print each step's time to stderr.
     profile: bool,
-    /// The depthwise output of the separable conv being run, reused by every layer.
+    /// GEMM input rows made whole (depthwise outputs of the small layers), reused by every layer.
     scratch: std::sync::Mutex<Vec<f32>>,
+    /// Activation memory reused across layers and passes.
+    bufs: Buffers,
 }
 
 /// Weight lookup: the tensor's data by its checkpoint name (timm names, PyTorch layouts).
@@ -207,7 +212,9 @@ impl Compiler<'_> {
     /// scales each output column and returns the shift as the bias. Also reports how many ops it
     /// consumed (0 or 1).
     fn fold_norm(&self, ops: &[Op], at: usize, weight: &mut [f32], width: usize) -> Result<(Option<Vec<f32>>, usize)> {
-        let Some(Op::Norm(n)) = ops.get(at) else { return Ok((None, 0)) };
+        let Some(Op::Norm(n)) = ops.get(at) else {
+            return Ok((None, 0));
+        };
         let a = self.affine(n)?;
         for (j, w) in weight.iter_mut().enumerate() {
             *w *= a.scale[j % width];
@@ -280,8 +287,7 @@ impl Compiler<'_> {
                         padding: c.padding,
                         cin,
                         cout,
-                        weight,
-                        bias,
+                        weight: PackedB::new(&weight, &bias, k * k * cin, cout),
                         relu,
                     }));
                     i += used;
@@ -369,9 +375,7 @@ impl Compiler<'_> {
             dw: dw_w,
             dw_bias,
             mid_relu,
-            cout,
-            pw: pw_w,
-            pw_bias,
+            pw: PackedB::new(&pw_w, &pw_bias, c, cout),
             out_relu,
         });
         Ok((step, used))
@@ -424,13 +428,11 @@ impl Engine {
             }),
         };
         let threads = resolve_threads(threads);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, scratch: Default::default() })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, scratch: Default::default(), bufs: Buffers::default() })
     }
 
     pub fn network(&self) -> &Network {
@@ -441,10 +443,16 @@ impl Engine {
         self.threads
     }
 
-    /// Runs an NHWC float32 batch (already preprocessed). Images go through one at a time: a
-    /// batch-1 pass keeps each layer's activations cache-sized, which measured faster than
-    /// folding the batch into the GEMM rows (xception at 299, batch 8, 2 threads: 1.76 s against 2.31 s).
+    /// Runs an NHWC float32 batch (already preprocessed), keeping the multi-level feature taps.
     pub fn forward(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<EngineOutput> {
+        self.forward_with(input, n, h, w, true)
+    }
+
+    /// `forward`, with the feature taps only when `taps` (copying them costs time on the large
+    /// early layers). Images go through one at a time: a batch-1 pass keeps each layer's
+    /// activations cache-sized, which measured faster than folding the batch into the GEMM rows
+    /// (xception at 299, batch 8, 2 threads: 1.76 s against 2.31 s).
+    pub fn forward_with(&self, input: &[f32], n: usize, h: usize, w: usize, taps: bool) -> Result<EngineOutput> {
         if input.len() != n * h * w * 3 {
             return Err(Error::Shape(format!("engine: input of {} values is not {n}x{h}x{w}x3", input.len())));
         }
@@ -452,29 +460,35 @@ impl Engine {
         let per = h * w * 3;
         let mut outs = Vec::with_capacity(n);
         for i in 0..n {
-            outs.push(self.forward_batch(&input[i * per..][..per], 1, h, w)?);
+            outs.push(self.forward_batch(&input[i * per..][..per], 1, h, w, taps)?);
         }
         Ok(concat(outs))
     }
 
-    fn forward_batch(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<EngineOutput> {
+    fn forward_batch(&self, input: &[f32], n: usize, h: usize, w: usize, want_taps: bool) -> Result<EngineOutput> {
         self.pool.install(|| {
-            let mut taps = Captured::default();
-            let mut x = Activations { n, h, w, c: 3, data: input.to_vec() };
+            let mut taps = Captured { want_taps, ..Default::default() };
+            let mut data = self.bufs.take(input.len());
+            data.copy_from_slice(input);
+            let mut x = Activations { n, h, w, c: 3, data };
             x = self.run(&self.stem, x, &mut taps);
             for b in &self.blocks {
                 let input = self.run(&b.pre, x, &mut taps);
                 let mut skip = match &b.shortcut {
                     ShortcutPlan::None => None,
-                    ShortcutPlan::Identity => Some(input.clone()),
-                    ShortcutPlan::Project(steps) => Some(self.run(steps, input.clone(), &mut taps)),
+                    ShortcutPlan::Identity => Some(self.copy(&input)),
+                    ShortcutPlan::Project(steps) => Some(self.run(steps, self.copy(&input), &mut taps)),
                 };
                 // A body ending in a separable conv without ReLU takes the shortcut into its GEMM.
                 if let Some((Step::Sep(last), rest)) = b.body.split_last() {
                     if !last.out_relu && skip.is_some() {
-                        let residual = skip.take().expect("checked").data;
+                        let residual = skip.take().expect("checked");
                         let partial = self.run(rest, input, &mut taps);
-                        x = kernels::sep_conv(&partial, last, self.threads, &mut self.scratch.lock().unwrap(), Some(residual));
+                        let started = self.profile.then(std::time::Instant::now);
+                        x = kernels::sep_conv(&partial, last, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), Some(&residual.data));
+                        self.profile_step(started, || format!("separable {}->{} at {}x{} + residual", last.channels, last.pw.n, x.h, x.w));
+                        self.bufs.give(partial.data);
+                        self.bufs.give(residual.data);
                         continue;
                     }
                 }
@@ -485,10 +499,9 @@ impl Engine {
                     out.data.par_chunks_mut(1 << 14).zip(s.data.par_chunks(1 << 14)).for_each(|(o, s)| {
                         o.iter_mut().zip(s).for_each(|(o, s)| *o += s);
                     });
+                    self.bufs.give(s.data);
                 }
-                if let Some(t) = started {
-                    eprintln!("engine step {:>8.3} ms  residual add", t.elapsed().as_secs_f64() * 1e3);
-                }
+                self.profile_step(started, || "residual add".into());
                 x = out;
             }
             x = self.run(&self.tail, x, &mut taps);
@@ -503,6 +516,20 @@ impl Engine {
             };
             Ok(EngineOutput { features: x, pooled, logits, taps: taps.taps, segmentation })
         })
+    }
+
+    /// A copy of `x` in reused memory.
+    fn copy(&self, x: &Activations) -> Activations {
+        let mut data = self.bufs.take(x.data.len());
+        data.copy_from_slice(&x.data);
+        Activations { data, ..*x }
+    }
+
+    /// With XCEPTION_ENGINE_PROFILE=1: prints the time since `started` for the step `what` names.
+    fn profile_step(&self, started: Option<std::time::Instant>, what: impl FnOnce() -> String) {
+        if let Some(t) = started {
+            eprintln!("engine step {:>8.3} ms  {}", t.elapsed().as_secs_f64() * 1e3, what());
+        }
     }
 
     /// DeepLabv3+: ASPP on the encoder output, the decoder on [ASPP, low-level], logits resized
@@ -542,10 +569,14 @@ impl Engine {
     fn run(&self, steps: &[Step], mut x: Activations, taps: &mut Captured) -> Activations {
         for step in steps {
             let started = self.profile.then(std::time::Instant::now);
+            let replaced = |new: Activations, old: Activations| {
+                self.bufs.give(old.data);
+                new
+            };
             x = match step {
-                Step::Dense(d) => kernels::dense_conv(&x, d, self.threads),
-                Step::Sep(s) => kernels::sep_conv(&x, s, self.threads, &mut self.scratch.lock().unwrap(), None),
-                Step::MaxPool { k, stride, padding } => kernels::max_pool(&x, *k, *stride, *padding),
+                Step::Dense(d) => replaced(kernels::dense_conv(&x, d, self.threads, &self.bufs, &mut self.scratch.lock().unwrap()), x),
+                Step::Sep(s) => replaced(kernels::sep_conv(&x, s, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), None), x),
+                Step::MaxPool { k, stride, padding } => replaced(kernels::max_pool(&x, *k, *stride, *padding, &self.bufs), x),
                 Step::Affine { affine, relu } => {
                     let c = x.c;
                     let relu = *relu;
@@ -564,7 +595,9 @@ impl Engine {
                     x
                 }
                 Step::Tap => {
-                    taps.taps.push(x.clone());
+                    if taps.want_taps {
+                        taps.taps.push(x.clone());
+                    }
                     x
                 }
                 Step::DecoderTap => {
@@ -572,18 +605,15 @@ impl Engine {
                     x
                 }
             };
-            if let Some(t) = started {
-                let kind = match step {
-                    Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
-                    Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.cout, x.h, x.w),
-                    Step::MaxPool { .. } => "max pool".into(),
-                    Step::Affine { .. } => "norm".into(),
-                    Step::Relu => "relu".into(),
-                    Step::Tap => "tap".into(),
-                    Step::DecoderTap => "decoder tap".into(),
-                };
-                eprintln!("engine step {:>8.3} ms  {kind}", t.elapsed().as_secs_f64() * 1e3);
-            }
+            self.profile_step(started, || match step {
+                Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
+                Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.pw.n, x.h, x.w),
+                Step::MaxPool { .. } => "max pool".into(),
+                Step::Affine { .. } => "norm".into(),
+                Step::Relu => "relu".into(),
+                Step::Tap => "tap".into(),
+                Step::DecoderTap => "decoder tap".into(),
+            });
         }
         x
     }
@@ -619,13 +649,7 @@ fn keep_freed_memory() {
 fn concat(parts: Vec<EngineOutput>) -> EngineOutput {
     let stack = |acts: Vec<&Activations>| {
         let first = acts[0];
-        Activations {
-            n: acts.iter().map(|a| a.n).sum(),
-            h: first.h,
-            w: first.w,
-            c: first.c,
-            data: acts.iter().flat_map(|a| a.data.iter().copied()).collect(),
-        }
+        Activations { n: acts.iter().map(|a| a.n).sum(), h: first.h, w: first.w, c: first.c, data: acts.iter().flat_map(|a| a.data.iter().copied()).collect() }
     };
     let taps = (0..parts[0].taps.len()).map(|t| stack(parts.iter().map(|p| &p.taps[t]).collect())).collect();
     EngineOutput {
@@ -700,6 +724,7 @@ pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
     let mut out = Vec::new();
     for (flow, h, w, c, cout) in shapes {
         let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect() };
+        let pw: Vec<f32> = (0..c * cout).map(|i| ((i % 17) as f32 - 8.0) / 100.0).collect();
         let sep = SepConv {
             k: 3,
             stride: 1,
@@ -711,12 +736,10 @@ pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
             dw: (0..9 * c).map(|i| ((i % 13) as f32 - 6.0) / 10.0).collect(),
             dw_bias: None,
             mid_relu: false,
-            cout,
-            pw: (0..c * cout).map(|i| ((i % 17) as f32 - 8.0) / 100.0).collect(),
-            pw_bias: vec![0.0; cout],
+            pw: PackedB::new(&pw, &vec![0.0; cout], c, cout),
             out_relu: false,
         };
-        let time = |f: &dyn Fn()| {
+        let time = |f: &mut dyn FnMut()| {
             f();
             let mut t: Vec<f64> = (0..runs.max(1))
                 .map(|_| {
@@ -728,12 +751,15 @@ pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
             t.sort_by(f64::total_cmp);
             t[t.len() / 2]
         };
-        let scratch = std::sync::Mutex::new(Vec::new());
-        let dw = pool.install(|| time(&|| {
-            kernels::depthwise_into(&x, &sep, &mut scratch.lock().unwrap());
-        }));
-        let mid = scratch.into_inner().unwrap();
-        let pw = pool.install(|| time(&|| drop(kernels::pointwise(&mid, h * w, &sep, threads))));
+        let mut mid = Vec::new();
+        let dw = pool.install(|| {
+            time(&mut || {
+                kernels::depthwise_into(&x, &sep, &mut mid);
+            })
+        });
+        let mut dst = vec![0f32; h * w * cout];
+        let mut scratch = Vec::new();
+        let pw = pool.install(|| time(&mut || kernels::matmul(kernels::Lhs::Ready(&mid), &sep.pw, &mut dst, None, false, threads, &mut scratch)));
         out.push(OpTiming { op: "depthwise 3x3", flow, shape: (h, w, c, c), seconds: dw, gflops: 2.0 * (h * w * c * 9) as f64 / dw / 1e9 });
         out.push(OpTiming { op: "pointwise 1x1", flow, shape: (h, w, c, cout), seconds: pw, gflops: 2.0 * (h * w * c * cout) as f64 / pw / 1e9 });
     }

@@ -57,7 +57,7 @@ impl Runner {
                 for batch in equal_size_batches(items, batch_size) {
                     let (h, w) = (batch[0].height, batch[0].width);
                     let data: Vec<f32> = batch.iter().flat_map(|i| i.data.iter().copied()).collect();
-                    let r = engine.forward(&data, batch.len(), h, w).map_err(|e| match e {
+                    let r = engine.forward_with(&data, batch.len(), h, w, false).map_err(|e| match e {
                         Error::Shape(m) => Error::Shape(format!("{}: {m}", batch[0].name)),
                         other => other,
                     })?;
@@ -82,7 +82,7 @@ impl Runner {
     pub fn segment(&self, input: &[f32], h: usize, w: usize) -> Result<xception_engine::Activations> {
         match self {
             Runner::Engine(engine) => engine
-                .forward(input, 1, h, w)?
+                .forward_with(input, 1, h, w, false)?
                 .segmentation
                 .ok_or_else(|| Error::Config(format!("{} is not a segmentation model", engine.network().config.name()))),
             Runner::Burn(model, device) => {

@@ -1,0 +1,361 @@
+//! The engine's matrix product: every conv that is a GEMM (1x1 pointwise convs, the 1x1
+//! shortcut projections, the im2col'd dense convs) multiplies activation rows (pixels x
+//! channels, read in place) by a weight matrix packed once at load time into 32-column panels.
+//!
+//! With AVX-512 a 12x32 register-tile micro-kernel runs it, the bias, the residual add and ReLU
+//! applied as the tile is stored, so each output value is written once. Without AVX-512 each
+//! panel goes through the `gemm` crate and the epilogue runs as a second pass over the tile.
+
+use std::ops::Range;
+
+/// Columns per packed panel (two AVX-512 vectors).
+pub const NR: usize = 32;
+/// Rows per micro-kernel tile.
+pub const MR: usize = 12;
+/// Depth of one k-block: a (KC x NR) panel slice is 32 KiB, L1-resident.
+const KC: usize = 256;
+
+/// A (k x n) weight matrix with its bias, packed as `panels` consecutive (k x NR) row-major
+/// blocks, the last one zero-padded.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    pub k: usize,
+    pub n: usize,
+    data: Vec<f32>,
+    /// `n` values, zero-padded to a whole panel.
+    bias: Vec<f32>,
+}
+
+impl PackedB {
+    /// `weight` is (k x n) row-major.
+    pub fn new(weight: &[f32], bias: &[f32], k: usize, n: usize) -> PackedB {
+        assert_eq!(weight.len(), k * n, "weight shape");
+        assert_eq!(bias.len(), n, "bias shape");
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for p in 0..panels {
+            let cols = (n - p * NR).min(NR);
+            for row in 0..k {
+                data[(p * k + row) * NR..][..cols].copy_from_slice(&weight[row * n + p * NR..][..cols]);
+            }
+        }
+        let mut padded = bias.to_vec();
+        padded.resize(panels * NR, 0.0);
+        PackedB { k, n, data, bias: padded }
+    }
+
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.data[p * self.k * NR..][..self.k * NR]
+    }
+
+    /// Valid columns of panel `p`.
+    fn cols(&self, p: usize) -> usize {
+        (self.n - p * NR).min(NR)
+    }
+}
+
+/// What happens to each output value as it is stored: `+ residual` (same layout as the output,
+/// row stride `ld`), then ReLU.
+#[derive(Clone, Copy)]
+pub struct Epilogue<'a> {
+    pub residual: Option<(&'a [f32], usize)>,
+    pub relu: bool,
+}
+
+/// An output matrix shared by the tasks of one parallel GEMM, each writing its own rows and
+/// panels.
+#[derive(Clone, Copy)]
+pub struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint (row range x panel range) rectangles (see `gemm_rows`'s callers).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub fn new(out: &mut [f32]) -> SharedOut {
+        SharedOut { ptr: out.as_mut_ptr(), len: out.len() }
+    }
+
+    /// The same matrix from value `at` on.
+    pub fn offset(self, at: usize) -> SharedOut {
+        assert!(at <= self.len, "output offset");
+        // SAFETY: within the allocation (checked above).
+        SharedOut { ptr: unsafe { self.ptr.add(at) }, len: self.len - at }
+    }
+}
+
+/// Whether the AVX-512 kernels run (AVX-512F and FMA, unless XCEPTION_ENGINE_NO_AVX512 is set).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| std::env::var("XCEPTION_ENGINE_NO_AVX512").is_err() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// out[rows m, panels] = a (m x k, row stride `lda`) x b + bias, then the epilogue; out has row
+/// stride `ldc`. Runs on the calling thread.
+///
+/// # Safety
+/// `out` must be valid for writes of rows `0..m`, columns `panels * NR` (clipped to `b.n`) at row
+/// stride `ldc`, and no other thread may touch that rectangle meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    gemm_rows_on(has_avx512(), m, a, lda, b, panels, out, ldc, epi)
+}
+
+/// `gemm_rows` with the micro-kernel (`simd`, needs AVX-512) or the portable path.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
+    assert!(out.len >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");
+    if let Some((r, ldr)) = epi.residual {
+        assert!(r.len() >= (m - 1) * ldr + b.n.min(panels.end * NR), "gemm: residual too short");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // Blocks of KC along k: each panel's (KC x NR) slice stays in L1 while every row tile
+        // of the band passes over it; the tile's partial sums go back to the output between
+        // blocks, and the epilogue runs after the last one.
+        let mut k0 = 0;
+        while k0 < b.k {
+            let kc = (b.k - k0).min(KC);
+            let (first, last) = (k0 == 0, k0 + kc == b.k);
+            for p in panels.clone() {
+                let col = p * NR;
+                let panel = &b.panel(p)[k0 * NR..];
+                let mut m0 = 0;
+                while m0 < m {
+                    let rows = (m - m0).min(MR);
+                    let c = out.ptr.add(m0 * ldc + col);
+                    let step = avx512::Step {
+                        start: if first { avx512::Start::Bias(b.bias[col..].as_ptr()) } else { avx512::Start::Partial },
+                        residual: if last { epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr)) } else { None },
+                        relu: last && epi.relu,
+                    };
+                    avx512::tile(rows, kc, a.as_ptr().add(m0 * lda + k0), lda, panel.as_ptr(), c, ldc, step, b.cols(p));
+                    m0 += rows;
+                }
+            }
+            k0 += kc;
+        }
+        return;
+    }
+    for p in panels {
+        let (col, cols) = (p * NR, b.cols(p));
+        let mut tile = vec![0f32; m * NR];
+        for row in tile.chunks_mut(NR) {
+            row.copy_from_slice(&b.bias[col..col + NR]);
+        }
+        gemm::gemm(
+            m,
+            NR,
+            b.k,
+            tile.as_mut_ptr(),
+            1,
+            NR as isize,
+            true,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.panel(p).as_ptr(),
+            1,
+            NR as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        for (r, src) in tile.chunks(NR).enumerate() {
+            let dst = std::slice::from_raw_parts_mut(out.ptr.add(r * ldc + col), cols);
+            for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+                let mut v = *s;
+                if let Some((res, ldr)) = epi.residual {
+                    v += res[r * ldr + col + j];
+                }
+                *d = if epi.relu { v.max(0.0) } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// What the accumulators start from.
+    #[derive(Clone, Copy)]
+    pub enum Start {
+        /// The bias (the first block along k).
+        Bias(*const f32),
+        /// The partial sums already in the output.
+        Partial,
+    }
+
+    /// One k-block's work on a tile: where it starts and what happens at the store.
+    #[derive(Clone, Copy)]
+    pub struct Step {
+        pub start: Start,
+        pub residual: Option<(*const f32, usize)>,
+        pub relu: bool,
+    }
+
+    /// One tile of `rows` (1..=MR) rows by one panel (`cols` valid columns).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub unsafe fn tile(rows: usize, k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => kernel::<$r>(k, a, lda, b, c, ldc, step, cols),)*
+                    _ => unreachable!("tile rows"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
+    /// broadcast of A per row and two loads of B per k step.
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize) {
+        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols <= 16 {
+            0
+        } else {
+            (1u32 << (cols - 16)) as u16 - 1
+        };
+        let zero = _mm512_setzero_ps();
+        let mut lo = [zero; R];
+        let mut hi = [zero; R];
+        match step.start {
+            Start::Bias(bias) => {
+                let (b0, b1) = (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)));
+                lo = [b0; R];
+                hi = [b1; R];
+            }
+            Start::Partial => {
+                for r in 0..R {
+                    lo[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                    hi[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
+                }
+            }
+        }
+        // Two k steps per iteration: each row's address is formed once for two broadcasts
+        // (address arithmetic competes with the FMAs for execution ports).
+        let mut p = 0;
+        while p + 2 <= k {
+            let bp = b.add(p * 32);
+            let bs = [(_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16))), (_mm512_loadu_ps(bp.add(32)), _mm512_loadu_ps(bp.add(48)))];
+            for r in 0..R {
+                let ar = a.add(r * lda + p);
+                for (u, &(b0, b1)) in bs.iter().enumerate() {
+                    let av = _mm512_set1_ps(*ar.add(u));
+                    lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                    hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+                }
+            }
+            p += 2;
+        }
+        while p < k {
+            let bp = b.add(p * 32);
+            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
+            for r in 0..R {
+                let av = _mm512_set1_ps(*a.add(r * lda + p));
+                lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+            }
+            p += 1;
+        }
+        for r in 0..R {
+            let (mut v0, mut v1) = (lo[r], hi[r]);
+            if let Some((rp, ldr)) = step.residual {
+                let rr = rp.add(r * ldr);
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.add(16)));
+            }
+            if step.relu {
+                v0 = _mm512_max_ps(v0, zero);
+                v1 = _mm512_max_ps(v1, zero);
+            }
+            let cr = c.add(r * ldc);
+            _mm512_mask_storeu_ps(cr, m0, v0);
+            _mm512_mask_storeu_ps(cr.add(16), m1, v1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], lda: usize, w: &[f32], bias: &[f32], res: Option<&[f32]>, relu: bool) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = bias[j] as f64;
+                for p in 0..k {
+                    s += a[i * lda + p] as f64 * w[p * n + j] as f64;
+                }
+                let mut v = s as f32 + res.map_or(0.0, |r| r[i * n + j]);
+                if relu {
+                    v = v.max(0.0);
+                }
+                out[i * n + j] = v;
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 201) as f32 / 100.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn packed_gemm_matches_a_plain_product_on_ragged_shapes() {
+        for &(m, k, n) in &[(1, 1, 1), (13, 27, 32), (25, 64, 45), (12, 300, 97), (37, 5, 70)] {
+            let lda = k + 3;
+            let a = values(m * lda, 1);
+            let w = values(k * n, 2);
+            let bias = values(n, 3);
+            let res = values(m * n, 4);
+            let b = PackedB::new(&w, &bias, k, n);
+            for (residual, relu) in [(false, false), (true, true), (false, true)] {
+                let want = naive(m, k, n, &a, lda, &w, &bias, residual.then_some(&res[..]), relu);
+                // A sentinel beyond column n shows the masked stores stay inside the matrix.
+                let ldc = n + 1;
+                let mut out = vec![7.5f32; m * ldc];
+                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu };
+                let paths: &[bool] = if has_avx512() { &[true, false] } else { &[false] };
+                for &simd in paths {
+                    let mut full = vec![0f32; m * n];
+                    unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut full), n, epi) };
+                    unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut out), ldc, Epilogue { residual: None, relu: false }) };
+                    for i in 0..m {
+                        assert_eq!(out[i * ldc + n], 7.5, "simd {simd}: column past the end written ({m}x{k}x{n})");
+                    }
+                    for (i, (g, e)) in full.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "simd {simd} ({m}x{k}x{n}) [{i}] {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+}
