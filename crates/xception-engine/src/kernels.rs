@@ -48,6 +48,32 @@ fn out_size(p: Padding, n: usize, k: usize, s: usize, d: usize) -> (usize, usize
     (before, out)
 }
 
+/// Runs `f` compiled for AVX-512 (or AVX2 and FMA) where the CPU has it, so the plain loops
+/// inside vectorise to the widest registers; the crate itself is built for baseline x86-64.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if crate::packed::has_avx512() {
+            // SAFETY: the CPU has AVX-512F and FMA (checked).
+            return unsafe { wide(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// Activation buffers reused across layers and passes: a layer's output takes the smallest free
 /// buffer that fits instead of fresh memory (fresh memory costs a page fault per 4 KiB, which
 /// measured as much as the arithmetic on the 147x147 layers).
@@ -479,7 +505,7 @@ pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs
     let (pl, ow) = out_size(padding, x.w, k, stride, 1);
     let c = x.c;
     let mut out = bufs.take(x.n * oh * ow * c);
-    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| simd(#[inline(always)] || {
         let (b, oy) = (row / oh, row % oh);
         for ox in 0..ow {
             let acc = &mut dst[ox * c..][..c];
@@ -499,7 +525,7 @@ pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs
                 }
             }
         }
-    });
+    }));
     Activations { n: x.n, h: oh, w: ow, c, data: out }
 }
 

@@ -497,7 +497,10 @@ impl Engine {
                 if let Some(s) = skip {
                     debug_assert_eq!((s.h, s.w, s.c), (out.h, out.w, out.c));
                     out.data.par_chunks_mut(1 << 14).zip(s.data.par_chunks(1 << 14)).for_each(|(o, s)| {
-                        o.iter_mut().zip(s).for_each(|(o, s)| *o += s);
+                        kernels::simd(
+                            #[inline(always)]
+                            || o.iter_mut().zip(s).for_each(|(o, s)| *o += s),
+                        )
                     });
                     self.bufs.give(s.data);
                 }
@@ -581,17 +584,27 @@ impl Engine {
                     let c = x.c;
                     let relu = *relu;
                     x.data.par_chunks_mut(c * 64).for_each(|chunk| {
-                        for px in chunk.chunks_mut(c) {
-                            for (i, v) in px.iter_mut().enumerate() {
-                                let y = *v * affine.scale[i] + affine.shift[i];
-                                *v = if relu { y.max(0.0) } else { y };
-                            }
-                        }
+                        kernels::simd(
+                            #[inline(always)]
+                            || {
+                                for px in chunk.chunks_mut(c) {
+                                    for ((v, s), t) in px.iter_mut().zip(&affine.scale).zip(&affine.shift) {
+                                        let y = *v * s + t;
+                                        *v = if relu { y.max(0.0) } else { y };
+                                    }
+                                }
+                            },
+                        )
                     });
                     x
                 }
                 Step::Relu => {
-                    x.data.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+                    x.data.par_chunks_mut(1 << 14).for_each(|c| {
+                        kernels::simd(
+                            #[inline(always)]
+                            || c.iter_mut().for_each(|v| *v = v.max(0.0)),
+                        )
+                    });
                     x
                 }
                 Step::Tap => {
