@@ -11,8 +11,10 @@
 mod kernels;
 #[doc(hidden)]
 pub mod packed;
+mod peak;
 
 pub use kernels::align_corners_taps;
+pub use peak::measured_peak_gflops;
 use kernels::Buffers;
 use packed::PackedB;
 
