@@ -2,11 +2,13 @@
 //! description (no second hand-written copy of the network).
 //!
 //! At load time every BatchNorm that follows a conv is folded into that conv's weights and bias,
-//! a BatchNorm(+ReLU) that precedes a depthwise conv is applied while the depthwise kernel loads
-//! its input, and every separable conv becomes one step: depthwise 3x3 (NHWC, channels
-//! innermost, AVX2/FMA when the CPU has them) followed by a pointwise GEMM (the `gemm` crate) with
-//! bias and ReLU in the epilogue. Activations are NHWC float32; the batch is folded into the
-//! GEMM rows.
+//! the weights of every GEMM-shaped conv are packed into the micro-kernel's panels (`packed`), a
+//! BatchNorm(+ReLU) that precedes a depthwise conv is applied while the depthwise kernel loads
+//! its input, and every separable conv becomes one step: the depthwise 3x3 (NHWC, channels
+//! innermost, AVX-512 register tiles when the CPU has them) feeds the pointwise GEMM band by band
+//! through a cache-resident buffer, and the GEMM adds the bias, the block's residual and ReLU as
+//! it stores. Activations are NHWC float32 in buffers reused across layers; images of a batch
+//! run one after another.
 
 mod kernels;
 #[doc(hidden)]
