@@ -1,6 +1,6 @@
 //! The hot loops: depthwise conv (NHWC, channels innermost so each tap is a contiguous vector
-//! multiply-add), im2col for the few dense convs, max pool, and the `gemm` crate for every matrix
-//! product.
+//! multiply-add), im2col for the few dense convs, max pool, and the drivers that feed the packed
+//! GEMM (`packed`) band by band; the `gemm` crate for the classifier head and the portable path.
 
 use crate::packed::{gemm_rows, Epilogue, PackedB, SharedOut};
 use crate::{Activations, DenseConv, SepConv};
@@ -9,13 +9,13 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 use xception_arch::Padding;
 
-/// dst (m x n) = [dst +] lhs (m x k) * rhs (k x n), all row-major.
+/// dst (m x n) = [dst +] lhs (m x k, row stride `lda`) * rhs (k x n), all row-major.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32], accumulate: bool, threads: usize) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+pub fn gemm(m: usize, n: usize, k: usize, lhs: &[f32], lda: usize, rhs: &[f32], dst: &mut [f32], accumulate: bool, threads: usize) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(lda >= k && lhs.len() >= (m - 1) * lda + k && rhs.len() >= k * n && dst.len() >= m * n);
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every access the strides describe.
     unsafe {
@@ -29,7 +29,7 @@ pub fn gemm(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f
             accumulate,
             lhs.as_ptr(),
             1,
-            k as isize,
+            lda as isize,
             rhs.as_ptr(),
             1,
             n as isize,
@@ -217,10 +217,13 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
 
 /// How the depthwise kernel transforms each input value as it loads it (a preceding ReLU, or
 /// BatchNorm + ReLU); monomorphised so the innermost loop has no branch on it.
+/// A load transform as data: (scale, shift) if any, and whether ReLU follows.
+type Transform<'a> = (Option<(&'a [f32], &'a [f32])>, bool);
+
 trait Load: Copy + Sync {
     fn apply(&self, v: f32, channel: usize) -> f32;
-    /// The same transform as data: (scale, shift) if any, and whether ReLU follows.
-    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool);
+    /// The same transform as data.
+    fn transform(&self) -> Transform<'_>;
 }
 
 #[derive(Clone, Copy)]
@@ -230,7 +233,7 @@ impl Load for Plain {
     fn apply(&self, v: f32, _: usize) -> f32 {
         v
     }
-    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool) {
+    fn transform(&self) -> Transform<'_> {
         (None, false)
     }
 }
@@ -242,7 +245,7 @@ impl Load for Relu {
     fn apply(&self, v: f32, _: usize) -> f32 {
         v.max(0.0)
     }
-    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool) {
+    fn transform(&self) -> Transform<'_> {
         (None, true)
     }
 }
@@ -263,7 +266,7 @@ impl Load for AffineRelu<'_> {
             y
         }
     }
-    fn transform(&self) -> (Option<(&[f32], &[f32])>, bool) {
+    fn transform(&self) -> Transform<'_> {
         (Some((self.scale, self.shift)), self.relu)
     }
 }
@@ -305,20 +308,6 @@ fn dw_row<const FMA: bool, L: Load>(x: &Activations, s: &SepConv, load: L, b: us
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_avx2<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
-    dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_avx512<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
-    dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out)
-}
-
 /// One output line of the depthwise conv with the best kernel this CPU runs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -337,15 +326,12 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
             }
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked above).
-            unsafe { dw_row_avx512(x, s, load, b, oy, ow, pt, pl, out) };
-            return;
-        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            unsafe { dw_row_avx2(x, s, load, b, oy, ow, pt, pl, out) };
-            return;
+            // `simd` compiles it for AVX-512 or AVX2, both with FMA.
+            return simd(
+                #[inline(always)]
+                || dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out),
+            );
         }
     }
     dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
@@ -401,8 +387,7 @@ mod dw3_avx512 {
             let interior = full.is_some() && ox0 >= inner.0 && ox1 <= inner.1;
             let mut cb = 0;
             while cb < c {
-                let lanes = (c - cb).min(16);
-                let m: __mmask16 = if lanes == 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
+                let m = crate::packed::lane_mask(c - cb);
                 let (sc, sh) =
                     if AFFINE { (_mm512_maskz_loadu_ps(m, scale.as_ptr().add(cb)), _mm512_maskz_loadu_ps(m, shift.as_ptr().add(cb))) } else { (zero, zero) };
                 let load = |p: *const f32| {
@@ -455,49 +440,40 @@ mod dw3_avx512 {
     }
 }
 
+/// Calls `f(oh, ow, fill)` with the depthwise output's size and `fill(line, out)`, which writes
+/// one output line (input transform and folded norm included) with the kernel for this conv's
+/// input transform.
+fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(usize, usize, &(dyn Fn(usize, &mut [f32]) + Sync)) -> R) -> R {
+    fn lines<L: Load, R>(x: &Activations, s: &SepConv, load: L, f: impl FnOnce(usize, usize, &(dyn Fn(usize, &mut [f32]) + Sync)) -> R) -> R {
+        let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+        let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+        f(oh, ow, &|line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out))
+    }
+    match (&s.in_affine, s.in_relu) {
+        (Some(a), relu) => lines(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, f),
+        (None, true) => lines(x, s, Relu, f),
+        (None, false) => lines(x, s, Plain, f),
+    }
+}
+
 /// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
 /// With `residual` (the block's shortcut, same shape as the output) the GEMM adds it as it
 /// stores: the residual add costs no extra pass.
 pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>, residual: Option<&[f32]>) -> Activations {
-    match (&s.in_affine, s.in_relu) {
-        (Some(a), relu) => sep_conv_with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, threads, bufs, scratch, residual),
-        (None, true) => sep_conv_with(x, s, Relu, threads, bufs, scratch, residual),
-        (None, false) => sep_conv_with(x, s, Plain, threads, bufs, scratch, residual),
-    }
+    with_depthwise(x, s, |oh, ow, fill| {
+        let mut out = bufs.take(x.n * oh * ow * s.pw.n);
+        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill }, &s.pw, &mut out, residual, s.out_relu, threads, scratch);
+        Activations { n: x.n, h: oh, w: ow, c: s.pw.n, data: out }
+    })
 }
 
-fn sep_conv_with<L: Load>(
-    x: &Activations,
-    s: &SepConv,
-    load: L,
-    threads: usize,
-    bufs: &Buffers,
-    scratch: &mut Vec<f32>,
-    residual: Option<&[f32]>,
-) -> Activations {
-    let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
-    let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-    let fill = |line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out);
-    let mut out = bufs.take(x.n * oh * ow * s.pw.n);
-    matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &s.pw, &mut out, residual, s.out_relu, threads, scratch);
-    Activations { n: x.n, h: oh, w: ow, c: s.pw.n, data: out }
-}
-
-/// The depthwise half alone (with its input transform and folded norm) into `mid`; returns
-/// (h, w). For timing the kernel (`bench_ops`).
+/// The depthwise half alone into `mid`; returns (h, w). For timing the kernel (`bench_ops`).
 pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usize, usize) {
-    fn with<L: Load>(x: &Activations, s: &SepConv, load: L, mid: &mut Vec<f32>) -> (usize, usize) {
-        let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
-        let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+    with_depthwise(x, s, |oh, ow, fill| {
         mid.resize(x.n * oh * ow * s.channels, 0.0);
-        mid.par_chunks_mut(ow * s.channels).enumerate().for_each(|(line, out)| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out));
+        mid.par_chunks_mut(ow * s.channels).enumerate().for_each(|(line, out)| fill(line, out));
         (oh, ow)
-    }
-    match (&s.in_affine, s.in_relu) {
-        (Some(a), relu) => with(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, mid),
-        (None, true) => with(x, s, Relu, mid),
-        (None, false) => with(x, s, Plain, mid),
-    }
+    })
 }
 
 pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs: &Buffers) -> Activations {

@@ -21,8 +21,8 @@ use kernels::Buffers;
 use packed::PackedB;
 
 use rayon::prelude::*;
-use xception_arch::{Activation, Error, Result};
 use xception_arch::{Block, Conv, Network, Norm, Op, Padding, Pooling, Shortcut};
+use xception_arch::{Activation, Error, Result};
 
 /// Per-channel scale and shift (an inference BatchNorm).
 #[derive(Clone, Debug)]
@@ -216,9 +216,7 @@ impl Compiler<'_> {
     /// scales each output column and returns the shift as the bias. Also reports how many ops it
     /// consumed (0 or 1).
     fn fold_norm(&self, ops: &[Op], at: usize, weight: &mut [f32], width: usize) -> Result<(Option<Vec<f32>>, usize)> {
-        let Some(Op::Norm(n)) = ops.get(at) else {
-            return Ok((None, 0));
-        };
+        let Some(Op::Norm(n)) = ops.get(at) else { return Ok((None, 0)) };
         let a = self.affine(n)?;
         for (j, w) in weight.iter_mut().enumerate() {
             *w *= a.scale[j % width];
@@ -432,8 +430,10 @@ impl Engine {
             }),
         };
         let threads = resolve_threads(threads);
-        let pool =
-            rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
         Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, scratch: Default::default(), bufs: Buffers::default() })
@@ -564,7 +564,7 @@ impl Engine {
             for b in 0..n {
                 out[b * layer.n_out..][..layer.n_out].copy_from_slice(&layer.bias);
             }
-            kernels::gemm(n, layer.n_out, layer.n_in, &x, &layer.weight, &mut out, true, 1);
+            kernels::gemm(n, layer.n_out, layer.n_in, &x, layer.n_in, &layer.weight, &mut out, true, 1);
             if li + 1 < self.head.len() {
                 activate(&mut out, layer.n_out, layer.activation);
             }
@@ -666,7 +666,13 @@ fn keep_freed_memory() {
 fn concat(parts: Vec<EngineOutput>) -> EngineOutput {
     let stack = |acts: Vec<&Activations>| {
         let first = acts[0];
-        Activations { n: acts.iter().map(|a| a.n).sum(), h: first.h, w: first.w, c: first.c, data: acts.iter().flat_map(|a| a.data.iter().copied()).collect() }
+        Activations {
+            n: acts.iter().map(|a| a.n).sum(),
+            h: first.h,
+            w: first.w,
+            c: first.c,
+            data: acts.iter().flat_map(|a| a.data.iter().copied()).collect(),
+        }
     };
     let taps = (0..parts[0].taps.len()).map(|t| stack(parts.iter().map(|p| &p.taps[t]).collect())).collect();
     EngineOutput {

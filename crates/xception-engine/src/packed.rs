@@ -153,33 +153,14 @@ unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB,
         }
         return;
     }
+    // One tile of the panel's width: the product, then the epilogue as a second pass.
+    let mut tile = vec![0f32; m * NR];
     for p in panels {
         let (col, cols) = (p * NR, b.cols(p));
-        let mut tile = vec![0f32; m * NR];
         for row in tile.chunks_mut(NR) {
             row.copy_from_slice(&b.bias[col..col + NR]);
         }
-        gemm::gemm(
-            m,
-            NR,
-            b.k,
-            tile.as_mut_ptr(),
-            1,
-            NR as isize,
-            true,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.panel(p).as_ptr(),
-            1,
-            NR as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        crate::kernels::gemm(m, NR, b.k, a, lda, b.panel(p), &mut tile, true, 1);
         for (r, src) in tile.chunks(NR).enumerate() {
             let dst = std::slice::from_raw_parts_mut(out.ptr.add(r * ldc + col), cols);
             for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
@@ -190,6 +171,16 @@ unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB,
                 *d = if epi.relu { v.max(0.0) } else { v };
             }
         }
+    }
+}
+
+/// The AVX-512 lane mask of the first `lanes` of sixteen lanes (all of them from 16 on).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn lane_mask(lanes: usize) -> u16 {
+    if lanes >= 16 {
+        0xffff
+    } else {
+        ((1u32 << lanes) - 1) as u16
     }
 }
 
@@ -234,14 +225,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize) {
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols <= 16 {
-            0
-        } else {
-            (1u32 << (cols - 16)) as u16 - 1
-        };
+        let (m0, m1) = (super::lane_mask(cols), super::lane_mask(cols.saturating_sub(16)));
         let zero = _mm512_setzero_ps();
         let mut lo = [zero; R];
         let mut hi = [zero; R];
