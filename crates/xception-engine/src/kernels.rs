@@ -74,34 +74,38 @@ pub fn simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Activation buffers reused across layers and passes: a layer's output takes the smallest free
-/// buffer that fits instead of fresh memory (fresh memory costs a page fault per 4 KiB, which
-/// measured as much as the arithmetic on the 147x147 layers).
+/// Activation buffers reused across layers and passes: a layer's output takes a free buffer of
+/// exactly its size instead of fresh memory (fresh memory costs a page fault per 4 KiB, which
+/// measured as much as the arithmetic on the 147x147 layers). Exact sizes, because lengthening
+/// a shorter buffer writes zeros over it: 24-32 MB of memset per pass when buffers were shared
+/// across sizes. Each pass asks for the same sizes in the same order, so from the second pass on
+/// every request finds its buffer.
 #[derive(Default)]
 pub struct Buffers(Mutex<Vec<Vec<f32>>>);
+
+/// Free buffers kept at most (a pass of the largest network holds about twenty); beyond, the
+/// oldest go back to the allocator, so a model run at many input sizes does not hoard memory.
+const MAX_FREE_BUFFERS: usize = 48;
 
 impl Buffers {
     /// A buffer of `len` values whose contents are unspecified (left from an earlier layer):
     /// callers overwrite every value.
     pub fn take(&self, len: usize) -> Vec<f32> {
         let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let best = free.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
-        let mut buf = match best {
-            Some(i) => free.swap_remove(i),
-            None => Vec::new(),
-        };
-        if buf.len() >= len {
-            buf.truncate(len);
-        } else {
-            buf.resize(len, 0.0);
+        match free.iter().rposition(|b| b.len() == len) {
+            Some(i) => free.remove(i),
+            None => vec![0.0; len],
         }
-        buf
     }
 
     /// Returns a buffer for reuse.
     pub fn give(&self, buf: Vec<f32>) {
         if buf.capacity() > 0 {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            free.push(buf);
+            if free.len() > MAX_FREE_BUFFERS {
+                free.remove(0);
+            }
         }
     }
 }
@@ -165,11 +169,14 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
         Lhs::Ready(a) => a,
     };
     assert!(a.len() >= rows * k, "matmul lhs shape");
-    // Large layers: chunks of rows, each over every panel. Small ones (the middle and exit
-    // flows): every row, the panels shared out, so each worker streams only its own part of the
-    // weights (a row split would stream all of them once per chunk).
+    // Large layers: chunks of rows, each over every panel (a chunk's rows stay in L2 while the
+    // weights stream past). Small ones (the middle and exit flows): every row, the panels shared
+    // out, so each worker streams only part of the weights (a row split would stream all of
+    // them once per chunk). Tasks are one chunk or one panel, taken as workers free up: on this
+    // VM one core runs the same GEMM ~30% slower than the other, and a static half each would
+    // leave the fast one waiting.
     let panels = b.panels();
-    let (chunk, col_chunks) = if rows >= 8 * BAND_ROWS || panels < threads { (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1) } else { (rows, threads) };
+    let (chunk, col_chunks) = if rows >= 1024 || panels < threads { (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1) } else { (rows, panels) };
     let row_chunks = rows.div_ceil(chunk);
     let per = panels.div_ceil(col_chunks);
     (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
@@ -195,8 +202,22 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
             let (b, oy) = (line / oh, line % oh);
             for ox in 0..ow {
                 let dst = &mut cols[ox * kk..][..kk];
+                let ix0 = (ox * d.stride) as isize - pl as isize;
+                // With dilation 1 and the whole window inside the row, a row of taps is one
+                // contiguous run of k * cin input values.
+                let whole_row = d.dilation == 1 && d.cin == x.c && ix0 >= 0 && ix0 as usize + d.k <= x.w;
                 for ky in 0..d.k {
                     let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
+                    if whole_row {
+                        let run = &mut dst[ky * d.k * d.cin..][..d.k * d.cin];
+                        if iy >= 0 && (iy as usize) < x.h {
+                            let src = ((b * x.h + iy as usize) * x.w + ix0 as usize) * x.c;
+                            run.copy_from_slice(&x.data[src..src + d.k * d.cin]);
+                        } else {
+                            run.fill(0.0);
+                        }
+                        continue;
+                    }
                     for kx in 0..d.k {
                         let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
                         let tap = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];

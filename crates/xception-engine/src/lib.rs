@@ -477,39 +477,7 @@ impl Engine {
             let mut x = Activations { n, h, w, c: 3, data };
             x = self.run(&self.stem, x, &mut taps);
             for b in &self.blocks {
-                let input = self.run(&b.pre, x, &mut taps);
-                let mut skip = match &b.shortcut {
-                    ShortcutPlan::None => None,
-                    ShortcutPlan::Identity => Some(self.copy(&input)),
-                    ShortcutPlan::Project(steps) => Some(self.run(steps, self.copy(&input), &mut taps)),
-                };
-                // A body ending in a separable conv without ReLU takes the shortcut into its GEMM.
-                if let Some((Step::Sep(last), rest)) = b.body.split_last() {
-                    if !last.out_relu && skip.is_some() {
-                        let residual = skip.take().expect("checked");
-                        let partial = self.run(rest, input, &mut taps);
-                        let started = self.profile.then(std::time::Instant::now);
-                        x = kernels::sep_conv(&partial, last, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), Some(&residual.data));
-                        self.profile_step(started, || format!("separable {}->{} at {}x{} + residual", last.channels, last.pw.n, x.h, x.w));
-                        self.bufs.give(partial.data);
-                        self.bufs.give(residual.data);
-                        continue;
-                    }
-                }
-                let mut out = self.run(&b.body, input, &mut taps);
-                let started = self.profile.then(std::time::Instant::now);
-                if let Some(s) = skip {
-                    debug_assert_eq!((s.h, s.w, s.c), (out.h, out.w, out.c));
-                    out.data.par_chunks_mut(1 << 14).zip(s.data.par_chunks(1 << 14)).for_each(|(o, s)| {
-                        kernels::simd(
-                            #[inline(always)]
-                            || o.iter_mut().zip(s).for_each(|(o, s)| *o += s),
-                        )
-                    });
-                    self.bufs.give(s.data);
-                }
-                self.profile_step(started, || "residual add".into());
-                x = out;
+                x = self.block(b, x, &mut taps);
             }
             x = self.run(&self.tail, x, &mut taps);
             let pooled = global_pool(&x, self.net.config.pooling);
@@ -523,6 +491,43 @@ impl Engine {
             };
             Ok(EngineOutput { features: x, pooled, logits, taps: taps.taps, segmentation })
         })
+    }
+
+    /// One block: pre-ops, body, shortcut and residual add.
+    fn block(&self, b: &BlockPlan, x: Activations, taps: &mut Captured) -> Activations {
+        let input = self.run(&b.pre, x, taps);
+        let mut skip = match &b.shortcut {
+            ShortcutPlan::None => None,
+            ShortcutPlan::Identity => Some(self.copy(&input)),
+            ShortcutPlan::Project(steps) => Some(self.run(steps, self.copy(&input), taps)),
+        };
+        // A body ending in a separable conv without ReLU takes the shortcut into its GEMM.
+        if let Some((Step::Sep(last), rest)) = b.body.split_last() {
+            if !last.out_relu && skip.is_some() {
+                let residual = skip.take().expect("checked");
+                let partial = self.run(rest, input, taps);
+                let started = self.profile.then(std::time::Instant::now);
+                let x = kernels::sep_conv(&partial, last, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), Some(&residual.data));
+                self.profile_step(started, || format!("separable {}->{} at {}x{} + residual", last.channels, last.pw.n, x.h, x.w));
+                self.bufs.give(partial.data);
+                self.bufs.give(residual.data);
+                return x;
+            }
+        }
+        let mut out = self.run(&b.body, input, taps);
+        let started = self.profile.then(std::time::Instant::now);
+        if let Some(s) = skip {
+            debug_assert_eq!((s.h, s.w, s.c), (out.h, out.w, out.c));
+            out.data.par_chunks_mut(1 << 14).zip(s.data.par_chunks(1 << 14)).for_each(|(o, s)| {
+                kernels::simd(
+                    #[inline(always)]
+                    || o.iter_mut().zip(s).for_each(|(o, s)| *o += s),
+                )
+            });
+            self.bufs.give(s.data);
+        }
+        self.profile_step(started, || "residual add".into());
+        out
     }
 
     /// A copy of `x` in reused memory.

@@ -12,8 +12,10 @@ use std::ops::Range;
 pub const NR: usize = 32;
 /// Rows per micro-kernel tile.
 pub const MR: usize = 12;
-/// Depth of one k-block: a (KC x NR) panel slice is 32 KiB, L1-resident.
-const KC: usize = 256;
+/// Largest depth of one k-block. Between blocks each tile's partial sums go back to memory;
+/// a (768 x NR) panel slice is 96 KiB, read from L2 by every row tile. Measured on the whole
+/// network against L1-sized blocks of 256 (32 KiB): 5% faster (xception, batch 1).
+const KC: usize = 768;
 
 /// A (k x n) weight matrix with its bias, packed as `panels` consecutive (k x NR) row-major
 /// blocks, the last one zero-padded.
@@ -126,12 +128,13 @@ unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB,
     }
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // Blocks of KC along k: each panel's (KC x NR) slice stays in L1 while every row tile
-        // of the band passes over it; the tile's partial sums go back to the output between
-        // blocks, and the epilogue runs after the last one.
+        // Equal blocks of at most KC along k; every row tile of the band passes over a panel's
+        // slice of the block (from L2) before the next panel; the tile's partial sums go back
+        // to the output between blocks, and the epilogue runs after the last one.
+        let kc_even = b.k.div_ceil(b.k.div_ceil(KC));
         let mut k0 = 0;
         while k0 < b.k {
-            let kc = (b.k - k0).min(KC);
+            let kc = (b.k - k0).min(kc_even);
             let (first, last) = (k0 == 0, k0 + kc == b.k);
             for p in panels.clone() {
                 let col = p * NR;
@@ -220,6 +223,13 @@ mod avx512 {
         go!(1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
+    /// PREFETCHW: fetches the line for writing (exclusive), so the store finds it owned.
+    /// (`_mm_prefetch` with a write hint needs the unstable `prfchw` target feature.)
+    #[inline(always)]
+    unsafe fn prefetch_write(p: *const i8) {
+        std::arch::asm!("prefetchw [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+
     /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
     /// broadcast of A per row and two loads of B per k step.
     #[target_feature(enable = "avx512f,fma")]
@@ -227,6 +237,25 @@ mod avx512 {
     unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize) {
         let (m0, m1) = (super::lane_mask(cols), super::lane_mask(cols.saturating_sub(16)));
         let zero = _mm512_setzero_ps();
+        // The tile's output (and residual) lines are fetched while the k loop runs: a store that
+        // misses the cache would stall it (the large layers' outputs come from L3 or memory).
+        // Prefetches never fault, so a ragged tile's lines past the matrix are harmless.
+        if let Start::Bias(_) = step.start {
+            for r in 0..R {
+                let cr = c.add(r * ldc) as *const i8;
+                prefetch_write(cr);
+                prefetch_write(cr.add(64));
+                prefetch_write(cr.add(124));
+            }
+        }
+        if let Some((rp, ldr)) = step.residual {
+            for r in 0..R {
+                let rr = rp.add(r * ldr) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(rr);
+                _mm_prefetch::<_MM_HINT_T0>(rr.add(64));
+                _mm_prefetch::<_MM_HINT_T0>(rr.add(124));
+            }
+        }
         let mut lo = [zero; R];
         let mut hi = [zero; R];
         match step.start {
@@ -314,7 +343,7 @@ mod tests {
 
     #[test]
     fn packed_gemm_matches_a_plain_product_on_ragged_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (13, 27, 32), (25, 64, 45), (12, 300, 97), (37, 5, 70)] {
+        for &(m, k, n) in &[(1, 1, 1), (13, 27, 32), (25, 64, 45), (12, 300, 97), (37, 5, 70), (14, 1601, 33)] {
             let lda = k + 3;
             let a = values(m * lda, 1);
             let w = values(k * n, 2);
