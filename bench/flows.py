@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Where the time goes, in the network: ONNX Runtime's per-node profile and our engine's
+per-step profile (XCEPTION_ENGINE_PROFILE=1), summed per flow (stem convs, entry blocks 1-3,
+middle blocks 4-11, exit), interleaved round by round so a slow patch of the machine hits both.
+Xception (timm `legacy_xception`) at 299, batch 1.
+
+The per-op figures of peers.py time each kernel alone; this shows what the layers cost inside a
+pass (caches holding other layers' data, the two cores sharing work), which is where the
+whole-network gap is.
+
+Usage: bench/flows.py [--threads 2] [--rounds 8]
+Needs the built `xception` binary and the Python tools of peers.py (torch, timm, onnxruntime).
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("XCEPTION_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/xception/target")), "release/xception")
+FLOWS = ["stem", "entry", "middle", "exit"]
+
+
+def ort_flow(node):
+    """The flow of an ONNX Runtime node, from the timm module path in its name (None: unnamed,
+    e.g. a layout reorder, which belongs with the node before it)."""
+    m = re.search(r"/block(\d+)/", node)
+    if m:
+        b = int(m.group(1))
+        return "entry" if b <= 3 else ("middle" if b <= 11 else "exit")
+    if node.startswith(("/act1/", "/act2/", "/conv1/", "/conv2/")):
+        return "stem"
+    if node.startswith(("/conv3/", "/act3/", "/conv4/", "/act4/", "/global_pool/", "/fc/")):
+        return "exit"
+    return None
+
+
+def our_flows(stderr):
+    """Per pass (the warm-up dropped): {flow: ms} from the engine's step profile."""
+    passes = []
+    for line in stderr.splitlines():
+        if not line.startswith("engine step"):
+            continue
+        parts = line.split()
+        ms, what = float(parts[2]), " ".join(parts[4:])
+        if what.startswith("dense 3x3 3->"):
+            passes.append((collections.defaultdict(float), ["stem"]))
+        flows, at = passes[-1]
+        if what.startswith("dense 1x1 64->"):  # block 1's shortcut: the entry flow begins
+            at[0] = "entry"
+        elif what.startswith("separable 728->728 at 19x19") and at[0] == "entry":
+            at[0] = "middle"
+        elif what.startswith("dense 1x1 728->1024"):  # block 12's shortcut
+            at[0] = "exit"
+        flows[at[0]] += ms
+    return [f for f, _ in passes[1:]]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    args = ap.parse_args()
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    model = timm.create_model("legacy_xception", pretrained=False).eval()
+    x = torch.randn(1, 3, 299, 299)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        torch.onnx.export(model, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "ort_profile")
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        xn = x.numpy()
+        warm = 3
+        for _ in range(warm):
+            sess.run(None, {"x": xn})
+        ours = []
+        env = dict(os.environ, XCEPTION_ENGINE_PROFILE="1")
+        for _ in range(args.rounds):
+            for _ in range(3):
+                sess.run(None, {"x": xn})
+            p = subprocess.run([BIN, "bench", "--model", "xception", "--batch", "1", "--threads", str(args.threads), "--runs", "3"],
+                               capture_output=True, text=True, env=env, check=True)
+            ours += our_flows(p.stderr)
+        events = json.load(open(sess.end_profiling()))
+    runs = [e for e in events if e.get("name") == "model_run"][warm:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    theirs = []
+    for run in runs:
+        flows, last = collections.defaultdict(float), "stem"
+        for e in nodes:
+            if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
+                last = ort_flow(e["name"]) or last
+                flows[last] += e["dur"] / 1e3
+        theirs.append(flows)
+    print(f"Xception 299, batch 1, {args.threads} threads, {args.rounds} interleaved rounds; medians of the per-pass sums")
+    print(f"(ONNX Runtime {ort.__version__}: node times from its profiler; ours: engine steps)\n")
+    print("| flow | ONNX Runtime ms | ours ms | speed ratio (ORT time / ours) |")
+    print("|---|---|---|---|")
+    for flow in FLOWS + ["total"]:
+        pick = (lambda f: sum(f.values())) if flow == "total" else (lambda f, flow=flow: f[flow])
+        t, o = statistics.median(map(pick, theirs)), statistics.median(map(pick, ours))
+        print(f"| {flow} | {t:.2f} | {o:.2f} | {t / o:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
