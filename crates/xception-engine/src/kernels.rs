@@ -499,11 +499,16 @@ pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usiz
     })
 }
 
-pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs: &Buffers) -> Activations {
+/// Max pooling; with `residual` (laid out like the output) added to each output as it is stored,
+/// which is how the entry-flow blocks end (the pooled body plus the shortcut).
+pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs: &Buffers, residual: Option<&[f32]>) -> Activations {
     let (pt, oh) = out_size(padding, x.h, k, stride, 1);
     let (pl, ow) = out_size(padding, x.w, k, stride, 1);
     let c = x.c;
     let mut out = bufs.take(x.n * oh * ow * c);
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "max pool residual shape");
+    }
     out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| simd(#[inline(always)] || {
         let (b, oy) = (row / oh, row % oh);
         for ox in 0..ow {
@@ -522,6 +527,9 @@ pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs
                     let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
                     acc.iter_mut().zip(src).for_each(|(a, &v)| *a = a.max(v));
                 }
+            }
+            if let Some(r) = residual {
+                acc.iter_mut().zip(&r[(row * ow + ox) * c..][..c]).for_each(|(a, &v)| *a += v);
             }
         }
     }));

@@ -501,10 +501,10 @@ impl Engine {
             ShortcutPlan::Identity => Some(self.copy(&input)),
             ShortcutPlan::Project(steps) => Some(self.run(steps, self.copy(&input), taps)),
         };
-        // A body ending in a separable conv without ReLU takes the shortcut into its GEMM.
-        if let Some((Step::Sep(last), rest)) = b.body.split_last() {
-            if !last.out_relu && skip.is_some() {
-                let residual = skip.take().expect("checked");
+        // A body ending in a separable conv without ReLU takes the shortcut into its GEMM, one
+        // ending in a max pool (the entry flow) into the pool: no separate pass for the add.
+        match (b.body.split_last(), skip.take()) {
+            (Some((Step::Sep(last), rest)), Some(residual)) if !last.out_relu => {
                 let partial = self.run(rest, input, taps);
                 let started = self.profile.then(std::time::Instant::now);
                 let x = kernels::sep_conv(&partial, last, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), Some(&residual.data));
@@ -513,6 +513,16 @@ impl Engine {
                 self.bufs.give(residual.data);
                 return x;
             }
+            (Some((Step::MaxPool { k, stride, padding }, rest)), Some(residual)) => {
+                let partial = self.run(rest, input, taps);
+                let started = self.profile.then(std::time::Instant::now);
+                let x = kernels::max_pool(&partial, *k, *stride, *padding, &self.bufs, Some(&residual.data));
+                self.profile_step(started, || "max pool + residual".into());
+                self.bufs.give(partial.data);
+                self.bufs.give(residual.data);
+                return x;
+            }
+            (_, s) => skip = s,
         }
         let mut out = self.run(&b.body, input, taps);
         let started = self.profile.then(std::time::Instant::now);
@@ -588,7 +598,7 @@ impl Engine {
             x = match step {
                 Step::Dense(d) => replaced(kernels::dense_conv(&x, d, self.threads, &self.bufs, &mut self.scratch.lock().unwrap()), x),
                 Step::Sep(s) => replaced(kernels::sep_conv(&x, s, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), None), x),
-                Step::MaxPool { k, stride, padding } => replaced(kernels::max_pool(&x, *k, *stride, *padding, &self.bufs), x),
+                Step::MaxPool { k, stride, padding } => replaced(kernels::max_pool(&x, *k, *stride, *padding, &self.bufs, None), x),
                 Step::Affine { affine, relu } => {
                     let c = x.c;
                     let relu = *relu;
