@@ -496,47 +496,81 @@ impl Engine {
     /// One block: pre-ops, body, shortcut and residual add.
     fn block(&self, b: &BlockPlan, x: Activations, taps: &mut Captured) -> Activations {
         let input = self.run(&b.pre, x, taps);
-        let mut skip = match &b.shortcut {
-            ShortcutPlan::None => None,
-            ShortcutPlan::Identity => Some(self.copy(&input)),
-            ShortcutPlan::Project(steps) => Some(self.run(steps, self.copy(&input), taps)),
-        };
         // A body ending in a separable conv without ReLU takes the shortcut into its GEMM, one
         // ending in a max pool (the entry flow) into the pool: no separate pass for the add.
-        match (b.body.split_last(), skip.take()) {
-            (Some((Step::Sep(last), rest)), Some(residual)) if !last.out_relu => {
-                let partial = self.run(rest, input, taps);
-                let started = self.profile.then(std::time::Instant::now);
-                let x = kernels::sep_conv(&partial, last, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), Some(&residual.data));
-                self.profile_step(started, || format!("separable {}->{} at {}x{} + residual", last.channels, last.pw.n, x.h, x.w));
-                self.bufs.give(partial.data);
-                self.bufs.give(residual.data);
-                return x;
+        let fuses = |s: &Step| matches!(s, Step::Sep(s) if !s.out_relu) || matches!(s, Step::MaxPool { .. });
+        let (body, last) = match b.body.split_last() {
+            Some((last, rest)) if !matches!(b.shortcut, ShortcutPlan::None) && fuses(last) => (rest, Some(last)),
+            _ => (&b.body[..], None),
+        };
+        // The body's first conv and the projection read the block input in place, so the
+        // identity shortcut is the input itself and neither needs a copy of it.
+        let (partial, skip) = match &b.shortcut {
+            ShortcutPlan::None => (self.run(body, input, taps), None),
+            ShortcutPlan::Identity => (self.run_from(body, &input, taps), Some(input)),
+            ShortcutPlan::Project(steps) => {
+                let skip = self.run_from(steps, &input, taps);
+                (self.run(body, input, taps), Some(skip))
             }
-            (Some((Step::MaxPool { k, stride, padding }, rest)), Some(residual)) => {
-                let partial = self.run(rest, input, taps);
-                let started = self.profile.then(std::time::Instant::now);
-                let x = kernels::max_pool(&partial, *k, *stride, *padding, &self.bufs, Some(&residual.data));
-                self.profile_step(started, || "max pool + residual".into());
-                self.bufs.give(partial.data);
-                self.bufs.give(residual.data);
-                return x;
-            }
-            (_, s) => skip = s,
+        };
+        let Some(skip) = skip else { return partial };
+        if let Some(last) = last {
+            let out = self.produce(last, &partial, Some(&skip.data));
+            self.bufs.give(partial.data);
+            self.bufs.give(skip.data);
+            return out;
         }
-        let mut out = self.run(&b.body, input, taps);
+        let mut out = partial;
         let started = self.profile.then(std::time::Instant::now);
-        if let Some(s) = skip {
-            debug_assert_eq!((s.h, s.w, s.c), (out.h, out.w, out.c));
-            out.data.par_chunks_mut(1 << 14).zip(s.data.par_chunks(1 << 14)).for_each(|(o, s)| {
-                kernels::simd(
-                    #[inline(always)]
-                    || o.iter_mut().zip(s).for_each(|(o, s)| *o += s),
-                )
-            });
-            self.bufs.give(s.data);
-        }
+        debug_assert_eq!((skip.h, skip.w, skip.c), (out.h, out.w, out.c));
+        out.data.par_chunks_mut(1 << 14).zip(skip.data.par_chunks(1 << 14)).for_each(|(o, s)| {
+            kernels::simd(
+                #[inline(always)]
+                || o.iter_mut().zip(s).for_each(|(o, s)| *o += s),
+            )
+        });
+        self.bufs.give(skip.data);
         self.profile_step(started, || "residual add".into());
+        out
+    }
+
+    /// `run` on a borrowed input: a first step that makes a new tensor (a conv, a pool) reads
+    /// `x` in place; otherwise the steps run on a copy.
+    fn run_from(&self, steps: &[Step], x: &Activations, taps: &mut Captured) -> Activations {
+        match steps.split_first() {
+            Some((first @ (Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. }), rest)) => {
+                let y = self.produce(first, x, None);
+                self.run(rest, y, taps)
+            }
+            _ => self.run(steps, self.copy(x), taps),
+        }
+    }
+
+    /// A step that makes a new tensor from `x` (conv, separable conv, max pool), with the
+    /// residual added as the output is stored where given (not for dense convs).
+    fn produce(&self, step: &Step, x: &Activations, residual: Option<&[f32]>) -> Activations {
+        let started = self.profile.then(std::time::Instant::now);
+        let out = match step {
+            Step::Dense(d) => {
+                assert!(residual.is_none(), "engine: no residual for a dense conv");
+                kernels::dense_conv(x, d, self.threads, &self.bufs, &mut self.scratch.lock().unwrap())
+            }
+            Step::Sep(s) => kernels::sep_conv(x, s, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), residual),
+            Step::MaxPool { k, stride, padding } => kernels::max_pool(x, *k, *stride, *padding, &self.bufs, residual),
+            _ => unreachable!("produce: an in-place step"),
+        };
+        self.profile_step(started, || {
+            let what = match step {
+                Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
+                Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.pw.n, out.h, out.w),
+                _ => "max pool".into(),
+            };
+            if residual.is_some() {
+                format!("{what} + residual")
+            } else {
+                what
+            }
+        });
         out
     }
 
@@ -590,15 +624,14 @@ impl Engine {
 
     fn run(&self, steps: &[Step], mut x: Activations, taps: &mut Captured) -> Activations {
         for step in steps {
+            if let Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } = step {
+                let y = self.produce(step, &x, None);
+                self.bufs.give(std::mem::replace(&mut x, y).data);
+                continue;
+            }
             let started = self.profile.then(std::time::Instant::now);
-            let replaced = |new: Activations, old: Activations| {
-                self.bufs.give(old.data);
-                new
-            };
             x = match step {
-                Step::Dense(d) => replaced(kernels::dense_conv(&x, d, self.threads, &self.bufs, &mut self.scratch.lock().unwrap()), x),
-                Step::Sep(s) => replaced(kernels::sep_conv(&x, s, self.threads, &self.bufs, &mut self.scratch.lock().unwrap(), None), x),
-                Step::MaxPool { k, stride, padding } => replaced(kernels::max_pool(&x, *k, *stride, *padding, &self.bufs, None), x),
+                Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("made above"),
                 Step::Affine { affine, relu } => {
                     let c = x.c;
                     let relu = *relu;
@@ -638,9 +671,7 @@ impl Engine {
                 }
             };
             self.profile_step(started, || match step {
-                Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
-                Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.pw.n, x.h, x.w),
-                Step::MaxPool { .. } => "max pool".into(),
+                Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("made above"),
                 Step::Affine { .. } => "norm".into(),
                 Step::Relu => "relu".into(),
                 Step::Tap => "tap".into(),
