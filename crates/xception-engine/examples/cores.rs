@@ -7,7 +7,7 @@ fn run(m: usize, k: usize, n: usize, reps: usize) -> f64 {
     let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
     let b = PackedB::new(&w, &vec![0.0; n], k, n);
     let mut out = vec![0f32; m * n];
-    let epi = Epilogue { residual: None, relu: false };
+    let epi = Epilogue::PLAIN;
     unsafe { gemm_rows(m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
     let t = std::time::Instant::now();
     for _ in 0..reps {

@@ -9,13 +9,14 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 use xception_arch::Padding;
 
-/// dst (m x n) = [dst +] lhs (m x k, row stride `lda`) * rhs (k x n), all row-major.
+/// dst (m x n) = [dst +] lhs (m x k, row stride `lda`; rows may overlap, as a direct conv's do) *
+/// rhs (k x n), all row-major.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(m: usize, n: usize, k: usize, lhs: &[f32], lda: usize, rhs: &[f32], dst: &mut [f32], accumulate: bool, threads: usize) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && lhs.len() >= (m - 1) * lda + k && rhs.len() >= k * n && dst.len() >= m * n);
+    assert!(lhs.len() >= (m - 1) * lda + k && rhs.len() >= k * n && dst.len() >= m * n);
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above bound every access the strides describe.
     unsafe {
@@ -140,7 +141,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
         assert_eq!(r.len(), out.len(), "residual shape");
     }
     let shared = SharedOut::new(out);
-    let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu };
+    let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu, accumulate: false };
     let a: &[f32] = match lhs {
         Lhs::Lines { lines, per_line, fill } if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads => {
             let band = BAND_ROWS.div_ceil(per_line).clamp(1, lines / (4 * threads));
@@ -189,11 +190,18 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     });
 }
 
+/// Input channels from which a dense conv runs without im2col (`DenseConv::kernel_rows`): with
+/// fewer (the 3-channel stem conv) each kernel row's product is too short to pay for the extra
+/// passes over the output.
+pub const DIRECT_MIN_CHANNELS: usize = 16;
+
 pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>) -> Activations {
     let (pt, oh) = out_size(d.padding, x.h, d.k, d.stride, d.dilation);
     let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
     let mut out = bufs.take(x.n * oh * ow * d.cout);
-    if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
+    if !d.kernel_rows.is_empty() && x.c == d.cin {
+        direct_conv(x, d, (pt, oh), (pl, ow), bufs, &mut out);
+    } else if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
         matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads, scratch);
     } else {
         let kk = d.k * d.k * d.cin;
@@ -234,6 +242,50 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
         matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &d.weight, &mut out, None, d.relu, threads, scratch);
     }
     Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
+}
+
+/// A dense conv (stride s, dilation 1) without im2col: for one output line and kernel row ky,
+/// the k taps of every output pixel are k * cin consecutive input values, and consecutive
+/// pixels' windows start s * cin values apart, so the input line itself is the GEMM's left
+/// operand (row stride s * cin). The k kernel rows' products accumulate in the output; the bias
+/// comes with the first, ReLU with the last. Padding: the product runs on a zero-padded copy.
+fn direct_conv(x: &Activations, d: &DenseConv, (pt, oh): (usize, usize), (pl, ow): (usize, usize), bufs: &Buffers, out: &mut [f32]) {
+    let c = d.cin;
+    // The extent the windows read, padding included.
+    let (hp, wp) = ((oh - 1) * d.stride + d.k, (ow - 1) * d.stride + d.k);
+    let padded = (pt > 0 || pl > 0 || hp > x.h || wp > x.w).then(|| {
+        let mut data = bufs.take(x.n * hp * wp * c);
+        data.par_chunks_mut(wp * c).enumerate().for_each(|(line, dst)| {
+            let (b, y) = (line / hp, line % hp);
+            dst.fill(0.0);
+            let iy = y as isize - pt as isize;
+            if iy >= 0 && (iy as usize) < x.h {
+                let (x0, x1) = (pl.min(wp), (pl + x.w).min(wp));
+                let row = &x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c];
+                dst[x0 * c..x1 * c].copy_from_slice(&row[..(x1 - x0) * c]);
+            }
+        });
+        Activations { n: x.n, h: hp, w: wp, c, data }
+    });
+    let src = padded.as_ref().unwrap_or(x);
+    let n = d.cout;
+    let shared = SharedOut::new(out);
+    // Two output lines per task, taken as workers free up.
+    let lines = x.n * oh;
+    (0..lines.div_ceil(2)).into_par_iter().for_each(|t| {
+        for line in 2 * t..(2 * t + 2).min(lines) {
+            let (b, oy) = (line / oh, line % oh);
+            for (ky, rows) in d.kernel_rows.iter().enumerate() {
+                let a = &src.data[((b * src.h + oy * d.stride + ky) * src.w) * c..];
+                let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0 };
+                // SAFETY: this task owns output line `line` (ow rows of n values).
+                unsafe { gemm_rows(ow, a, d.stride * c, rows, 0..rows.panels(), shared.offset(line * ow * n), n, epi) };
+            }
+        }
+    });
+    if let Some(p) = padded {
+        bufs.give(p.data);
+    }
 }
 
 /// How the depthwise kernel transforms each input value as it loads it (a preceding ReLU, or

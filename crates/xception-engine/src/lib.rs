@@ -42,6 +42,9 @@ struct DenseConv {
     cout: usize,
     /// (k*k*cin, cout), rows in (ky, kx, ci) order, with the bias.
     weight: PackedB,
+    /// The same weights split by kernel row, (k*cin, cout) each, the bias with the first: for
+    /// convs wide enough to run without im2col (see `kernels::dense_conv`); empty otherwise.
+    kernel_rows: Vec<PackedB>,
     relu: bool,
 }
 
@@ -290,6 +293,12 @@ impl Compiler<'_> {
                         cin,
                         cout,
                         weight: PackedB::new(&weight, &bias, k * k * cin, cout),
+                        kernel_rows: if k > 1 && c.dilation == 1 && cin >= kernels::DIRECT_MIN_CHANNELS {
+                            let zero = vec![0f32; cout];
+                            weight.chunks(k * cin * cout).enumerate().map(|(ky, w)| PackedB::new(w, if ky == 0 { &bias } else { &zero }, k * cin, cout)).collect()
+                        } else {
+                            Vec::new()
+                        },
                         relu,
                     }));
                     i += used;

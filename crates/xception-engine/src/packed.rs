@@ -61,11 +61,18 @@ impl PackedB {
 }
 
 /// What happens to each output value as it is stored: `+ residual` (same layout as the output,
-/// row stride `ld`), then ReLU.
+/// row stride `ld`), then ReLU. With `accumulate` the product is added to what the output
+/// already holds instead of to the bias (a conv made of several products, one per kernel row).
 #[derive(Clone, Copy)]
 pub struct Epilogue<'a> {
     pub residual: Option<(&'a [f32], usize)>,
     pub relu: bool,
+    pub accumulate: bool,
+}
+
+impl Epilogue<'_> {
+    /// Bias added, nothing else.
+    pub const PLAIN: Epilogue<'static> = Epilogue { residual: None, relu: false, accumulate: false };
 }
 
 /// An output matrix shared by the tasks of one parallel GEMM, each writing its own rows and
@@ -144,7 +151,7 @@ unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB,
                     let rows = (m - m0).min(MR);
                     let c = out.ptr.add(m0 * ldc + col);
                     let step = avx512::Step {
-                        start: if first { avx512::Start::Bias(b.bias[col..].as_ptr()) } else { avx512::Start::Partial },
+                        start: if first && !epi.accumulate { avx512::Start::Bias(b.bias[col..].as_ptr()) } else { avx512::Start::Partial },
                         residual: if last { epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr)) } else { None },
                         relu: last && epi.relu,
                     };
@@ -160,8 +167,12 @@ unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB,
     let mut tile = vec![0f32; m * NR];
     for p in panels {
         let (col, cols) = (p * NR, b.cols(p));
-        for row in tile.chunks_mut(NR) {
-            row.copy_from_slice(&b.bias[col..col + NR]);
+        for (r, row) in tile.chunks_mut(NR).enumerate() {
+            if epi.accumulate {
+                row[..cols].copy_from_slice(std::slice::from_raw_parts(out.ptr.add(r * ldc + col), cols));
+            } else {
+                row.copy_from_slice(&b.bias[col..col + NR]);
+            }
         }
         crate::kernels::gemm(m, NR, b.k, a, lda, b.panel(p), &mut tile, true, 1);
         for (r, src) in tile.chunks(NR).enumerate() {
@@ -355,17 +366,29 @@ mod tests {
                 // A sentinel beyond column n shows the masked stores stay inside the matrix.
                 let ldc = n + 1;
                 let mut out = vec![7.5f32; m * ldc];
-                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu };
+                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate: false };
                 let paths: &[bool] = if has_avx512() { &[true, false] } else { &[false] };
                 for &simd in paths {
                     let mut full = vec![0f32; m * n];
                     unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut full), n, epi) };
-                    unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut out), ldc, Epilogue { residual: None, relu: false }) };
+                    unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut out), ldc, Epilogue::PLAIN) };
                     for i in 0..m {
                         assert_eq!(out[i * ldc + n], 7.5, "simd {simd}: column past the end written ({m}x{k}x{n})");
                     }
                     for (i, (g, e)) in full.iter().zip(&want).enumerate() {
                         assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "simd {simd} ({m}x{k}x{n}) [{i}] {g} vs {e}");
+                    }
+                    // Accumulating: the product (no bias) is added to what the output holds.
+                    let prior = values(m * n, 5);
+                    let mut acc = prior.clone();
+                    unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut acc), n, Epilogue { accumulate: true, ..epi }) };
+                    let product = naive(m, k, n, &a, lda, &w, &vec![0.0; n], None, false);
+                    for i in 0..m * n {
+                        let mut e = prior[i] + product[i] + if residual { res[i] } else { 0.0 };
+                        if relu {
+                            e = e.max(0.0);
+                        }
+                        assert!((acc[i] - e).abs() <= 1e-4 * (1.0 + e.abs()), "simd {simd} accumulate ({m}x{k}x{n}) [{i}] {} vs {e}", acc[i]);
                     }
                 }
             }
