@@ -190,42 +190,25 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     });
 }
 
-/// Input channels from which a dense conv runs without im2col (`DenseConv::kernel_rows`): with
-/// fewer (the 3-channel stem conv) each kernel row's product is too short to pay for the extra
-/// passes over the output.
-pub const DIRECT_MIN_CHANNELS: usize = 16;
-
 pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>) -> Activations {
     let (pt, oh) = out_size(d.padding, x.h, d.k, d.stride, d.dilation);
     let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
     let mut out = bufs.take(x.n * oh * ow * d.cout);
-    if !d.kernel_rows.is_empty() && x.c == d.cin {
+    // Without im2col where there are lines enough to share out (each task multiplies its lines
+    // by all the weights); small layers (the exit flow's 10x10) share out the weights instead.
+    if !d.kernel_rows.is_empty() && x.c == d.cin && x.n * oh >= 8 * threads {
         direct_conv(x, d, (pt, oh), (pl, ow), bufs, &mut out);
     } else if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
         matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads, scratch);
     } else {
         let kk = d.k * d.k * d.cin;
-        // im2col, one output line at a time (the stem's whole im2col would be 25 MB).
+        // Dilated or small convs: im2col, one output line at a time.
         let fill = |line: usize, cols: &mut [f32]| {
             let (b, oy) = (line / oh, line % oh);
             for ox in 0..ow {
                 let dst = &mut cols[ox * kk..][..kk];
-                let ix0 = (ox * d.stride) as isize - pl as isize;
-                // With dilation 1 and the whole window inside the row, a row of taps is one
-                // contiguous run of k * cin input values.
-                let whole_row = d.dilation == 1 && d.cin == x.c && ix0 >= 0 && ix0 as usize + d.k <= x.w;
                 for ky in 0..d.k {
                     let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
-                    if whole_row {
-                        let run = &mut dst[ky * d.k * d.cin..][..d.k * d.cin];
-                        if iy >= 0 && (iy as usize) < x.h {
-                            let src = ((b * x.h + iy as usize) * x.w + ix0 as usize) * x.c;
-                            run.copy_from_slice(&x.data[src..src + d.k * d.cin]);
-                        } else {
-                            run.fill(0.0);
-                        }
-                        continue;
-                    }
                     for kx in 0..d.k {
                         let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
                         let tap = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];
@@ -244,7 +227,8 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
 }
 
-/// A dense conv (stride s, dilation 1) without im2col: for one output line and kernel row ky,
+/// A dense conv (stride s, dilation 1; the strided 1x1 shortcut projections too) without im2col:
+/// for one output line and kernel row ky,
 /// the k taps of every output pixel are k * cin consecutive input values, and consecutive
 /// pixels' windows start s * cin values apart, so the input line itself is the GEMM's left
 /// operand (row stride s * cin). The k kernel rows' products accumulate in the output; the bias
