@@ -1,6 +1,7 @@
 //! The hot loops: depthwise conv (NHWC, channels innermost so each tap is a contiguous vector
-//! multiply-add), im2col for the few dense convs, max pool, and the drivers that feed the packed
-//! GEMM (`packed`) band by band; the `gemm` crate for the classifier head and the portable path.
+//! multiply-add), dense convs as one product per kernel row straight from the input lines (im2col
+//! only for dilated and the smallest ones), max pool, and the drivers that feed the packed GEMM
+//! (`packed`) band by band; the `gemm` crate for the classifier head and the portable path.
 
 use crate::packed::{gemm_rows, Epilogue, PackedB, SharedOut};
 use crate::{Activations, DenseConv, SepConv};

@@ -7,8 +7,9 @@
 //! its input, and every separable conv becomes one step: the depthwise 3x3 (NHWC, channels
 //! innermost, AVX-512 register tiles when the CPU has them) feeds the pointwise GEMM band by band
 //! through a cache-resident buffer, and the GEMM adds the bias, the block's residual and ReLU as
-//! it stores. Activations are NHWC float32 in buffers reused across layers; images of a batch
-//! run one after another.
+//! it stores. Dense convs need no im2col: each kernel row's product reads the input lines in
+//! place and accumulates in the output. Activations are NHWC float32 in buffers reused across
+//! layers; images of a batch run one after another.
 
 mod kernels;
 #[doc(hidden)]
