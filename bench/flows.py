@@ -20,11 +20,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("XCEPTION_BIN") or os.path.join(
-    os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/xception/target")), "release/xception")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import BIN, ort_session  # noqa: E402
 FLOWS = ["stem", "entry", "middle", "exit"]
 
 
@@ -68,7 +66,6 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
-    import numpy as np
     import onnxruntime as ort
     import timm
     import torch
@@ -76,15 +73,7 @@ def main():
     model = timm.create_model("legacy_xception", pretrained=False).eval()
     x = torch.randn(1, 3, 299, 299)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        torch.onnx.export(model, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, "ort_profile")
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        sess = ort_session(model, x, args.threads, profile_dir=tmp)
         xn = x.numpy()
         warm = 3
         for _ in range(warm):

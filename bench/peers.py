@@ -59,6 +59,24 @@ def ours(model, batch, threads, size):
     return r["median_ms"] / 1e3
 
 
+def ort_session(module, x, threads, profile_dir=None):
+    """`module` exported to ONNX (opset 17) and loaded in ONNX Runtime with every graph
+    optimisation, `threads` intra-op threads; with `profile_dir`, node profiling written there."""
+    import onnxruntime as ort
+    import torch
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        torch.onnx.export(module, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_dir:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="xception,xception65")
@@ -95,14 +113,7 @@ def main():
                     compiled = torch.compile(m)
                     compiled(x)
                     contenders["torch.compile"] = lambda c=compiled, x=x: c(x)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "m.onnx")
-                torch.onnx.export(m, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = args.threads
-                so.inter_op_num_threads = 1
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            sess = ort_session(m, x, args.threads)
             xn = x.numpy()
             contenders["ONNX Runtime"] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
             tf_proc = None
@@ -171,13 +182,7 @@ def per_op(args):
                 x_cl = x.contiguous(memory_format=torch.channels_last)
                 t = timed(lambda: conv_cl(x_cl))
                 rows.append((op, flow, "PyTorch channels-last", t, flops / t / 1e9))
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "op.onnx")
-                torch.onnx.export(conv.to(memory_format=torch.contiguous_format), (x,), path, opset_version=17, dynamo=False, input_names=["x"])
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = args.threads
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            sess = ort_session(conv.to(memory_format=torch.contiguous_format), x, args.threads)
             xn = x.numpy()
             t = timed(lambda: sess.run(None, {"x": xn}))
             rows.append((op, flow, "ONNX Runtime", t, flops / t / 1e9))
