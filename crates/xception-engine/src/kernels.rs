@@ -115,6 +115,8 @@ impl Buffers {
 thread_local! {
     /// Each worker's band of GEMM input rows (depthwise outputs, im2col patches).
     static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's GEMM input rows made whole (the small layers' depthwise outputs).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where the rows of a GEMM's left operand come from.
@@ -136,9 +138,9 @@ const ROW_CHUNK: usize = 96;
 ///
 /// Large layers run band by band: each worker fills a band of rows into its own cache-resident
 /// buffer (for a separable conv: the depthwise output) and multiplies it at once, so the
-/// intermediate never goes to memory. Small layers (the middle and exit flows) make all rows
-/// first and split the output columns between the workers instead.
-pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, relu: bool, threads: usize, scratch: &mut Vec<f32>) {
+/// intermediate never goes to memory. Smaller layers make all rows first, in the calling thread's
+/// scratch, and share out the product (`share_out`).
+pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, relu: bool, threads: usize) {
     let (k, n) = (b.k, b.n);
     let rows = out.len() / n.max(1);
     assert_eq!(out.len(), rows * n, "matmul output shape");
@@ -147,7 +149,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     }
     let shared = SharedOut::new(out);
     let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu, accumulate: false };
-    let a: &[f32] = match lhs {
+    match lhs {
         Lhs::Lines { lines, per_line, fill } if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads => {
             let band = BAND_ROWS.div_ceil(per_line).clamp(1, lines / (4 * threads));
             (0..lines.div_ceil(band)).into_par_iter().for_each(|i| {
@@ -163,24 +165,33 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
                     unsafe { gemm_rows(m, buf, k, b, 0..b.panels(), shared.offset(row0 * n), n, epi_at(row0)) };
                 });
             });
-            return;
         }
         Lhs::Lines { lines, per_line, fill } => {
-            scratch.resize(scratch.len().max(rows * k), 0.0);
-            let made = &mut scratch[..rows * k];
-            made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
             debug_assert_eq!(lines * per_line, rows);
-            made
+            // The parallel work below runs only leaf tasks (line fills, GEMM tiles), none of
+            // which comes back here, so this thread's scratch stays borrowed once.
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.resize(scratch.len().max(rows * k), 0.0);
+                let made = &mut scratch[..rows * k];
+                made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
+                share_out(made, b, rows, k, n, shared, &epi_at, threads);
+            });
         }
-        Lhs::Ready(a) => a,
-    };
-    assert!(a.len() >= rows * k, "matmul lhs shape");
-    // Large layers: chunks of rows, each over every panel (a chunk's rows stay in L2 while the
-    // weights stream past). Small ones (the middle and exit flows): every row, the panels shared
-    // out, so each worker streams only part of the weights (a row split would stream all of
-    // them once per chunk). Tasks are one chunk or one panel, taken as workers free up: on this
-    // VM one core runs the same GEMM ~30% slower than the other, and a static half each would
-    // leave the fast one waiting.
+        Lhs::Ready(a) => {
+            assert!(a.len() >= rows * k, "matmul lhs shape");
+            share_out(a, b, rows, k, n, shared, &epi_at, threads);
+        }
+    }
+}
+
+/// out = a (rows x k) x b, shared out between the workers. Large products: chunks of rows, each
+/// over every panel (a chunk's rows stay in L2 while the weights stream past). Small ones (the
+/// middle and exit flows): every row, the panels shared out, so each worker streams only part of
+/// the weights (a row split would stream all of them once per chunk). Tasks are one chunk or one
+/// panel, taken as workers free up: on this VM one core runs the same GEMM ~30% slower than the
+/// other, and a static half each would leave the fast one waiting.
+#[allow(clippy::too_many_arguments)]
+fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
     let panels = b.panels();
     let (chunk, col_chunks) = if rows >= 1024 { (ROW_CHUNK, 1) } else if panels < threads { (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1) } else { (rows, panels) };
     let row_chunks = rows.div_ceil(chunk);
@@ -195,7 +206,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     });
 }
 
-pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>) -> Activations {
+pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers) -> Activations {
     let (pt, oh) = out_size(d.padding, x.h, d.k, d.stride, d.dilation);
     let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
     let mut out = bufs.take(x.n * oh * ow * d.cout);
@@ -204,7 +215,7 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     if !d.kernel_rows.is_empty() && x.c == d.cin && x.n * oh >= 8 * threads {
         direct_conv(x, d, (pt, oh), (pl, ow), bufs, &mut out);
     } else if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
-        matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads, scratch);
+        matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads);
     } else {
         let kk = d.k * d.k * d.cin;
         // Dilated or small convs: im2col, one output line at a time.
@@ -227,7 +238,7 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
                 }
             }
         };
-        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &d.weight, &mut out, None, d.relu, threads, scratch);
+        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &d.weight, &mut out, None, d.relu, threads);
     }
     Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
 }
@@ -523,10 +534,10 @@ fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(usize, usize, 
 /// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
 /// With `residual` (the block's shortcut, same shape as the output) the GEMM adds it as it
 /// stores: the residual add costs no extra pass.
-pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, bufs: &Buffers, scratch: &mut Vec<f32>, residual: Option<&[f32]>) -> Activations {
+pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, bufs: &Buffers, residual: Option<&[f32]>) -> Activations {
     with_depthwise(x, s, |oh, ow, fill| {
         let mut out = bufs.take(x.n * oh * ow * s.pw.n);
-        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill }, &s.pw, &mut out, residual, s.out_relu, threads, scratch);
+        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill }, &s.pw, &mut out, residual, s.out_relu, threads);
         Activations { n: x.n, h: oh, w: ow, c: s.pw.n, data: out }
     })
 }

@@ -1,0 +1,30 @@
+//! The fused engine runs a batch of several images as one stream of images per thread
+//! (`Engine::forward_with`); each image must come out exactly as it does alone, taps included.
+use xception::{Engine, ModelConfig, Network};
+
+#[test]
+fn a_batch_gives_each_image_exactly_what_it_gets_alone() {
+    for model in ["xception", "xception41"] {
+        let net = Network::build(&ModelConfig::from_name(model).unwrap()).unwrap();
+        let weights = xception::weights::deterministic(&net);
+        let engine = Engine::new(&net, &weights, 2).unwrap();
+        let (n, h, w) = (3, 96, 96);
+        let per = h * w * 3;
+        let input: Vec<f32> = (0..n * per).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+        let batch = engine.forward(&input, n, h, w).unwrap();
+        assert_eq!(batch.features.n, n, "{model}: batch size of the features");
+        let logits_per = batch.logits.as_ref().unwrap().len() / n;
+        let pooled_per = batch.pooled.len() / n;
+        for i in 0..n {
+            let alone = engine.forward(&input[i * per..][..per], 1, h, w).unwrap();
+            let part = |a: &[f32], len: usize| a[i * len..][..len].to_vec();
+            assert_eq!(alone.features.data, part(&batch.features.data, alone.features.data.len()), "{model}: image {i} features");
+            assert_eq!(alone.pooled, part(&batch.pooled, pooled_per), "{model}: image {i} pooled");
+            assert_eq!(alone.logits.unwrap(), part(batch.logits.as_ref().unwrap(), logits_per), "{model}: image {i} logits");
+            assert_eq!(alone.taps.len(), batch.taps.len(), "{model}: number of taps");
+            for (t, (a, b)) in alone.taps.iter().zip(&batch.taps).enumerate() {
+                assert_eq!(a.data, part(&b.data, a.data.len()), "{model}: image {i} tap {t}");
+            }
+        }
+    }
+}
