@@ -82,18 +82,24 @@ pub fn simd<R>(f: impl FnOnce() -> R) -> R {
 /// a shorter buffer writes zeros over it: 24-32 MB of memset per pass when buffers were shared
 /// across sizes. Each pass asks for the same sizes in the same order, so from the second pass on
 /// every request finds its buffer.
-#[derive(Default)]
-pub struct Buffers(Mutex<Vec<Vec<f32>>>);
-
-/// Free buffers kept at most (a pass of the largest network holds about twenty); beyond, the
-/// oldest go back to the allocator, so a model run at many input sizes does not hoard memory.
-const MAX_FREE_BUFFERS: usize = 48;
+pub struct Buffers {
+    free: Mutex<Vec<Vec<f32>>>,
+    /// Free buffers kept at most; beyond, the oldest go back to the allocator, so a model run at
+    /// many input sizes does not hoard memory.
+    max_free: usize,
+}
 
 impl Buffers {
+    /// For `threads` threads: a pass holds up to ~22 buffers (xception71), and a batch has one
+    /// pass in flight per thread.
+    pub fn new(threads: usize) -> Buffers {
+        Buffers { free: Mutex::default(), max_free: 32 * threads.max(1) }
+    }
+
     /// A buffer of `len` values whose contents are unspecified (left from an earlier layer):
     /// callers overwrite every value.
     pub fn take(&self, len: usize) -> Vec<f32> {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         match free.iter().rposition(|b| b.len() == len) {
             Some(i) => free.remove(i),
             None => vec![0.0; len],
@@ -103,9 +109,9 @@ impl Buffers {
     /// Returns a buffer for reuse.
     pub fn give(&self, buf: Vec<f32>) {
         if buf.capacity() > 0 {
-            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             free.push(buf);
-            if free.len() > MAX_FREE_BUFFERS {
+            if free.len() > self.max_free {
                 free.remove(0);
             }
         }

@@ -448,7 +448,7 @@ impl Engine {
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, bufs: Buffers::default() })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, bufs: Buffers::new(threads) })
     }
 
     pub fn network(&self) -> &Network {
