@@ -9,7 +9,7 @@
 //! through a cache-resident buffer, and the GEMM adds the bias, the block's residual and ReLU as
 //! it stores. Dense convs need no im2col: each kernel row's product reads the input lines in
 //! place and accumulates in the output. Activations are NHWC float32 in buffers reused across
-//! layers; images of a batch run one after another.
+//! layers; a batch runs as one stream of whole images per thread.
 
 mod kernels;
 #[doc(hidden)]
