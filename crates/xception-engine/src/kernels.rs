@@ -218,8 +218,8 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     let mut out = bufs.take(x.n * oh * ow * d.cout);
     // Without im2col where there are lines enough to share out (each task multiplies its lines
     // by all the weights); small layers (the exit flow's 10x10) share out the weights instead.
-    if !d.kernel_rows.is_empty() && x.c == d.cin && x.n * oh >= 8 * threads {
-        direct_conv(x, d, (pt, oh), (pl, ow), bufs, &mut out);
+    if let Some(rows) = d.direct_rows().filter(|_| x.c == d.cin && x.n * oh >= 8 * threads) {
+        direct_conv(x, d, rows, (pt, oh), (pl, ow), bufs, &mut out);
     } else if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
         matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads);
     } else {
@@ -250,12 +250,12 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
 }
 
 /// A dense conv (stride s, dilation 1; the strided 1x1 shortcut projections too) without im2col:
-/// for one output line and kernel row ky,
-/// the k taps of every output pixel are k * cin consecutive input values, and consecutive
-/// pixels' windows start s * cin values apart, so the input line itself is the GEMM's left
-/// operand (row stride s * cin). The k kernel rows' products accumulate in the output; the bias
-/// comes with the first, ReLU with the last. Padding: the product runs on a zero-padded copy.
-fn direct_conv(x: &Activations, d: &DenseConv, (pt, oh): (usize, usize), (pl, ow): (usize, usize), bufs: &Buffers, out: &mut [f32]) {
+/// for one output line and kernel row ky, the k taps of every output pixel are k * cin
+/// consecutive input values, and consecutive pixels' windows start s * cin values apart, so the
+/// input line itself is the GEMM's left operand (row stride s * cin). The k kernel rows' products
+/// (`kernel_rows`, from `DenseConv::direct_rows`) accumulate in the output; the bias comes with
+/// the first, ReLU with the last. Padding: the product runs on a zero-padded copy.
+fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh): (usize, usize), (pl, ow): (usize, usize), bufs: &Buffers, out: &mut [f32]) {
     let c = d.cin;
     // The extent the windows read, padding included.
     let (hp, wp) = ((oh - 1) * d.stride + d.k, (ow - 1) * d.stride + d.k);
@@ -281,7 +281,7 @@ fn direct_conv(x: &Activations, d: &DenseConv, (pt, oh): (usize, usize), (pl, ow
     (0..lines.div_ceil(2)).into_par_iter().for_each(|t| {
         for line in 2 * t..(2 * t + 2).min(lines) {
             let (b, oy) = (line / oh, line % oh);
-            for (ky, rows) in d.kernel_rows.iter().enumerate() {
+            for (ky, rows) in kernel_rows.iter().enumerate() {
                 let a = &src.data[((b * src.h + oy * d.stride + ky) * src.w) * c..];
                 let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0 };
                 // SAFETY: this task owns output line `line` (ow rows of n values).
