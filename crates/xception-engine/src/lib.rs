@@ -96,6 +96,14 @@ enum Step {
     DecoderTap,
 }
 
+impl Step {
+    /// Whether the step makes a new tensor (`Engine::produce`) rather than changing its input in
+    /// place (`Engine::in_place`).
+    fn makes_new(&self) -> bool {
+        matches!(self, Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. })
+    }
+}
+
 #[derive(Clone, Debug)]
 enum ShortcutPlan {
     None,
@@ -578,7 +586,7 @@ impl Engine {
     /// `x` in place; otherwise the steps run on a copy.
     fn run_from(&self, steps: &[Step], x: &Activations, taps: &mut Captured) -> Activations {
         match steps.split_first() {
-            Some((first @ (Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. }), rest)) => {
+            Some((first, rest)) if first.makes_new() => {
                 let y = self.produce(first, x, None);
                 self.run(rest, y, taps)
             }
@@ -597,7 +605,7 @@ impl Engine {
             }
             Step::Sep(s) => kernels::sep_conv(x, s, self.threads, &self.bufs, residual),
             Step::MaxPool { k, stride, padding } => kernels::max_pool(x, *k, *stride, *padding, &self.bufs, residual),
-            _ => unreachable!("produce: an in-place step"),
+            _ => unreachable!("produce: an in-place step (Engine::in_place)"),
         };
         self.profile_step(started, || {
             let what = match step {
@@ -664,61 +672,60 @@ impl Engine {
 
     fn run(&self, steps: &[Step], mut x: Activations, taps: &mut Captured) -> Activations {
         for step in steps {
-            if let Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } = step {
+            if step.makes_new() {
                 let y = self.produce(step, &x, None);
                 self.bufs.give(std::mem::replace(&mut x, y).data);
-                continue;
+            } else {
+                self.in_place(step, &mut x, taps);
             }
-            let started = self.profile.then(std::time::Instant::now);
-            x = match step {
-                Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("made above"),
-                Step::Affine { affine, relu } => {
-                    let c = x.c;
-                    let relu = *relu;
-                    x.data.par_chunks_mut(c * 64).for_each(|chunk| {
-                        kernels::simd(
-                            #[inline(always)]
-                            || {
-                                for px in chunk.chunks_mut(c) {
-                                    for ((v, s), t) in px.iter_mut().zip(&affine.scale).zip(&affine.shift) {
-                                        let y = *v * s + t;
-                                        *v = if relu { y.max(0.0) } else { y };
-                                    }
-                                }
-                            },
-                        )
-                    });
-                    x
-                }
-                Step::Relu => {
-                    x.data.par_chunks_mut(1 << 14).for_each(|c| {
-                        kernels::simd(
-                            #[inline(always)]
-                            || c.iter_mut().for_each(|v| *v = v.max(0.0)),
-                        )
-                    });
-                    x
-                }
-                Step::Tap => {
-                    if taps.want_taps {
-                        taps.taps.push(x.clone());
-                    }
-                    x
-                }
-                Step::DecoderTap => {
-                    taps.decoder = Some(x.clone());
-                    x
-                }
-            };
-            self.profile_step(started, || match step {
-                Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("made above"),
-                Step::Affine { .. } => "norm".into(),
-                Step::Relu => "relu".into(),
-                Step::Tap => "tap".into(),
-                Step::DecoderTap => "decoder tap".into(),
-            });
         }
         x
+    }
+
+    /// A step that changes `x` in place (norm, ReLU) or only records it (taps).
+    fn in_place(&self, step: &Step, x: &mut Activations, taps: &mut Captured) {
+        let started = self.profile.then(std::time::Instant::now);
+        let what = match step {
+            Step::Affine { affine, relu } => {
+                let c = x.c;
+                let relu = *relu;
+                x.data.par_chunks_mut(c * 64).for_each(|chunk| {
+                    kernels::simd(
+                        #[inline(always)]
+                        || {
+                            for px in chunk.chunks_mut(c) {
+                                for ((v, s), t) in px.iter_mut().zip(&affine.scale).zip(&affine.shift) {
+                                    let y = *v * s + t;
+                                    *v = if relu { y.max(0.0) } else { y };
+                                }
+                            }
+                        },
+                    )
+                });
+                "norm"
+            }
+            Step::Relu => {
+                x.data.par_chunks_mut(1 << 14).for_each(|c| {
+                    kernels::simd(
+                        #[inline(always)]
+                        || c.iter_mut().for_each(|v| *v = v.max(0.0)),
+                    )
+                });
+                "relu"
+            }
+            Step::Tap => {
+                if taps.want_taps {
+                    taps.taps.push(x.clone());
+                }
+                "tap"
+            }
+            Step::DecoderTap => {
+                taps.decoder = Some(x.clone());
+                "decoder tap"
+            }
+            Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("in_place: a step that makes a new tensor"),
+        };
+        self.profile_step(started, || what.into());
     }
 }
 
