@@ -123,6 +123,8 @@ thread_local! {
     static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The calling thread's GEMM input rows made whole (the small layers' depthwise outputs).
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// `SCRATCH` (or a ready left operand) rounded to bf16, for a bf16 product.
+    static SCRATCH16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where the rows of a GEMM's left operand come from.
@@ -202,6 +204,28 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     let (chunk, col_chunks) = if rows >= 1024 { (ROW_CHUNK, 1) } else if panels < threads { (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1) } else { (rows, panels) };
     let row_chunks = rows.div_ceil(chunk);
     let per = panels.div_ceil(col_chunks);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b16) = b.bf16() {
+        // Rounded to bf16 once here, not by every task (a panel task reads every row).
+        return SCRATCH16.with_borrow_mut(|buf| {
+            let ld16 = crate::amx::lhs_stride(k, k);
+            let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(rows, ld16, k));
+            let (mid, tail) = a16.split_at_mut(rows * ld16);
+            tail.fill(0);
+            mid.par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
+                let r0 = i * 64;
+                crate::amx::round_rows(&a[r0 * k..], k, k, 0..d.len() / ld16, d, ld16);
+            });
+            let a16 = &*a16;
+            (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
+                let (ri, ci) = (t / col_chunks, t % col_chunks);
+                let row0 = ri * chunk;
+                let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
+                // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
+                unsafe { crate::amx::gemm_rows(chunk.min(rows - row0), &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0)) };
+            });
+        });
+    }
     (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
         let (ri, ci) = (t / col_chunks, t % col_chunks);
         let row0 = ri * chunk;

@@ -11,6 +11,8 @@
 //! place and accumulates in the output. Activations are NHWC float32 in buffers reused across
 //! layers; a batch runs as one stream of whole images per thread.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 mod kernels;
 #[doc(hidden)]
 pub mod packed;
@@ -20,6 +22,15 @@ pub use kernels::align_corners_taps;
 pub use peak::measured_peak_gflops;
 use kernels::Buffers;
 use packed::PackedB;
+pub use packed::Precision;
+
+/// Whether `Precision::Bf16` runs here (AMX bf16 tiles granted by the kernel).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -206,6 +217,7 @@ pub struct Engine {
     profile: bool,
     /// Activation memory reused across layers and passes.
     bufs: Buffers,
+    precision: Precision,
 }
 
 /// Weight lookup: the tensor's data by its checkpoint name (timm names, PyTorch layouts).
@@ -215,6 +227,7 @@ pub trait Weights {
 
 struct Compiler<'a> {
     weights: &'a dyn Weights,
+    precision: Precision,
 }
 
 impl Compiler<'_> {
@@ -224,6 +237,11 @@ impl Compiler<'_> {
             return Err(Error::Shape(format!("engine: tensor '{name}' has {} values, expected {len}", t.len())));
         }
         Ok(t)
+    }
+
+    /// A conv's (k x n) weight matrix packed for the products in the engine's precision.
+    fn pack(&self, weight: &[f32], bias: &[f32], k: usize, n: usize) -> PackedB {
+        PackedB::with_precision(weight, bias, k, n, self.precision)
     }
 
     fn affine(&self, n: &Norm) -> Result<Affine> {
@@ -315,10 +333,10 @@ impl Compiler<'_> {
                         padding: c.padding,
                         cin,
                         cout,
-                        weight: PackedB::new(&weight, &bias, k * k * cin, cout),
+                        weight: self.pack(&weight, &bias, k * k * cin, cout),
                         kernel_rows: if k > 1 && c.dilation == 1 {
                             let zero = vec![0f32; cout];
-                            weight.chunks(k * cin * cout).enumerate().map(|(ky, w)| PackedB::new(w, if ky == 0 { &bias } else { &zero }, k * cin, cout)).collect()
+                            weight.chunks(k * cin * cout).enumerate().map(|(ky, w)| self.pack(w, if ky == 0 { &bias } else { &zero }, k * cin, cout)).collect()
                         } else {
                             Vec::new()
                         },
@@ -409,7 +427,7 @@ impl Compiler<'_> {
             dw: dw_w,
             dw_bias,
             mid_relu,
-            pw: PackedB::new(&pw_w, &pw_bias, c, cout),
+            pw: self.pack(&pw_w, &pw_bias, c, cout),
             out_relu,
         });
         Ok((step, used))
@@ -431,7 +449,17 @@ impl Compiler<'_> {
 impl Engine {
     /// Compiles `net` with its weights (looked up by checkpoint name). `threads` 0 means all cores.
     pub fn new(net: &Network, weights: &dyn Weights, threads: usize) -> Result<Engine> {
-        let c = Compiler { weights };
+        Engine::with_precision(net, weights, threads, Precision::F32)
+    }
+
+    /// `new`, with the products in `precision`. bf16 needs AMX (checked: an error otherwise).
+    pub fn with_precision(net: &Network, weights: &dyn Weights, threads: usize, precision: Precision) -> Result<Engine> {
+        if precision == Precision::Bf16 && !bf16_available() {
+            return Err(Error::Config(
+                "engine: bf16 precision needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or later), AVX-512 and Linux 5.16+; this machine has not all of them: use f32".into(),
+            ));
+        }
+        let c = Compiler { weights, precision };
         let stem = c.compile(&net.stem)?;
         let blocks = net.blocks.iter().map(|b| c.block(b)).collect::<Result<Vec<_>>>()?;
         let tail = c.compile(&net.tail)?;
@@ -468,7 +496,11 @@ impl Engine {
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, bufs: Buffers::new(threads) })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, bufs: Buffers::new(threads), precision })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn network(&self) -> &Network {

@@ -17,13 +17,44 @@ pub const MR: usize = 12;
 /// network against L1-sized blocks of 256 (32 KiB): 5% faster (xception, batch 1).
 const KC: usize = 768;
 
+/// The arithmetic of the engine's products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// fp32 throughout (the default; matches Keras and timm to float precision).
+    #[default]
+    F32,
+    /// The products' operands rounded to bfloat16, sums in fp32, on AMX tiles (`amx`); the
+    /// depthwise convs, norms, pools and the classifier stay fp32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s {
+            "f32" | "fp32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 /// A (k x n) weight matrix with its bias, packed as `panels` consecutive (k x NR) row-major
-/// blocks, the last one zero-padded.
+/// blocks, the last one zero-padded; or, in bf16, in the AMX tile layout.
 #[derive(Clone, Debug)]
 pub struct PackedB {
     pub k: usize,
     pub n: usize,
+    /// The fp32 panels (empty in bf16).
     data: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    bf16: Option<crate::amx::PackedBf16>,
     /// `n` values, zero-padded to a whole panel.
     bias: Vec<f32>,
 }
@@ -31,9 +62,21 @@ pub struct PackedB {
 impl PackedB {
     /// `weight` is (k x n) row-major.
     pub fn new(weight: &[f32], bias: &[f32], k: usize, n: usize) -> PackedB {
+        PackedB::with_precision(weight, bias, k, n, Precision::F32)
+    }
+
+    /// In bf16 only the tile layout is kept (callers check `amx::available()` first).
+    pub fn with_precision(weight: &[f32], bias: &[f32], k: usize, n: usize, precision: Precision) -> PackedB {
         assert_eq!(weight.len(), k * n, "weight shape");
         assert_eq!(bias.len(), n, "bias shape");
         let panels = n.div_ceil(NR);
+        let mut padded = bias.to_vec();
+        padded.resize(panels * NR, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if precision == Precision::Bf16 {
+            return PackedB { k, n, data: Vec::new(), bf16: Some(crate::amx::PackedBf16::new(weight, k, n)), bias: padded };
+        }
+        assert_eq!(precision, Precision::F32, "bf16 products need x86-64 AMX");
         let mut data = vec![0f32; panels * k * NR];
         for p in 0..panels {
             let cols = (n - p * NR).min(NR);
@@ -41,9 +84,24 @@ impl PackedB {
                 data[(p * k + row) * NR..][..cols].copy_from_slice(&weight[row * n + p * NR..][..cols]);
             }
         }
-        let mut padded = bias.to_vec();
-        padded.resize(panels * NR, 0.0);
-        PackedB { k, n, data, bias: padded }
+        PackedB {
+            k,
+            n,
+            data,
+            #[cfg(target_arch = "x86_64")]
+            bf16: None,
+            bias: padded,
+        }
+    }
+
+    /// The bf16 tile layout, for a bf16 matrix.
+    #[cfg(target_arch = "x86_64")]
+    pub fn bf16(&self) -> Option<&crate::amx::PackedBf16> {
+        self.bf16.as_ref()
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
     }
 
     pub fn panels(&self) -> usize {
@@ -92,6 +150,15 @@ impl SharedOut {
         SharedOut { ptr: out.as_mut_ptr(), len: out.len() }
     }
 
+    pub fn ptr(self) -> *mut f32 {
+        self.ptr
+    }
+
+    /// Values from `ptr` to the end of the matrix.
+    pub fn values(self) -> usize {
+        self.len
+    }
+
     /// The same matrix from value `at` on.
     pub fn offset(self, at: usize) -> SharedOut {
         assert!(at <= self.len, "output offset");
@@ -127,6 +194,10 @@ pub unsafe fn gemm_rows(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Ra
 unsafe fn gemm_rows_on(simd: bool, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(b16) = &b.bf16 {
+        return crate::amx::gemm_rows_f32(m, a, lda, b.k, b.n, b16, &b.bias, panels, out, ldc, epi);
     }
     assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
     assert!(out.len >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");

@@ -30,5 +30,5 @@ pub use preprocess::{Item, Preprocess, Resize};
 pub use runner::{Backend, Runner};
 pub use weights::{HostTensor, TensorMap};
 pub use xception_arch::{self as arch, Error, ModelConfig, Network, Pooling, Result, Variant};
-pub use xception_engine::{self as engine, Engine};
+pub use xception_engine::{self as engine, Engine, Precision};
 pub(crate) use xception_arch::error;

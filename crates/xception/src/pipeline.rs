@@ -8,6 +8,7 @@ use crate::labels::Labels;
 use crate::model::Prediction;
 use crate::preprocess::{Item, Preprocess, Resize};
 use crate::runner::{Backend, Runner};
+use xception_engine::Precision;
 use crate::weights::TensorMap;
 use crate::zoo;
 use serde::Serialize;
@@ -68,6 +69,8 @@ pub struct LoadOptions {
     pub backend: Backend,
     /// Engine threads (0: all cores).
     pub threads: usize,
+    /// The engine's arithmetic (bf16: opt-in, needs AMX).
+    pub precision: Precision,
     /// What to do with the weights' classifier.
     pub head: Head,
     /// Global pooling; default: the model's.
@@ -88,6 +91,7 @@ impl LoadOptions {
             preprocess: None,
             backend: Backend::Engine,
             threads: 0,
+            precision: Precision::F32,
             head,
             pooling: None,
         }
@@ -142,7 +146,7 @@ impl Pipeline {
             config.pooling = p;
         }
         let net = Network::build(&config)?;
-        let runner = Runner::new(opts.backend, net, &weights, opts.threads)?;
+        let runner = Runner::with_precision(opts.backend, net, &weights, opts.threads, opts.precision)?;
         let size = match (opts.size, weights.input_size()) {
             (Some(s), _) => s,
             (None, Some((h, w))) if h == w => h,

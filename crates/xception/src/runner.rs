@@ -7,7 +7,7 @@ use crate::model::{Prediction, Xception};
 use crate::preprocess::Item;
 use crate::weights::TensorMap;
 use burn::tensor::{Device, Tensor};
-use xception_engine::Engine;
+use xception_engine::{Engine, Precision};
 
 /// Which implementation runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,9 +37,17 @@ pub enum Runner {
 impl Runner {
     /// `threads` 0: all cores (engine only).
     pub fn new(backend: Backend, net: Network, weights: &TensorMap, threads: usize) -> Result<Runner> {
+        Runner::with_precision(backend, net, weights, threads, Precision::F32)
+    }
+
+    /// `new` with the engine's products in `precision` (bf16 is an engine option).
+    pub fn with_precision(backend: Backend, net: Network, weights: &TensorMap, threads: usize, precision: Precision) -> Result<Runner> {
         weights.check(&net)?;
+        if backend == Backend::Burn && precision != Precision::F32 {
+            return Err(Error::Config(format!("precision {} runs on the engine only (--backend engine)", precision.name())));
+        }
         Ok(match backend {
-            Backend::Engine => Runner::Engine(Engine::new(&net, weights, threads)?),
+            Backend::Engine => Runner::Engine(Engine::with_precision(&net, weights, threads, precision)?),
             Backend::Burn => {
                 let device = crate::device::default_device();
                 Runner::Burn(Box::new(Xception::from_weights(net, weights, &device)?), device)

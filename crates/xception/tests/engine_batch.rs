@@ -1,13 +1,15 @@
 //! The fused engine runs a batch of several images as one stream of images per thread
 //! (`Engine::forward_with`); each image must come out exactly as it does alone, taps included.
-use xception::{Engine, ModelConfig, Network};
+use xception::{Engine, ModelConfig, Network, Precision};
 
 #[test]
 fn a_batch_gives_each_image_exactly_what_it_gets_alone() {
-    for model in ["xception", "xception41"] {
+    let precisions = if xception::engine::bf16_available() { vec![Precision::F32, Precision::Bf16] } else { vec![Precision::F32] };
+    for (model, precision) in ["xception", "xception41"].into_iter().flat_map(|m| precisions.iter().map(move |&p| (m, p))) {
         let net = Network::build(&ModelConfig::from_name(model).unwrap()).unwrap();
         let weights = xception::weights::deterministic(&net);
-        let engine = Engine::new(&net, &weights, 2).unwrap();
+        let engine = Engine::with_precision(&net, &weights, 2, precision).unwrap();
+        let model = format!("{model} ({})", precision.name());
         let (n, h, w) = (3, 96, 96);
         let per = h * w * 3;
         let input: Vec<f32> = (0..n * per).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();

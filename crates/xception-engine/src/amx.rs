@@ -1,0 +1,423 @@
+//! The opt-in bfloat16 product (`Precision::Bf16`): Intel AMX tiles multiply bf16 activations by
+//! bf16 weights and accumulate in fp32, sixteen times the fp32 FMA rate of an AVX-512 core.
+//!
+//! Weights are rounded to bf16 once, at load, into the tile layout; each product's left operand
+//! (depthwise output, input lines) is rounded as it is multiplied. Rounding is to nearest, ties
+//! to even (what PyTorch, TensorFlow and oneDNN do), so each operand keeps 8 significant bits;
+//! sums, bias, residual and ReLU stay fp32.
+//!
+//! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands a
+//! process the 8 KiB of tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and each
+//! thread loads the tile shapes (`ldtilecfg`) before its first product.
+
+use crate::packed::{lane_mask, Epilogue, SharedOut};
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::{Cell, RefCell};
+use std::ops::Range;
+
+/// Depth of one tile step: a 16 x 32 bf16 tile of A (64 bytes a row).
+pub const KT: usize = 32;
+/// Rows and columns of one fp32 accumulator tile.
+const T: usize = 16;
+/// Columns per weight panel: two accumulator tiles side by side (as the fp32 panels).
+pub const NP: usize = 2 * T;
+
+/// Whether this process can run AMX bf16 tiles: the CPU has AMX-TILE and AMX-BF16, AVX-512 runs
+/// the stores (not disabled by XCEPTION_ENGINE_NO_AVX512), and the kernel granted the tile state.
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let cpu = crate::packed::has_avx512() && {
+            let id = __cpuid_count(7, 0);
+            id.edx & (1 << 22) != 0 && id.edx & (1 << 24) != 0
+        };
+        // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (18): process-wide, fails on kernels
+        // without AMX support (before 5.16) or where a hypervisor hides the state.
+        // SAFETY: a plain syscall with integer arguments.
+        cpu && unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023, 18) } == 0
+    })
+}
+
+/// The tile shapes every product uses: eight 16-row x 64-byte tiles. tmm0-3 accumulate a 32 x 32
+/// fp32 block, tmm4-5 hold two 16 x 32 bf16 slices of A, tmm6-7 two 16 x 16 (pair-interleaved)
+/// slices of the weights.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Loads the tile shapes on this thread once (the configuration is per thread and survives
+/// context switches; nothing else in the process uses tiles).
+fn configure_thread() {
+    thread_local! {
+        static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+    }
+    if !CONFIGURED.get() {
+        let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = T as u8;
+        }
+        // SAFETY: a valid palette-1 configuration; `available()` was checked by the caller.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly)) };
+        CONFIGURED.set(true);
+    }
+}
+
+/// bf16 nearest to `v`, ties to even; NaN stays NaN (quiet).
+#[inline(always)]
+pub fn to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
+/// The f32 a bf16 stands for.
+#[inline(always)]
+pub fn from_bf16(v: u16) -> f32 {
+    f32::from_bits((v as u32) << 16)
+}
+
+/// `dst[i] = bf16(src[i])` (vectorised).
+pub fn round_into(src: &[f32], dst: &mut [u16]) {
+    crate::kernels::simd(
+        #[inline(always)]
+        || dst.iter_mut().zip(src).for_each(|(d, s)| *d = to_bf16(*s)),
+    )
+}
+
+/// A (k x n) weight matrix in bf16, packed for the tiles: per 32-column panel and per 32-deep
+/// step, two 16-column tiles of 16 rows, each row holding its columns' two consecutive k values
+/// side by side (the layout TDPBF16PS multiplies). k and n are zero-padded to whole steps and
+/// panels.
+#[derive(Clone, Debug)]
+pub struct PackedBf16 {
+    /// k rounded up to a whole step.
+    kp: usize,
+    data: Vec<u16>,
+    /// Where the first panel starts in `data` (on a 64-byte boundary).
+    start: usize,
+}
+
+impl PackedBf16 {
+    /// `weight` is (k x n) row-major.
+    pub fn new(weight: &[f32], k: usize, n: usize) -> PackedBf16 {
+        let kp = k.div_ceil(KT) * KT;
+        let (panels, steps) = (n.div_ceil(NP), kp / KT);
+        let mut data = vec![0u16; panels * kp * NP + 32];
+        let start = data.as_ptr().align_offset(64);
+        let packed = &mut data[start..];
+        for p in 0..panels {
+            for s in 0..steps {
+                for half in 0..2 {
+                    let tile = &mut packed[((p * steps + s) * 2 + half) * T * KT..][..T * KT];
+                    for pair in 0..T {
+                        for c in 0..T {
+                            let col = p * NP + half * T + c;
+                            for q in 0..2 {
+                                let row = s * KT + 2 * pair + q;
+                                if row < k && col < n {
+                                    tile[(pair * T + c) * 2 + q] = to_bf16(weight[row * n + col]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        PackedBf16 { kp, data, start }
+    }
+
+    fn panel(&self, p: usize) -> *const u16 {
+        self.data[self.start + p * self.kp * NP..][..self.kp * NP].as_ptr()
+    }
+}
+
+/// How many bf16 values the tiles read from an A of `m` rows at row stride `lda` (whole 16-row
+/// tiles, each row a whole number of steps): a buffer must hold this many, and the values past
+/// the m rows' k columns must be finite (they meet zero weights).
+pub fn lhs_len(m: usize, lda: usize, k: usize) -> usize {
+    (m.div_ceil(T) * T - 1) * lda + k.div_ceil(KT) * KT
+}
+
+/// The row stride A gets in bf16: rows of whole steps, so every tile row is one cache line, where
+/// rows do not overlap; overlapping rows (a direct conv's) keep their stride.
+pub fn lhs_stride(lda: usize, k: usize) -> usize {
+    if lda >= k {
+        k.div_ceil(KT) * KT
+    } else {
+        lda
+    }
+}
+
+/// `len` values of `buf` starting on a 64-byte boundary (a tile row is one cache line only if
+/// it starts on one).
+pub fn aligned(buf: &mut Vec<u16>, len: usize) -> &mut [u16] {
+    buf.resize(buf.len().max(len + 32), 0);
+    let skip = buf.as_ptr().align_offset(64);
+    &mut buf[skip..skip + len]
+}
+
+/// Rows `rows` of A (fp32, row stride `lda`, `k` columns used) rounded into `dst` (row stride
+/// `ld16` from `lhs_stride`, indexed from row 0): each row's columns past k are zeroed; with
+/// overlapping rows the whole span between them is rounded instead.
+pub fn round_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u16], ld16: usize) {
+    if lda < k {
+        debug_assert_eq!(ld16, lda);
+        let (from, to) = (rows.start * lda, ((rows.end - 1) * lda + k).min(a.len()));
+        round_into(&a[from..to], &mut dst[from..to]);
+        return;
+    }
+    for r in rows {
+        let d = &mut dst[r * ld16..][..ld16];
+        round_into(&a[r * lda..][..k], &mut d[..k]);
+        d[k..].fill(0);
+    }
+}
+
+/// A (m x k at row stride `lda`, fp32) rounded for the tiles into `buf`: the values and their
+/// row stride. Everything `lhs_len` covers past the rounded rows is zero.
+pub fn round_lhs<'b>(m: usize, a: &[f32], lda: usize, k: usize, buf: &'b mut Vec<u16>) -> (&'b [u16], usize) {
+    let ld16 = lhs_stride(lda, k);
+    let need = lhs_len(m, ld16, k);
+    let dst = aligned(buf, need);
+    round_rows(a, lda, k, 0..m, dst, ld16);
+    let done = if lda < k { ((m - 1) * lda + k).min(a.len()) } else { m * ld16 };
+    dst[done..].fill(0);
+    (dst, ld16)
+}
+
+thread_local! {
+    /// A rounded to bf16 for one `gemm_rows_f32` call on this thread.
+    static LHS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `packed::gemm_rows` for bf16 weights: rounds A into this thread's buffer, then `gemm_rows`.
+///
+/// # Safety
+/// As `packed::gemm_rows`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, k: usize, n: usize, b: &PackedBf16, bias: &[f32], panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k, "gemm: lhs too short");
+    LHS.with_borrow_mut(|buf| {
+        let (a16, ld16) = round_lhs(m, a, lda, k, buf);
+        gemm_rows(m, a16, ld16, k, n, b, bias, panels, out, ldc, epi)
+    })
+}
+
+/// out[rows m, panels] = a (m x k bf16, row stride `lda`, `lhs_len` values readable) x b + bias
+/// (or + out with `epi.accumulate`), then the epilogue, in fp32; out has row stride `ldc`.
+///
+/// # Safety
+/// As `packed::gemm_rows`; `available()` must be true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, k: usize, n: usize, b: &PackedBf16, bias: &[f32], panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    assert!(a.len() >= lhs_len(m, lda, k), "gemm: bf16 lhs too short");
+    assert!(b.kp == k.div_ceil(KT) * KT && bias.len() >= panels.end * NP, "gemm: weights do not match k");
+    assert!(out.values() >= (m - 1) * ldc + n.min(panels.end * NP), "gemm: output too short");
+    if let Some((r, ldr)) = epi.residual {
+        assert!(r.len() >= (m - 1) * ldr + n.min(panels.end * NP), "gemm: residual too short");
+    }
+    configure_thread();
+    let mut acc = [0f32; 2 * T * NP];
+    for p in panels {
+        let (col, cols) = (p * NP, (n - p * NP).min(NP));
+        let mut m0 = 0;
+        while m0 < m {
+            let rows = (m - m0).min(2 * T);
+            block(a.as_ptr().add(m0 * lda), lda, b.panel(p), b.kp / KT, rows > T, acc.as_mut_ptr());
+            let residual = epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr));
+            store(&acc, rows, cols, bias.as_ptr().add(col), out.ptr().add(m0 * ldc + col), ldc, residual, epi);
+            m0 += rows;
+        }
+    }
+}
+
+/// One 32 x 32 block (or 16 x 32 when `!two`): `steps` tile steps over A rows at `a` (row stride
+/// `lda` values) and the panel `b`, the fp32 sums stored row-major (32 a row) to `acc`.
+#[target_feature(enable = "avx512f")]
+unsafe fn block(a: *const u16, lda: usize, b: *const u16, steps: usize, two: bool, acc: *mut f32) {
+    let sa = lda * 2;
+    if two {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm5, [{a2} + {sa}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a}, 64",
+            "add {a2}, 64",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {sc}*1], tmm0",
+            "tilestored [{c} + {sc}*1 + 64], tmm1",
+            "tilestored [{c} + {sc}*1 + 2048], tmm2",
+            "tilestored [{c} + {sc}*1 + 2112], tmm3",
+            a = inout(reg) a => _,
+            a2 = inout(reg) a.add(T * lda) => _,
+            b = inout(reg) b => _,
+            n = inout(reg) steps => _,
+            sa = in(reg) sa,
+            sb = in(reg) 64usize,
+            c = in(reg) acc,
+            sc = in(reg) 128usize,
+            options(nostack),
+        );
+    } else {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "2:",
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "add {a}, 64",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {sc}*1], tmm0",
+            "tilestored [{c} + {sc}*1 + 64], tmm1",
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            n = inout(reg) steps => _,
+            sa = in(reg) sa,
+            sb = in(reg) 64usize,
+            c = in(reg) acc,
+            sc = in(reg) 128usize,
+            options(nostack),
+        );
+    }
+}
+
+/// The block's sums to the output: + bias (or + what the output holds), + residual, ReLU.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store(acc: &[f32; 2 * T * NP], rows: usize, cols: usize, bias: *const f32, c: *mut f32, ldc: usize, residual: Option<(*const f32, usize)>, epi: Epilogue) {
+    let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
+    let zero = _mm512_setzero_ps();
+    let (b0, b1) = (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)));
+    for r in 0..rows {
+        let cr = c.add(r * ldc);
+        let mut v0 = _mm512_loadu_ps(acc.as_ptr().add(r * NP));
+        let mut v1 = _mm512_loadu_ps(acc.as_ptr().add(r * NP + 16));
+        if epi.accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr.add(16)));
+        } else {
+            v0 = _mm512_add_ps(v0, b0);
+            v1 = _mm512_add_ps(v1, b1);
+        }
+        if let Some((rp, ldr)) = residual {
+            let rr = rp.add(r * ldr);
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.add(16)));
+        }
+        if epi.relu {
+            v0 = _mm512_max_ps(v0, zero);
+            v1 = _mm512_max_ps(v1, zero);
+        }
+        _mm512_mask_storeu_ps(cr, m0, v0);
+        _mm512_mask_storeu_ps(cr.add(16), m1, v1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packed::PackedB;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 12) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even one (1).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert!(from_bf16(to_bf16(f32::from_bits(0x7fff_ffff))).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+    }
+
+    /// Against an f64 product of the same bf16-rounded operands: what is left is only the order
+    /// of the fp32 sums, bounded relative to the sum of the products' magnitudes.
+    #[test]
+    fn tile_product_matches_the_rounded_operands_product() {
+        if !available() {
+            eprintln!("skipped: this CPU or kernel has no AMX bf16");
+            return;
+        }
+        // (m, k, n, lda): ragged rows (1, 17, 33), k not a whole step, ragged panels, and rows
+        // that overlap (lda < k, as a direct conv reads its input lines).
+        for &(m, k, n, lda) in &[(1, 1, 1, 1), (17, 27, 32, 30), (33, 96, 45, 32), (50, 728, 97, 728), (64, 300, 64, 303), (5, 2048, 33, 2048)] {
+            let a = values((m - 1) * lda + k, 1);
+            let w = values(k * n, 2);
+            let bias = values(n, 3);
+            let res = values(m * n, 4);
+            let prior = values(m * n, 5);
+            let b = PackedB::with_precision(&w, &bias, k, n, crate::packed::Precision::Bf16);
+            let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+            for (residual, relu, accumulate) in [(false, false, false), (true, true, false), (false, false, true), (true, true, true)] {
+                let ldc = n + 1;
+                let mut out = vec![7.5f32; m * ldc];
+                for i in 0..m {
+                    out[i * ldc..][..n].copy_from_slice(&prior[i * n..][..n]);
+                }
+                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate };
+                unsafe { crate::packed::gemm_rows(m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut out), ldc, epi) };
+                for i in 0..m {
+                    assert_eq!(out[i * ldc + n], 7.5, "column past the end written ({m}x{k}x{n})");
+                    for j in 0..n {
+                        let (mut s, mut mag) = (0f64, 0f64);
+                        for p in 0..k {
+                            let t = r(a[i * lda + p]) * r(w[p * n + j]);
+                            s += t;
+                            mag += t.abs();
+                        }
+                        let mut e = s + if accumulate { prior[i * n + j] as f64 } else { bias[j] as f64 };
+                        if residual {
+                            e += res[i * n + j] as f64;
+                        }
+                        if relu {
+                            e = e.max(0.0);
+                        }
+                        let g = out[i * ldc + j] as f64;
+                        assert!((g - e).abs() <= 1e-6 * (mag + 4.0), "({m}x{k}x{n}, lda {lda}) [{i},{j}] {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+}
