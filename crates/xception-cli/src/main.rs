@@ -129,6 +129,9 @@ struct ServeArgs {
     /// Engine threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// The engine's arithmetic (see `classify --precision`).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    precision: Option<String>,
     /// Most requests batched into one forward pass (1: no batching).
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
@@ -515,7 +518,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if args.ops {
         let threads = xception::engine::resolve_threads(args.threads);
         let peak = Some(xception::engine::measured_peak_gflops(threads));
-        let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs)
+        let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs, parse_precision(&args.precision))
             .into_iter()
             .map(|t| {
                 serde_json::json!({"op": t.op, "flow": t.flow, "shape": [t.shape.0, t.shape.1, t.shape.2, t.shape.3],
@@ -585,7 +588,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             median * 1e3,
             args.batch as f64 / median,
             gflops,
-            peak.map(|p| format!(" = {:.0}% of {:.1} GFLOP/s peak", 100.0 * gflops / p, p)).unwrap_or_default(),
+            peak.map(|p| format!(" = {:.0}% of the {:.1} GFLOP/s fp32 peak", 100.0 * gflops / p, p)).unwrap_or_default(),
             peak_rss_mb().unwrap_or(0.0)
         );
     }
@@ -611,6 +614,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         m.resize = args.resize;
         m.output_stride = args.output_stride;
         m.threads = args.threads;
+        m.precision = args.precision;
         m.max_batch = args.max_batch;
         m.max_wait_ms = args.max_wait_ms;
         m.queue = args.queue;

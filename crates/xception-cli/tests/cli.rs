@@ -171,6 +171,11 @@ fn user_errors_exit_1_with_a_clear_message() {
             vec!["embed".into(), "--weights".into(), s(&timm).into(), "--out".into(), s(&out_npy).into(), s(&dir.join("bad_shape.npy")).into()],
             "bad_shape.npy",
         ),
+        (
+            vec!["classify".into(), "--weights".into(), s(&timm).into(), "--backend".into(), "burn".into(), "--precision".into(), "bf16".into(), s(&chelsea).into()],
+            "precision bf16 runs on the engine only",
+        ),
+        (vec!["classify".into(), "--weights".into(), s(&timm).into(), "--precision".into(), "fp16".into(), s(&chelsea).into()], "fp16"),
     ];
     std::fs::write(dir.join("fake.png"), b"\x89PNG\r\n\x1a\n but then nothing").unwrap();
     xception::npy::write_f32(&dir.join("bad_shape.npy"), &[2, 80, 80], &vec![0.0; 2 * 80 * 80]).unwrap();
@@ -198,6 +203,29 @@ fn user_errors_exit_1_with_a_clear_message() {
     let out = run(&["classify", "--model", "legacy_xception", "--weights", s(&broken), s(&chelsea)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("'block1.skip.weight' has shape [128, 64, 1, 1, 1], expected [128, 64, 1, 1]"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--precision bf16` runs where the CPU has AMX (the numbers are checked in the conformance
+/// tests) and is refused with a clear message, exit 1, where it has not.
+#[test]
+fn bf16_precision_runs_or_is_refused_clearly() {
+    let dir = workdir("bf16");
+    let timm = timm_checkpoint(&dir, Variant::LegacyXception, 1000);
+    let chelsea = images().join("chelsea.png");
+    let out = run(&["classify", "--weights", s(&timm), "--size", "96", "--precision", "bf16", "--json", s(&chelsea)]);
+    if xception::engine::bf16_available() {
+        assert!(out.status.success(), "{}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["results"][0]["logits"].as_array().unwrap().len(), 1000);
+        let bench = run(&["bench", "--model", "xception41", "--input-size", "96", "--runs", "1", "--precision", "bf16", "--json"]);
+        assert!(bench.status.success(), "{}", stderr(&bench));
+        let json: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+        assert_eq!(json["precision"], "bf16");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("AMX"), "{}", stderr(&out));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

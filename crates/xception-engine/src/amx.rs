@@ -110,8 +110,11 @@ pub struct PackedBf16 {
 }
 
 impl PackedBf16 {
-    /// `weight` is (k x n) row-major.
+    /// `weight` is (k x n) row-major. Panics where `available()` is false (callers check it
+    /// first; it also obtains the tile state from the kernel, without which a tile instruction
+    /// faults).
     pub fn new(weight: &[f32], k: usize, n: usize) -> PackedBf16 {
+        assert!(available(), "bf16 products need AMX (check amx::available() first)");
         let kp = k.div_ceil(KT) * KT;
         let (panels, steps) = (n.div_ceil(NP), kp / KT);
         let mut data = vec![0u16; panels * kp * NP + 32];

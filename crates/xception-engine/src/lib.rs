@@ -864,9 +864,10 @@ pub struct OpTiming {
     pub gflops: f64,
 }
 
-/// Times the depthwise 3x3 and the pointwise 1x1 kernels at the entry, middle and exit flow
-/// shapes of Xception at 299 (median of `runs`).
-pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
+/// Times the depthwise 3x3 and the pointwise 1x1 kernels (the latter in `precision`), and the
+/// two as one separable conv, at the entry, middle and exit flow shapes of Xception at 299
+/// (median of `runs`).
+pub fn bench_ops(threads: usize, runs: usize, precision: Precision) -> Vec<OpTiming> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
     let shapes = [("entry", 147, 147, 128, 128), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)];
     let mut out = Vec::new();
@@ -884,7 +885,7 @@ pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
             dw: (0..9 * c).map(|i| ((i % 13) as f32 - 6.0) / 10.0).collect(),
             dw_bias: None,
             mid_relu: false,
-            pw: PackedB::new(&pw, &vec![0.0; cout], c, cout),
+            pw: PackedB::with_precision(&pw, &vec![0.0; cout], c, cout, precision),
             out_relu: false,
         };
         let time = |f: &mut dyn FnMut()| {
@@ -909,6 +910,14 @@ pub fn bench_ops(threads: usize, runs: usize) -> Vec<OpTiming> {
         let pw = pool.install(|| time(&mut || kernels::matmul(kernels::Lhs::Ready(&mid), &sep.pw, &mut dst, None, false, threads)));
         out.push(OpTiming { op: "depthwise 3x3", flow, shape: (h, w, c, c), seconds: dw, gflops: 2.0 * (h * w * c * 9) as f64 / dw / 1e9 });
         out.push(OpTiming { op: "pointwise 1x1", flow, shape: (h, w, c, cout), seconds: pw, gflops: 2.0 * (h * w * c * cout) as f64 / pw / 1e9 });
+        let bufs = Buffers::new(threads);
+        let both = pool.install(|| {
+            time(&mut || {
+                let y = kernels::sep_conv(&x, &sep, threads, &bufs, None);
+                bufs.give(y.data);
+            })
+        });
+        out.push(OpTiming { op: "separable", flow, shape: (h, w, c, cout), seconds: both, gflops: 2.0 * (h * w * c * (cout + 9)) as f64 / both / 1e9 });
     }
     out
 }

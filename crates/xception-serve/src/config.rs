@@ -20,6 +20,7 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use xception::pipeline::{Head, LoadOptions, PreprocessKind};
+use xception::Precision;
 use xception::{Backend, Error, Pooling, Resize, Result, Variant};
 
 /// The whole server.
@@ -93,6 +94,8 @@ pub struct ModelEntry {
     /// Engine threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
+    /// The engine's arithmetic: `f32` (default) or `bf16` (AMX tiles; see `classify --precision`).
+    pub precision: Option<String>,
     /// Most requests run in one forward pass (1: no batching).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -127,6 +130,7 @@ impl ModelEntry {
             resize: None,
             output_stride: None,
             threads: 0,
+            precision: None,
             max_batch: default_max_batch(),
             max_wait_ms: default_max_wait_ms(),
             queue: default_queue(),
@@ -145,6 +149,10 @@ impl ModelEntry {
         o.preprocess = self.preprocess.as_deref().map(PreprocessKind::parse).transpose()?;
         o.backend = Backend::Engine;
         o.threads = self.threads;
+        o.precision = match self.precision.as_deref() {
+            None => Precision::F32,
+            Some(p) => Precision::parse(p).ok_or_else(|| Error::Config(format!("precision '{p}': f32 or bf16")))?,
+        };
         o.pooling = None::<Pooling>;
         Ok(o)
     }
