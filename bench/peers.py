@@ -3,6 +3,10 @@
 ONNX Runtime (all graph optimisations) and TensorFlow/Keras (compiled tf.function), on this
 machine, same thread count, fp32, and per-op figures for the depthwise and pointwise convs.
 
+Where our engine runs bf16 (AMX), also our `--precision bf16` against PyTorch in bf16
+(channels-last; oneDNN runs its convs on AMX): fp32 rows are compared with the fastest fp32
+peer, bf16 rows with the fastest peer of either precision.
+
 Rounds are interleaved: every round times one forward of each contender in turn, so a slow
 patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
 its own process (its thread pool cannot share one with torch) and is interleaved per round too.
@@ -51,12 +55,22 @@ for line in sys.stdin:
 MEASURED_PEAKS = []
 
 
-def ours(model, batch, threads, size):
+def ours(model, batch, threads, size, precision="f32"):
     out = subprocess.check_output([BIN, "bench", "--model", model, "--batch", str(batch), "--threads", str(threads),
-                                   "--input-size", str(size), "--runs", "1", "--json"], text=True)
+                                   "--input-size", str(size), "--runs", "1", "--precision", precision, "--json"], text=True)
     r = json.loads(out)
     MEASURED_PEAKS.append(r["peak_gflops"])
     return r["median_ms"] / 1e3
+
+
+def bf16_available():
+    """Whether our engine runs bf16 here (it refuses, exit 1, without AMX)."""
+    probe = [BIN, "bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--precision", "bf16", "--json"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def is_bf16(name):
+    return "bf16" in name
 
 
 def ort_session(module, x, threads, profile_dir=None):
@@ -97,6 +111,9 @@ def main():
 
     macs = {}
     rows = []
+    args.bf16 = bf16_available()
+    if not args.bf16:
+        print("our engine has no bf16 here (no AMX): fp32 only", flush=True)
     for model_name in args.models.split(","):
         info = json.loads(subprocess.check_output([BIN, "info", "--model", model_name, "--input-size", str(args.size), "--json"], text=True))
         macs[model_name] = info["macs"]
@@ -109,6 +126,9 @@ def main():
                 m_cl = timm.create_model(TIMM_NAME[model_name], pretrained=False).eval().to(memory_format=torch.channels_last)
                 x_cl = x.contiguous(memory_format=torch.channels_last)
                 contenders["PyTorch channels-last"] = lambda m=m_cl, x=x_cl: m(x)
+                if args.bf16:
+                    m16 = timm.create_model(TIMM_NAME[model_name], pretrained=False).eval().to(memory_format=torch.channels_last).to(torch.bfloat16)
+                    contenders["PyTorch bf16 channels-last"] = lambda m=m16, x=x_cl.to(torch.bfloat16): m(x)
                 if not args.no_compile:
                     compiled = torch.compile(m)
                     compiled(x)
@@ -124,9 +144,11 @@ def main():
             for f in contenders.values():  # warm-up
                 with torch.inference_mode():
                     f()
-            times = {k: [] for k in ["ours (engine)", *contenders, "TensorFlow tf.function"]}
+            times = {k: [] for k in ["ours (engine)", *(["ours (engine, bf16)"] if args.bf16 else []), *contenders, "TensorFlow tf.function"]}
             for _ in range(args.rounds):
                 times["ours (engine)"].append(ours(model_name, batch, args.threads, args.size))
+                if args.bf16:
+                    times["ours (engine, bf16)"].append(ours(model_name, batch, args.threads, args.size, "bf16"))
                 for name, f in contenders.items():
                     with torch.inference_mode():
                         t = time.perf_counter()
@@ -158,6 +180,10 @@ def per_op(args):
     import torch
     ours = json.loads(subprocess.check_output([BIN, "bench", "--ops", "--threads", str(args.threads), "--runs", "21", "--json"], text=True))
     rows = [(r["op"], r["flow"], "ours (engine)", r["ms"] / 1e3, r["gflops"]) for r in ours]
+    if args.bf16:
+        ours16 = json.loads(subprocess.check_output([BIN, "bench", "--ops", "--threads", str(args.threads), "--runs", "21",
+                                                     "--precision", "bf16", "--json"], text=True))
+        rows += [(r["op"], r["flow"], "ours (engine, bf16)", r["ms"] / 1e3, r["gflops"]) for r in ours16]
 
     def timed(f, runs=21):
         f()
@@ -182,6 +208,11 @@ def per_op(args):
                 x_cl = x.contiguous(memory_format=torch.channels_last)
                 t = timed(lambda: conv_cl(x_cl))
                 rows.append((op, flow, "PyTorch channels-last", t, flops / t / 1e9))
+                if args.bf16:
+                    conv16, x16 = conv_cl.to(torch.bfloat16), x_cl.to(torch.bfloat16)
+                    t = timed(lambda: conv16(x16))
+                    rows.append((op, flow, "PyTorch bf16 channels-last", t, flops / t / 1e9))
+                    conv_cl = conv_cl.float()
             sess = ort_session(conv.to(memory_format=torch.contiguous_format), x, args.threads)
             xn = x.numpy()
             t = timed(lambda: sess.run(None, {"x": xn}))
@@ -212,18 +243,24 @@ def write(args, rows, op_rows):
         f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
         f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}`",
         "",
-        "| model | batch | contender | median ms | images/s | GFLOP/s | % of peak | ratio to fastest peer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | contender | precision | median ms | images/s | GFLOP/s | % of fp32 peak | ratio to fastest peer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model in dict.fromkeys(r[0] for r in rows):
         for batch in dict.fromkeys(r[1] for r in rows if r[0] == model):
             group = [r for r in rows if r[0] == model and r[1] == batch]
-            fastest_peer = min(r[3] for r in group if not r[2].startswith("ours"))
+            peers = [r for r in group if not r[2].startswith("ours")]
+            fastest_fp32 = min(r[3] for r in peers if not is_bf16(r[2]))
+            fastest_any = min(r[3] for r in peers)
             for _, _, name, med, gf in group:
-                lines.append(f"| {model} | {batch} | {name} | {med * 1e3:.0f} | {batch / med:.2f} | {gf:.1f} | "
-                             f"{100 * gf / peak:.0f}% | {fastest_peer / med:.2f}x |")
+                fastest = fastest_any if is_bf16(name) else fastest_fp32
+                lines.append(f"| {model} | {batch} | {name} | {'bf16' if is_bf16(name) else 'fp32'} | {med * 1e3:.0f} | "
+                             f"{batch / med:.2f} | {gf:.1f} | {100 * gf / peak:.0f}% | {fastest / med:.2f}x |")
     lines.append("")
-    lines.append("Ratio: the fastest peer's median time divided by this contender's (above 1: faster than every peer).")
+    lines.append("Ratio: the fastest peer's median time divided by this contender's (above 1: faster than every peer); "
+                 "for fp32 rows the fastest fp32 peer, for bf16 rows the fastest peer of either precision. "
+                 "bf16 rows run the convs' products with bf16 operands and fp32 sums (AMX tiles): "
+                 "not comparable to fp32 in accuracy (see the README), and their % of the fp32 peak can pass 100%.")
     lines += ["", "## Per op (batch 1, median of 21)", "",
               "| op | flow | shape (HxWxCin->Cout) | contender | ms | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|"]
     shapes = {f: f"{h}x{w}x{c}->{co}" for f, h, w, c, co in OP_SHAPES}

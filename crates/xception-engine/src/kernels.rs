@@ -125,15 +125,22 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// `SCRATCH` (or a ready left operand) rounded to bf16, for a bf16 product.
     static SCRATCH16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// `BAND` in bf16.
+    static BAND16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where the rows of a GEMM's left operand come from.
 pub enum Lhs<'a> {
     /// Already in memory: (rows x k) row-major.
     Ready(&'a [f32]),
-    /// Made on demand, one output image line (`per_line` rows) at a time: `fill(line, rows)`.
-    Lines { lines: usize, per_line: usize, fill: &'a (dyn Fn(usize, &mut [f32]) + Sync) },
+    /// Made on demand, one output image line (`per_line` rows) at a time: `fill(line, rows)`;
+    /// for bf16 weights `fill16`, where given, makes them in bf16 at once (rows of
+    /// `amx::lhs_stride(k, k)` values, zeros past k), which saves rounding them afterwards.
+    Lines { lines: usize, per_line: usize, fill: &'a (dyn Fn(usize, &mut [f32]) + Sync), fill16: Option<&'a Fill16<'a>> },
 }
+
+/// `fill` of `Lhs::Lines` in bf16.
+pub type Fill16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
 /// GEMM rows produced in bands at least this large keep the micro-kernel's row tiles full.
 const BAND_ROWS: usize = 192;
@@ -157,24 +164,49 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     }
     let shared = SharedOut::new(out);
     let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu, accumulate: false };
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(b16), Lhs::Lines { lines, per_line, fill16: Some(fill16), .. }) = (b.bf16(), &lhs) {
+        let ld16 = crate::amx::lhs_stride(k, k);
+        return if *lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads {
+            bands(*lines, *per_line, threads, |l0, l1, row0| {
+                BAND16.with_borrow_mut(|buf| {
+                    let m = (l1 - l0) * per_line;
+                    let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(m, ld16, k));
+                    let (made, tail) = a16.split_at_mut(m * ld16);
+                    tail.fill(0);
+                    for (l, chunk) in (l0..l1).zip(made.chunks_mut(per_line * ld16)) {
+                        fill16(l, chunk);
+                    }
+                    // SAFETY: this band owns output rows [row0, row0 + m).
+                    unsafe { crate::amx::gemm_rows(m, a16, ld16, k, n, b16, b.bias(), 0..b.panels(), shared.offset(row0 * n), n, epi_at(row0)) };
+                })
+            })
+        } else {
+            // As SCRATCH below: only leaf tasks run while it is borrowed.
+            SCRATCH16.with_borrow_mut(|buf| {
+                let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(rows, ld16, k));
+                let (made, tail) = a16.split_at_mut(rows * ld16);
+                tail.fill(0);
+                made.par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
+                share_out16(a16, ld16, b, b16, rows, shared, &epi_at, threads);
+            })
+        };
+    }
     match lhs {
-        Lhs::Lines { lines, per_line, fill } if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads => {
-            let band = BAND_ROWS.div_ceil(per_line).clamp(1, lines / (4 * threads));
-            (0..lines.div_ceil(band)).into_par_iter().for_each(|i| {
-                let (l0, l1) = (i * band, ((i + 1) * band).min(lines));
-                let m = (l1 - l0) * per_line;
+        Lhs::Lines { lines, per_line, fill, .. } if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads => {
+            bands(lines, per_line, threads, |l0, l1, row0| {
                 BAND.with_borrow_mut(|buf| {
+                    let m = (l1 - l0) * per_line;
                     buf.resize(buf.len().max(m * k), 0.0);
                     for l in l0..l1 {
                         fill(l, &mut buf[(l - l0) * per_line * k..][..per_line * k]);
                     }
-                    let row0 = l0 * per_line;
                     // SAFETY: this band owns output rows [row0, row0 + m).
                     unsafe { gemm_rows(m, buf, k, b, 0..b.panels(), shared.offset(row0 * n), n, epi_at(row0)) };
                 });
             });
         }
-        Lhs::Lines { lines, per_line, fill } => {
+        Lhs::Lines { lines, per_line, fill, .. } => {
             debug_assert_eq!(lines * per_line, rows);
             // The parallel work below runs only leaf tasks (line fills, GEMM tiles), none of
             // which comes back here, so this thread's scratch stays borrowed once.
@@ -192,6 +224,27 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     }
 }
 
+/// Runs `band(l0, l1, row0)` over bands of whole lines (about BAND_ROWS rows, at least four
+/// bands per worker), in parallel; `row0` is the band's first row.
+fn bands(lines: usize, per_line: usize, threads: usize, band: impl Fn(usize, usize, usize) + Sync) {
+    let size = BAND_ROWS.div_ceil(per_line).clamp(1, lines / (4 * threads));
+    (0..lines.div_ceil(size)).into_par_iter().for_each(|i| {
+        let (l0, l1) = (i * size, ((i + 1) * size).min(lines));
+        band(l0, l1, l0 * per_line);
+    });
+}
+
+/// How a product of `rows` rows is shared out: (rows per task, column tasks), see `share_out`.
+fn split(rows: usize, panels: usize, threads: usize) -> (usize, usize) {
+    if rows >= 1024 {
+        (ROW_CHUNK, 1)
+    } else if panels < threads {
+        (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1)
+    } else {
+        (rows, panels)
+    }
+}
+
 /// out = a (rows x k) x b, shared out between the workers. Large products: chunks of rows, each
 /// over every panel (a chunk's rows stay in L2 while the weights stream past). Small ones (the
 /// middle and exit flows): every row, the panels shared out, so each worker streams only part of
@@ -200,10 +253,6 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
 /// other, and a static half each would leave the fast one waiting.
 #[allow(clippy::too_many_arguments)]
 fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
-    let panels = b.panels();
-    let (chunk, col_chunks) = if rows >= 1024 { (ROW_CHUNK, 1) } else if panels < threads { (BAND_ROWS.min(rows.div_ceil(threads)).max(1), 1) } else { (rows, panels) };
-    let row_chunks = rows.div_ceil(chunk);
-    let per = panels.div_ceil(col_chunks);
     #[cfg(target_arch = "x86_64")]
     if let Some(b16) = b.bf16() {
         // Rounded to bf16 once here, not by every task (a panel task reads every row).
@@ -213,26 +262,38 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
             let (mid, tail) = a16.split_at_mut(rows * ld16);
             tail.fill(0);
             mid.par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
-                let r0 = i * 64;
-                crate::amx::round_rows(&a[r0 * k..], k, k, 0..d.len() / ld16, d, ld16);
+                crate::amx::round_rows(&a[i * 64 * k..], k, k, 0..d.len() / ld16, d, ld16);
             });
-            let a16 = &*a16;
-            (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
-                let (ri, ci) = (t / col_chunks, t % col_chunks);
-                let row0 = ri * chunk;
-                let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
-                // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
-                unsafe { crate::amx::gemm_rows(chunk.min(rows - row0), &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0)) };
-            });
+            share_out16(a16, ld16, b, b16, rows, shared, epi_at, threads);
         });
     }
-    (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
+    let panels = b.panels();
+    let (chunk, col_chunks) = split(rows, panels, threads);
+    let per = panels.div_ceil(col_chunks);
+    (0..rows.div_ceil(chunk) * col_chunks).into_par_iter().for_each(|t| {
         let (ri, ci) = (t / col_chunks, t % col_chunks);
         let row0 = ri * chunk;
         let m = chunk.min(rows - row0);
         let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
         // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
         unsafe { gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, epi_at(row0)) };
+    });
+}
+
+/// `share_out` for bf16 weights, on A already rounded (`rows` rows at stride `ld16`, as many
+/// values as `amx::lhs_len` asks).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn share_out16<'e>(a16: &[u16], ld16: usize, b: &PackedB, b16: &crate::amx::PackedBf16, rows: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
+    let (k, n, panels) = (b.k, b.n, b.panels());
+    let (chunk, col_chunks) = split(rows, panels, threads);
+    let per = panels.div_ceil(col_chunks);
+    (0..rows.div_ceil(chunk) * col_chunks).into_par_iter().for_each(|t| {
+        let (ri, ci) = (t / col_chunks, t % col_chunks);
+        let row0 = ri * chunk;
+        let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
+        // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
+        unsafe { crate::amx::gemm_rows(chunk.min(rows - row0), &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0)) };
     });
 }
 
@@ -268,7 +329,7 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
                 }
             }
         };
-        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill }, &d.weight, &mut out, None, d.relu, threads);
+        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill: &fill, fill16: None }, &d.weight, &mut out, None, d.relu, threads);
     }
     Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out }
 }
@@ -420,12 +481,7 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
         if s.k == 3 && crate::packed::has_avx512() {
             // SAFETY: the CPU has AVX-512F and FMA (checked above).
             unsafe {
-                match load.transform() {
-                    (None, false) => dw3_avx512::line::<false, false>(x, s, &[], &[], b, oy, ow, pt, pl, out),
-                    (None, true) => dw3_avx512::line::<false, true>(x, s, &[], &[], b, oy, ow, pt, pl, out),
-                    (Some((sc, sh)), false) => dw3_avx512::line::<true, false>(x, s, sc, sh, b, oy, ow, pt, pl, out),
-                    (Some((sc, sh)), true) => dw3_avx512::line::<true, true>(x, s, sc, sh, b, oy, ow, pt, pl, out),
-                }
+                dw3_avx512::dispatch::<false>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), s.channels);
             }
             return;
         }
@@ -440,6 +496,19 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
     dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
 }
 
+/// One output line of the 3x3 depthwise conv in bf16 (AVX-512 machines; bf16 products need AMX,
+/// which comes with it): each pixel's channels at `stride` values apart, zeros after them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn dw_line16<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [u16], stride: usize) {
+    assert!(s.k == 3 && crate::packed::has_avx512() && stride >= s.channels, "bf16 depthwise: 3x3 on AVX-512 only");
+    // SAFETY: the CPU has AVX-512F and FMA (checked above).
+    unsafe { dw3_avx512::dispatch::<true>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), stride) };
+    for px in out.chunks_mut(stride).take(ow) {
+        px[s.channels..].fill(0);
+    }
+}
+
 /// The 3x3 depthwise conv with AVX-512: sixteen channels at a time, their nine tap weights held
 /// in registers for the whole line, each output vector accumulated in a register and stored once.
 #[cfg(target_arch = "x86_64")]
@@ -447,10 +516,23 @@ mod dw3_avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// `line` for the load transform `t`: out holds `len` values (f32, or bf16 with `BF16`),
+    /// pixels `stride` values apart.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dispatch<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: *mut u8, len: usize, stride: usize) {
+        match t {
+            (None, false) => line::<false, false, BF16>(x, s, &[], &[], b, oy, ow, pt, pl, out, len, stride),
+            (None, true) => line::<false, true, BF16>(x, s, &[], &[], b, oy, ow, pt, pl, out, len, stride),
+            (Some((sc, sh)), false) => line::<true, false, BF16>(x, s, sc, sh, b, oy, ow, pt, pl, out, len, stride),
+            (Some((sc, sh)), true) => line::<true, true, BF16>(x, s, sc, sh, b, oy, ow, pt, pl, out, len, stride),
+        }
+    }
+
     /// `AFFINE`: each input value goes through `v * scale + shift` as it loads; `RELU`: then max(0).
+    /// `BF16`: the outputs are rounded to bf16 (nearest, ties to even) as they are stored.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn line<const AFFINE: bool, const RELU: bool>(
+    unsafe fn line<const AFFINE: bool, const RELU: bool, const BF16: bool>(
         x: &Activations,
         s: &SepConv,
         scale: &[f32],
@@ -460,10 +542,13 @@ mod dw3_avx512 {
         ow: usize,
         pt: usize,
         pl: usize,
-        out: &mut [f32],
+        out: *mut u8,
+        len: usize,
+        stride: usize,
     ) {
         let (c, st, d) = (s.channels, s.stride, s.dilation);
-        assert!(out.len() >= ow * c && s.dw.len() >= 9 * c && (!AFFINE || (scale.len() >= c && shift.len() >= c)));
+        assert!(ow == 0 || (stride >= c && len >= (ow - 1) * stride + c));
+        assert!(s.dw.len() >= 9 * c && (!AFFINE || (scale.len() >= c && shift.len() >= c)));
         // The three input lines the taps read (None: in the padding).
         let lines: [Option<*const f32>; 3] = std::array::from_fn(|ky| {
             let iy = (oy * st + ky * d) as isize - pt as isize;
@@ -479,8 +564,21 @@ mod dw3_avx512 {
         let hi = if x.w + pl > 2 * d { ((x.w + pl - 2 * d - 1) / st + 1).min(ow) } else { 0 };
         let inner = (lo, hi.max(lo));
         let zero = _mm512_setzero_ps();
-        let o = out.as_mut_ptr();
         let dw = s.dw.as_ptr();
+        let store = |at: usize, m: __mmask16, v: __m512| {
+            if BF16 {
+                // Round to nearest even on the bits (AVX-512F only: vpmovdw narrows and stores),
+                // NaN kept quiet, as amx::to_bf16.
+                let bits = _mm512_castps_si512(v);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let h = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+                _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at).cast(), m, h);
+            } else {
+                _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
+            }
+        };
         // Runs of TILE output pixels; per run, each sixteen-channel vector's nine weights are
         // loaded once into registers and the run's outputs accumulate in registers, stored once.
         const TILE: usize = 8;
@@ -536,7 +634,7 @@ mod dw3_avx512 {
                     if s.mid_relu {
                         acc = _mm512_max_ps(acc, zero);
                     }
-                    _mm512_mask_storeu_ps(o.add(ox * c + cb), m, acc);
+                    store(ox * stride + cb, m, acc);
                 }
                 cb += 16;
             }
@@ -545,14 +643,25 @@ mod dw3_avx512 {
     }
 }
 
-/// Calls `f(oh, ow, fill)` with the depthwise output's size and `fill(line, out)`, which writes
-/// one output line (input transform and folded norm included) with the kernel for this conv's
-/// input transform.
-fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(usize, usize, &(dyn Fn(usize, &mut [f32]) + Sync)) -> R) -> R {
-    fn lines<L: Load, R>(x: &Activations, s: &SepConv, load: L, f: impl FnOnce(usize, usize, &(dyn Fn(usize, &mut [f32]) + Sync)) -> R) -> R {
+/// The depthwise conv's output size and its line makers for `Lhs::Lines` (`fill`, and
+/// `fill16` where the bf16 kernel runs).
+type DwLines<'a, 'f> = (usize, usize, &'f (dyn Fn(usize, &mut [f32]) + Sync + 'a), Option<&'f Fill16<'a>>);
+
+/// Calls `f((oh, ow, fill, fill16))` with the depthwise output's size and `fill(line, out)`,
+/// which writes one output line (input transform and folded norm included) with the kernel for
+/// this conv's input transform; `fill16` the same in bf16 for a bf16 product (AVX-512 3x3).
+fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwLines) -> R) -> R {
+    fn lines<L: Load, R>(x: &Activations, s: &SepConv, load: L, f: impl FnOnce(DwLines) -> R) -> R {
         let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
         let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-        f(oh, ow, &|line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out))
+        let fill = |line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out);
+        #[cfg(target_arch = "x86_64")]
+        if s.pw.bf16().is_some() && s.k == 3 && crate::packed::has_avx512() {
+            let stride = crate::amx::lhs_stride(s.channels, s.channels);
+            let fill16 = move |line: usize, out: &mut [u16]| dw_line16(x, s, load, line / oh, line % oh, ow, pt, pl, out, stride);
+            return f((oh, ow, &fill, Some(&fill16)));
+        }
+        f((oh, ow, &fill, None))
     }
     match (&s.in_affine, s.in_relu) {
         (Some(a), relu) => lines(x, s, AffineRelu { scale: &a.scale, shift: &a.shift, relu }, f),
@@ -565,16 +674,16 @@ fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(usize, usize, 
 /// With `residual` (the block's shortcut, same shape as the output) the GEMM adds it as it
 /// stores: the residual add costs no extra pass.
 pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, bufs: &Buffers, residual: Option<&[f32]>) -> Activations {
-    with_depthwise(x, s, |oh, ow, fill| {
+    with_depthwise(x, s, |(oh, ow, fill, fill16)| {
         let mut out = bufs.take(x.n * oh * ow * s.pw.n);
-        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill }, &s.pw, &mut out, residual, s.out_relu, threads);
+        matmul(Lhs::Lines { lines: x.n * oh, per_line: ow, fill, fill16 }, &s.pw, &mut out, residual, s.out_relu, threads);
         Activations { n: x.n, h: oh, w: ow, c: s.pw.n, data: out }
     })
 }
 
 /// The depthwise half alone into `mid`; returns (h, w). For timing the kernel (`bench_ops`).
 pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usize, usize) {
-    with_depthwise(x, s, |oh, ow, fill| {
+    with_depthwise(x, s, |(oh, ow, fill, _)| {
         mid.resize(x.n * oh * ow * s.channels, 0.0);
         mid.par_chunks_mut(ow * s.channels).enumerate().for_each(|(line, out)| fill(line, out));
         (oh, ow)
