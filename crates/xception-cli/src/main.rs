@@ -93,6 +93,9 @@ struct SegmentArgs {
     /// engine: the fused CPU engine; burn: burn modules (CPU flex, or CUDA in a `cuda` build).
     #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
     backend: String,
+    /// The engine's arithmetic (see `classify --precision`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    precision: String,
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
 }
@@ -657,6 +660,7 @@ fn segment(args: SegmentArgs) -> Result<()> {
     options.model = model;
     options.output_stride = Some(args.output_stride as usize);
     options.threads = args.threads;
+    options.precision = parse_precision(&args.precision);
     options.backend = Backend::parse(&args.backend)?;
     let pipeline = Pipeline::load(&options)?;
     let seg = pipeline.config.segmentation.clone().ok_or_else(|| {

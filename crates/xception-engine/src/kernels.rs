@@ -784,3 +784,58 @@ pub fn concat_channels(parts: &[Activations]) -> Activations {
     });
     Activations { n, h, w, c, data: out }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::packed::Precision;
+    use crate::Affine;
+
+    /// The bf16 depthwise output (what a bf16 product multiplies) is the f32 output rounded to
+    /// nearest even, value for value, with zeros in each pixel's padding; for every load
+    /// transform, strides 1 and 2, dilation 2, both padding rules, ragged channel counts.
+    #[test]
+    fn bf16_depthwise_is_the_rounded_f32_depthwise() {
+        if !crate::amx::available() {
+            eprintln!("skipped: no AMX bf16 here");
+            return;
+        }
+        for &(c, stride, dilation, padding) in &[(40, 1, 1, Padding::Symmetric(1)), (16, 2, 1, Padding::TfSame), (70, 1, 2, Padding::Symmetric(2)), (33, 2, 1, Padding::Symmetric(1))] {
+            let (h, w) = (9, 11);
+            let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
+            let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
+            for (in_affine, in_relu) in [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)] {
+                let s = SepConv {
+                    k: 3,
+                    stride,
+                    dilation,
+                    padding,
+                    channels: c,
+                    in_affine,
+                    in_relu,
+                    dw: weights(9 * c, 3),
+                    dw_bias: Some(weights(c, 4)),
+                    mid_relu: false,
+                    pw: PackedB::with_precision(&weights(c * 8, 5), &[0.0; 8], c, 8, Precision::Bf16),
+                    out_relu: false,
+                };
+                with_depthwise(&x, &s, |(oh, ow, fill, fill16)| {
+                    let fill16 = fill16.expect("a bf16 depthwise on this machine");
+                    let stride16 = crate::amx::lhs_stride(c, c);
+                    for line in 0..oh {
+                        let mut f = vec![0f32; ow * c];
+                        fill(line, &mut f);
+                        let mut h = vec![7u16; ow * stride16];
+                        fill16(line, &mut h);
+                        for px in 0..ow {
+                            for ch in 0..stride16 {
+                                let want = if ch < c { crate::amx::to_bf16(f[px * c + ch]) } else { 0 };
+                                assert_eq!(h[px * stride16 + ch], want, "c {c} stride {stride} dilation {dilation}: line {line} pixel {px} channel {ch}");
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
