@@ -220,6 +220,19 @@ def per_op(args):
     return rows
 
 
+KEEP_MARKER = "<!-- peers.py keeps what follows -->"
+
+
+def commit():
+    """The checked-out commit, marked dirty when the tree has changes."""
+    try:
+        rev = subprocess.check_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], text=True).strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "crates"]).returncode != 0
+        return rev + (" + uncommitted changes under crates/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def flops_per_cycle():
     flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
     return 64 if " avx512f" in flags else 32  # 2 FMA units x 16 or 8 fp32 lanes x 2
@@ -241,6 +254,7 @@ def write(args, rows, op_rows):
         f"i.e. {args.threads} x {ghz:.2f} GHz effective x 2 FMA x {flops_per_cycle() // 4} lanes x 2.",
         f"Input {args.size}x{args.size}, {args.threads} threads each, median of {args.rounds} interleaved rounds. "
         f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
+        f"Code: commit {commit()} ({time.strftime('%Y-%m-%d')}). "
         f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}`",
         "",
         "| model | batch | contender | precision | median ms | images/s | GFLOP/s | % of fp32 peak | ratio to fastest peer |",
@@ -266,8 +280,15 @@ def write(args, rows, op_rows):
     shapes = {f: f"{h}x{w}x{c}->{co}" for f, h, w, c, co in OP_SHAPES}
     for op, flow, name, t, gf in op_rows:
         lines.append(f"| {op} | {flow} | {shapes[flow]} | {name} | {t * 1e3:.3f} | {gf:.1f} | {100 * gf / peak:.0f}% |")
+    # Sections written by hand or by other scripts (flows.py's table, notes on the machine) follow
+    # a marker and survive a rerun.
+    kept = ""
+    if os.path.exists(args.out):
+        old = open(args.out).read()
+        if KEEP_MARKER in old:
+            kept = "\n" + old[old.index(KEEP_MARKER):]
     with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + kept)
     print("\n".join(lines))
 
 

@@ -181,6 +181,9 @@ impl ServeConfig {
             if m.max_batch == 0 || m.queue == 0 {
                 return Err(Error::Config(format!("{what}: max_batch and queue must be at least 1")));
             }
+            if let Some(p) = m.precision.as_deref().filter(|p| Precision::parse(p).is_none()) {
+                return Err(Error::Config(format!("{what}: precision '{p}': f32 or bf16")));
+            }
             if let Some(name) = &m.name {
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
                     return Err(Error::Config(format!("{what}: a model name uses letters, digits, '-', '_' and '.' only")));
@@ -241,6 +244,7 @@ mod tests {
         let c: ServeConfig = toml::from_str(block).unwrap();
         c.validate().unwrap();
         assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[1].precision.as_deref(), Some("bf16"));
         let d = Limits::default();
         assert_eq!((c.limits.max_body_bytes, c.limits.max_pixels, c.limits.inference_timeout_ms), (d.max_body_bytes, d.max_pixels, d.inference_timeout_ms), "README shows the defaults");
     }
@@ -253,6 +257,10 @@ mod tests {
         m.name = Some("x".into());
         c.models = vec![m.clone(), m.clone()];
         assert!(c.validate().unwrap_err().to_string().contains("two models are named 'x'"));
+        m.precision = Some("fp16".into());
+        c.models = vec![m.clone()];
+        assert!(c.validate().unwrap_err().to_string().contains("x: precision 'fp16': f32 or bf16"));
+        m.precision = None;
         m.queue = 0;
         c.models = vec![m];
         assert!(c.validate().unwrap_err().to_string().contains("x: max_batch and queue"));
