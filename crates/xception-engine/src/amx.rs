@@ -324,7 +324,6 @@ unsafe fn block(a: *const u16, lda: usize, b: *const u16, steps: usize, two: boo
 #[allow(clippy::too_many_arguments)]
 unsafe fn store(acc: &[f32; 2 * T * NP], rows: usize, cols: usize, bias: *const f32, c: *mut f32, ldc: usize, residual: Option<(*const f32, usize)>, epi: Epilogue) {
     let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
-    let zero = _mm512_setzero_ps();
     let (b0, b1) = (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)));
     for r in 0..rows {
         let cr = c.add(r * ldc);
@@ -337,17 +336,7 @@ unsafe fn store(acc: &[f32; 2 * T * NP], rows: usize, cols: usize, bias: *const 
             v0 = _mm512_add_ps(v0, b0);
             v1 = _mm512_add_ps(v1, b1);
         }
-        if let Some((rp, ldr)) = residual {
-            let rr = rp.add(r * ldr);
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.add(16)));
-        }
-        if epi.relu {
-            v0 = _mm512_max_ps(v0, zero);
-            v1 = _mm512_max_ps(v1, zero);
-        }
-        _mm512_mask_storeu_ps(cr, m0, v0);
-        _mm512_mask_storeu_ps(cr.add(16), m1, v1);
+        crate::packed::avx512::finish_row(v0, v1, residual.map(|(rp, ldr)| rp.add(r * ldr)), epi.relu, (m0, m1), cr);
     }
 }
 

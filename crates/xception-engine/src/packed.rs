@@ -270,7 +270,7 @@ pub(crate) fn lane_mask(lanes: usize) -> u16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     /// What the accumulators start from.
@@ -303,6 +303,23 @@ mod avx512 {
             };
         }
         go!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// The end of one 32-value output row: + the residual row, ReLU, and the store, masked to
+    /// the valid columns (`masks` for the two halves). Shared with the AMX path's epilogue.
+    #[inline(always)]
+    pub(crate) unsafe fn finish_row(mut v0: __m512, mut v1: __m512, residual: Option<*const f32>, relu: bool, (m0, m1): (u16, u16), dst: *mut f32) {
+        if let Some(rr) = residual {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.add(16)));
+        }
+        if relu {
+            let zero = _mm512_setzero_ps();
+            v0 = _mm512_max_ps(v0, zero);
+            v1 = _mm512_max_ps(v1, zero);
+        }
+        _mm512_mask_storeu_ps(dst, m0, v0);
+        _mm512_mask_storeu_ps(dst.add(16), m1, v1);
     }
 
     /// PREFETCHW: fetches the line for writing (exclusive), so the store finds it owned.
@@ -380,19 +397,8 @@ mod avx512 {
             p += 1;
         }
         for r in 0..R {
-            let (mut v0, mut v1) = (lo[r], hi[r]);
-            if let Some((rp, ldr)) = step.residual {
-                let rr = rp.add(r * ldr);
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.add(16)));
-            }
-            if step.relu {
-                v0 = _mm512_max_ps(v0, zero);
-                v1 = _mm512_max_ps(v1, zero);
-            }
-            let cr = c.add(r * ldc);
-            _mm512_mask_storeu_ps(cr, m0, v0);
-            _mm512_mask_storeu_ps(cr.add(16), m1, v1);
+            let residual = step.residual.map(|(rp, ldr)| rp.add(r * ldr));
+            finish_row(lo[r], hi[r], residual, step.relu, (m0, m1), c.add(r * ldc));
         }
     }
 }
