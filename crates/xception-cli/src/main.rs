@@ -521,7 +521,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     if args.ops {
         let threads = xception::engine::resolve_threads(args.threads);
         let peak = Some(xception::engine::measured_peak_gflops(threads));
-        let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs, parse_precision(&args.precision))
+        let rows: Vec<serde_json::Value> = xception::engine::bench_ops(threads, args.runs, parse_precision(&args.precision))?
             .into_iter()
             .map(|t| {
                 serde_json::json!({"op": t.op, "flow": t.flow, "shape": [t.shape.0, t.shape.1, t.shape.2, t.shape.3],

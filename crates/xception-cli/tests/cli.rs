@@ -226,6 +226,12 @@ fn bf16_precision_runs_or_is_refused_clearly() {
         assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         assert!(stderr(&out).contains("AMX"), "{}", stderr(&out));
     }
+    // Without AVX-512 (forced off here) there is no AMX path: refused, for the kernels alone too.
+    for args in [vec!["classify", "--weights", s(&timm), "--size", "96", "--precision", "bf16", s(&chelsea)], vec!["bench", "--ops", "--runs", "1", "--precision", "bf16"]] {
+        let out = bin().args(&args).env("XCEPTION_ENGINE_NO_AVX512", "1").output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("AMX") && !stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

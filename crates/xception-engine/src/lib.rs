@@ -24,6 +24,16 @@ use kernels::Buffers;
 use packed::PackedB;
 pub use packed::Precision;
 
+/// An error where `precision` cannot run on this machine.
+fn check_precision(precision: Precision) -> Result<()> {
+    if precision == Precision::Bf16 && !bf16_available() {
+        return Err(Error::Config(
+            "engine: bf16 precision needs AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later), AVX-512 and Linux 5.16+, which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `Precision::Bf16` runs here (AMX bf16 tiles granted by the kernel).
 pub fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -454,11 +464,7 @@ impl Engine {
 
     /// `new`, with the products in `precision`. bf16 needs AMX (checked: an error otherwise).
     pub fn with_precision(net: &Network, weights: &dyn Weights, threads: usize, precision: Precision) -> Result<Engine> {
-        if precision == Precision::Bf16 && !bf16_available() {
-            return Err(Error::Config(
-                "engine: bf16 precision needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or later), AVX-512 and Linux 5.16+; this machine has not all of them: use f32".into(),
-            ));
-        }
+        check_precision(precision)?;
         let c = Compiler { weights, precision };
         let stem = c.compile(&net.stem)?;
         let blocks = net.blocks.iter().map(|b| c.block(b)).collect::<Result<Vec<_>>>()?;
@@ -867,7 +873,8 @@ pub struct OpTiming {
 /// Times the depthwise 3x3 and the pointwise 1x1 kernels (the latter in `precision`), and the
 /// two as one separable conv, at the entry, middle and exit flow shapes of Xception at 299
 /// (median of `runs`).
-pub fn bench_ops(threads: usize, runs: usize, precision: Precision) -> Vec<OpTiming> {
+pub fn bench_ops(threads: usize, runs: usize, precision: Precision) -> Result<Vec<OpTiming>> {
+    check_precision(precision)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
     let shapes = [("entry", 147, 147, 128, 128), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)];
     let mut out = Vec::new();
@@ -919,5 +926,5 @@ pub fn bench_ops(threads: usize, runs: usize, precision: Precision) -> Vec<OpTim
         });
         out.push(OpTiming { op: "separable", flow, shape: (h, w, c, cout), seconds: both, gflops: 2.0 * (h * w * c * (cout + 9)) as f64 / both / 1e9 });
     }
-    out
+    Ok(out)
 }
