@@ -4,8 +4,9 @@ ONNX Runtime (all graph optimisations) and TensorFlow/Keras (compiled tf.functio
 machine, same thread count, fp32, and per-op figures for the depthwise and pointwise convs.
 
 Where our engine runs bf16 (AMX), also our `--precision bf16` against PyTorch in bf16
-(channels-last; oneDNN runs its convs on AMX): fp32 rows are compared with the fastest fp32
-peer, bf16 rows with the fastest peer of either precision.
+(channels-last; oneDNN runs its convs on AMX) and Keras' mixed_bfloat16 policy (TensorFlow's
+oneDNN, xception only): fp32 rows are compared with the fastest fp32 peer, bf16 rows with the
+fastest peer of either precision.
 
 Rounds are interleaved: every round times one forward of each contender in turn, so a slow
 patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
@@ -36,10 +37,11 @@ import os, sys, time, json
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
-threads, batch, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+threads, batch, size, policy = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 tf.config.threading.set_intra_op_parallelism_threads(threads)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 import keras
+keras.mixed_precision.set_global_policy(policy)  # mixed_bfloat16: oneDNN bf16 (AMX where present)
 model = keras.applications.Xception(weights=None, input_shape=(size, size, 3))
 f = tf.function(lambda x: model(x, training=False))
 x = tf.random.uniform((batch, size, size, 3))
@@ -136,15 +138,19 @@ def main():
             sess = ort_session(m, x, args.threads)
             xn = x.numpy()
             contenders["ONNX Runtime"] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
-            tf_proc = None
+            tf_procs = {}
             if model_name == "xception":  # Keras ships only the original Xception
-                tf_proc = subprocess.Popen([sys.executable, "-c", TF_WORKER, str(args.threads), str(batch), str(args.size)],
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                assert tf_proc.stdout.readline().strip() == "ready"
+                policies = {"TensorFlow tf.function": "float32"}
+                if args.bf16:
+                    policies["TensorFlow bf16 tf.function (mixed_bfloat16)"] = "mixed_bfloat16"
+                for name, policy in policies.items():
+                    tf_procs[name] = subprocess.Popen([sys.executable, "-c", TF_WORKER, str(args.threads), str(batch), str(args.size), policy],
+                                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    assert tf_procs[name].stdout.readline().strip() == "ready"
             for f in contenders.values():  # warm-up
                 with torch.inference_mode():
                     f()
-            times = {k: [] for k in ["ours (engine)", *(["ours (engine, bf16)"] if args.bf16 else []), *contenders, "TensorFlow tf.function"]}
+            times = {k: [] for k in ["ours (engine)", *(["ours (engine, bf16)"] if args.bf16 else []), *contenders, *tf_procs]}
             for _ in range(args.rounds):
                 times["ours (engine)"].append(ours(model_name, batch, args.threads, args.size))
                 if args.bf16:
@@ -154,13 +160,13 @@ def main():
                         t = time.perf_counter()
                         f()
                         times[name].append(time.perf_counter() - t)
-                if tf_proc:
-                    tf_proc.stdin.write("go\n")
-                    tf_proc.stdin.flush()
-                    times["TensorFlow tf.function"].append(json.loads(tf_proc.stdout.readline()))
-            if tf_proc:
-                tf_proc.stdin.close()
-                tf_proc.wait()
+                for name, proc in tf_procs.items():
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                    times[name].append(json.loads(proc.stdout.readline()))
+            for proc in tf_procs.values():
+                proc.stdin.close()
+                proc.wait()
             for name, ts in times.items():
                 if ts:
                     med = statistics.median(ts)
