@@ -583,12 +583,16 @@ impl Engine {
     fn block(&self, b: &BlockPlan, x: Activations, taps: &mut Captured) -> Activations {
         let input = self.run(&b.pre, x, taps);
         // A body ending in a separable conv without ReLU takes the shortcut into its GEMM, one
-        // ending in a max pool (the entry flow) into the pool: no separate pass for the add.
+        // ending in a max pool (the entry flow) into the pool: no separate pass for the add. The
+        // separable conv before such a pool goes with it (`produce_end`).
         let fuses = |s: &Step| matches!(s, Step::Sep(s) if !s.out_relu) || matches!(s, Step::MaxPool { .. });
-        let (body, last) = match b.body.split_last() {
-            Some((last, rest)) if !matches!(b.shortcut, ShortcutPlan::None) && fuses(last) => (rest, Some(last)),
-            _ => (&b.body[..], None),
+        let ends = match &b.body[..] {
+            _ if matches!(b.shortcut, ShortcutPlan::None) => 0,
+            [.., Step::Sep(_), Step::MaxPool { .. }] => 2,
+            [.., last] if fuses(last) => 1,
+            _ => 0,
         };
+        let (body, last) = b.body.split_at(b.body.len() - ends);
         // The body's first conv and the projection read the block input in place, so the
         // identity shortcut is the input itself and neither needs a copy of it.
         let (partial, skip) = match &b.shortcut {
@@ -600,8 +604,8 @@ impl Engine {
             }
         };
         let Some(skip) = skip else { return partial };
-        if let Some(last) = last {
-            let out = self.produce(last, &partial, Some(&skip.data));
+        if !last.is_empty() {
+            let out = self.produce_end(last, &partial, &skip.data);
             self.bufs.give(partial.data);
             self.bufs.give(skip.data);
             return out;
@@ -629,6 +633,28 @@ impl Engine {
                 self.run(rest, y, taps)
             }
             _ => self.run(steps, self.copy(x), taps),
+        }
+    }
+
+    /// The last steps of a block with its shortcut `residual` added as they store: one step
+    /// (`produce`), or a separable conv and the max pool after it, made band by band in one go
+    /// where its output is large (`kernels::sep_conv_pool`).
+    fn produce_end(&self, last: &[Step], x: &Activations, residual: &[f32]) -> Activations {
+        match last {
+            [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays(x, s, self.threads) => {
+                let started = self.profile.then(std::time::Instant::now);
+                let out = kernels::sep_conv_pool(x, s, (*k, *stride, *padding), &self.bufs, Some(residual));
+                self.profile_step(started, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
+                out
+            }
+            [sep @ Step::Sep(_), pool @ Step::MaxPool { .. }] => {
+                let y = self.produce(sep, x, None);
+                let out = self.produce(pool, &y, Some(residual));
+                self.bufs.give(y.data);
+                out
+            }
+            [step] => self.produce(step, x, Some(residual)),
+            _ => unreachable!("produce_end: one step, or a separable conv and a max pool"),
         }
     }
 

@@ -94,6 +94,14 @@ impl PackedB {
         }
     }
 
+    /// Whether the products run in bf16 (AMX).
+    pub fn is_bf16(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.bf16.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// The bf16 tile layout, for a bf16 matrix.
     #[cfg(target_arch = "x86_64")]
     pub fn bf16(&self) -> Option<&crate::amx::PackedBf16> {
