@@ -150,6 +150,8 @@ const BAND_ROWS: usize = 192;
 const ROW_CHUNK: usize = 96;
 /// Products of fewer rows than this are small (the middle and exit flows at 299).
 const SMALL_ROWS: usize = 1024;
+/// Weight matrices of at most this many values fit a core's L2 in bf16 (1.5 MB).
+const SMALL_WEIGHTS: usize = 768 << 10;
 
 /// out (rows x b.n) = lhs x b + bias, then the epilogue (residual rows laid out like `out`).
 ///
@@ -169,15 +171,17 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     #[cfg(target_arch = "x86_64")]
     if let (Some(b16), Lhs::Lines { lines, per_line, fill16: Some(fill16), .. }) = (b.bf16(), &lhs) {
         let ld16 = crate::amx::lhs_stride(k, k);
-        // Large products in bands of about BAND_ROWS rows, several per worker. Small ones (the
-        // middle and exit flows) in one band per worker: each makes its own rows of the
-        // depthwise output and multiplies them by all the weights, so no row crosses to the
-        // other core (measured 2-3.5% faster on the whole network, paired, than making every row
-        // first and sharing out the weight panels; no difference from 1024 to 3072 rows, which
-        // stay shared; in fp32 no difference either, so fp32 keeps the panel split).
+        // Large products in bands of about BAND_ROWS rows, several per worker. Small ones with
+        // weights that fit a core's L2 (the middle flow) in one band per worker: each makes its
+        // own rows of the depthwise output and multiplies them by all the weights, so no row
+        // crosses to the other core (measured 2-3.5% faster on the whole network, paired, than
+        // making every row first and sharing out the weight panels; no difference from 1024 to
+        // 3072 rows, which stay shared; in fp32 no difference either, so fp32 keeps the panel
+        // split). The exit flow's larger weights (3-6 MB) are shared out by panels instead, so
+        // each core streams only its half (1.5-3.7% faster than a band per worker there).
         let size = if *lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads {
             band_lines(*lines, *per_line, threads)
-        } else if rows < SMALL_ROWS {
+        } else if rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
             lines.div_ceil(threads)
         } else {
             0
