@@ -10,6 +10,10 @@
 //! it stores. Dense convs need no im2col: each kernel row's product reads the input lines in
 //! place and accumulates in the output. Activations are NHWC float32 in buffers reused across
 //! layers; a batch runs as one stream of whole images per thread.
+//!
+//! `Precision::Bf16` (opt-in, CPUs with AMX) packs the weights in bf16 for AMX tiles instead and
+//! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
+//! (`amx`); an entry-flow block's last separable conv is then pooled band by band as it is made.
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;

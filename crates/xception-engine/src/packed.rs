@@ -5,6 +5,8 @@
 //! With AVX-512 a 12x32 register-tile micro-kernel runs it, the bias, the residual add and ReLU
 //! applied as the tile is stored, so each output value is written once. Without AVX-512 each
 //! panel goes through the `gemm` crate and the epilogue runs as a second pass over the tile.
+//! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
+//! product with the same epilogue.
 
 use std::ops::Range;
 
