@@ -948,20 +948,8 @@ mod tests {
             for &(h, w, c, cout, padding, out_relu) in &[(23, 17, 24, 40, Padding::TfSame, false), (20, 9, 16, 33, Padding::Symmetric(1), true)] {
                 let x = Activations { n: 2, h, w, c, data: (0..2 * h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
                 let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
-                let s = SepConv {
-                    k: 3,
-                    stride: 1,
-                    dilation: 1,
-                    padding: Padding::Symmetric(1),
-                    channels: c,
-                    in_affine: None,
-                    in_relu: true,
-                    dw: weights(9 * c, 3),
-                    dw_bias: None,
-                    mid_relu: false,
-                    pw: PackedB::with_precision(&weights(c * cout, 5), &weights(cout, 6), c, cout, precision),
-                    out_relu,
-                };
+                let pw = PackedB::with_precision(&weights(c * cout, 5), &weights(cout, 6), c, cout, precision);
+                let s = SepConv { out_relu, ..SepConv::relu_3x3(weights(9 * c, 3), pw) };
                 let bufs = Buffers::new(2);
                 let conv = sep_conv(&x, &s, 2, &bufs, None);
                 let p = PoolShape::new(3, 2, padding, conv.h, conv.w);
@@ -988,20 +976,8 @@ mod tests {
             let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
             let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
             for (in_affine, in_relu) in [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)] {
-                let s = SepConv {
-                    k: 3,
-                    stride,
-                    dilation,
-                    padding,
-                    channels: c,
-                    in_affine,
-                    in_relu,
-                    dw: weights(9 * c, 3),
-                    dw_bias: Some(weights(c, 4)),
-                    mid_relu: false,
-                    pw: PackedB::with_precision(&weights(c * 8, 5), &[0.0; 8], c, 8, Precision::Bf16),
-                    out_relu: false,
-                };
+                let pw = PackedB::with_precision(&weights(c * 8, 5), &[0.0; 8], c, 8, Precision::Bf16);
+                let s = SepConv { stride, dilation, padding, in_affine, in_relu, dw_bias: Some(weights(c, 4)), ..SepConv::relu_3x3(weights(9 * c, 3), pw) };
                 with_depthwise(&x, &s, |(oh, ow, fill, fill16)| {
                     let fill16 = fill16.expect("a bf16 depthwise on this machine");
                     let stride16 = crate::amx::lhs_stride(c, c);

@@ -121,6 +121,28 @@ enum Step {
     DecoderTap,
 }
 
+impl SepConv {
+    /// A 3x3 separable conv of stride 1, padding 1, ReLU on its input and nothing else folded
+    /// in (the middle flow's shape): `dw` is (9, channels), `pw` the packed pointwise weights.
+    /// For benchmarks and tests, which vary the rest with struct update syntax.
+    fn relu_3x3(dw: Vec<f32>, pw: PackedB) -> SepConv {
+        SepConv {
+            k: 3,
+            stride: 1,
+            dilation: 1,
+            padding: Padding::Symmetric(1),
+            channels: pw.k,
+            in_affine: None,
+            in_relu: true,
+            dw,
+            dw_bias: None,
+            mid_relu: false,
+            pw,
+            out_relu: false,
+        }
+    }
+}
+
 impl Step {
     /// Whether the step makes a new tensor (`Engine::produce`) rather than changing its input in
     /// place (`Engine::in_place`).
@@ -911,20 +933,8 @@ pub fn bench_ops(threads: usize, runs: usize, precision: Precision) -> Result<Ve
     for (flow, h, w, c, cout) in shapes {
         let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect() };
         let pw: Vec<f32> = (0..c * cout).map(|i| ((i % 17) as f32 - 8.0) / 100.0).collect();
-        let sep = SepConv {
-            k: 3,
-            stride: 1,
-            dilation: 1,
-            padding: Padding::Symmetric(1),
-            channels: c,
-            in_affine: None,
-            in_relu: true,
-            dw: (0..9 * c).map(|i| ((i % 13) as f32 - 6.0) / 10.0).collect(),
-            dw_bias: None,
-            mid_relu: false,
-            pw: PackedB::with_precision(&pw, &vec![0.0; cout], c, cout, precision),
-            out_relu: false,
-        };
+        let dw = (0..9 * c).map(|i| ((i % 13) as f32 - 6.0) / 10.0).collect();
+        let sep = SepConv::relu_3x3(dw, PackedB::with_precision(&pw, &vec![0.0; cout], c, cout, precision));
         let time = |f: &mut dyn FnMut()| {
             f();
             let mut t: Vec<f64> = (0..runs.max(1))
