@@ -239,12 +239,17 @@ pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, k: usize, n: usize, b: 
     }
     configure_thread();
     let mut acc = [0f32; 2 * T * NP];
+    let last_panel = n.div_ceil(NP) - 1;
     for p in panels {
         let (col, cols) = (p * NP, (n - p * NP).min(NP));
         let mut m0 = 0;
         while m0 < m {
             let rows = (m - m0).min(2 * T);
-            block(a.as_ptr().add(m0 * lda), lda, b.panel(p), b.kp / KT, rows > T, acc.as_mut_ptr());
+            // The first row block fetches the next panel into L2 as it goes (tile loads that miss
+            // wait for memory: measured 5-6% faster on the whole network, paired); the others
+            // point the same prefetches at the panel they read, where they cost next to nothing.
+            let prefetch = if m0 == 0 && p < last_panel { b.panel(p + 1) } else { b.panel(p) };
+            block(a.as_ptr().add(m0 * lda), lda, b.panel(p), b.kp / KT, rows > T, prefetch, acc.as_mut_ptr());
             let residual = epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr));
             store(&acc, rows, cols, bias.as_ptr().add(col), out.ptr().add(m0 * ldc + col), ldc, residual, epi);
             m0 += rows;
@@ -253,9 +258,12 @@ pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, k: usize, n: usize, b: 
 }
 
 /// One 32 x 32 block (or 16 x 32 when `!two`): `steps` tile steps over A rows at `a` (row stride
-/// `lda` values) and the panel `b`, the fp32 sums stored row-major (32 a row) to `acc`.
+/// `lda` values) and the panel `b`, the fp32 sums stored row-major (32 a row) to `acc`. A 32-row
+/// block also prefetches into L2, step by step, the panel at `prefetch` (2 KiB a step, every
+/// other line: the L2 fetches lines in pairs).
 #[target_feature(enable = "avx512f")]
-unsafe fn block(a: *const u16, lda: usize, b: *const u16, steps: usize, two: bool, acc: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(a: *const u16, lda: usize, b: *const u16, steps: usize, two: bool, prefetch: *const u16, acc: *mut f32) {
     let sa = lda * 2;
     if two {
         asm!(
@@ -270,11 +278,28 @@ unsafe fn block(a: *const u16, lda: usize, b: *const u16, steps: usize, two: boo
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tileloadd tmm5, [{a2} + {sa}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "prefetcht1 [{pf}]",
+            "prefetcht1 [{pf} + 128]",
+            "prefetcht1 [{pf} + 256]",
+            "prefetcht1 [{pf} + 384]",
+            "prefetcht1 [{pf} + 512]",
+            "prefetcht1 [{pf} + 640]",
+            "prefetcht1 [{pf} + 768]",
+            "prefetcht1 [{pf} + 896]",
+            "prefetcht1 [{pf} + 1024]",
+            "prefetcht1 [{pf} + 1152]",
+            "prefetcht1 [{pf} + 1280]",
+            "prefetcht1 [{pf} + 1408]",
+            "prefetcht1 [{pf} + 1536]",
+            "prefetcht1 [{pf} + 1664]",
+            "prefetcht1 [{pf} + 1792]",
+            "prefetcht1 [{pf} + 1920]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             "add {a}, 64",
             "add {a2}, 64",
             "add {b}, 2048",
+            "add {pf}, 2048",
             "dec {n}",
             "jnz 2b",
             "tilestored [{c} + {sc}*1], tmm0",
@@ -284,6 +309,7 @@ unsafe fn block(a: *const u16, lda: usize, b: *const u16, steps: usize, two: boo
             a = inout(reg) a => _,
             a2 = inout(reg) a.add(T * lda) => _,
             b = inout(reg) b => _,
+            pf = inout(reg) prefetch => _,
             n = inout(reg) steps => _,
             sa = in(reg) sa,
             sb = in(reg) 64usize,
