@@ -335,7 +335,7 @@ pub(crate) mod avx512 {
     /// PREFETCHW: fetches the line for writing (exclusive), so the store finds it owned.
     /// (`_mm_prefetch` with a write hint needs the unstable `prfchw` target feature.)
     #[inline(always)]
-    unsafe fn prefetch_write(p: *const i8) {
+    pub(crate) unsafe fn prefetch_write(p: *const i8) {
         std::arch::asm!("prefetchw [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly));
     }
 
