@@ -16,6 +16,7 @@
 //! (`amx`); an entry-flow block's last separable conv is then pooled band by band as it is made.
 
 #[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
 pub mod amx;
 mod kernels;
 #[doc(hidden)]
