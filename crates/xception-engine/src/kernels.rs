@@ -742,6 +742,7 @@ impl PoolShape {
 /// Output line `oy` of a max pool into `dst` (+ `residual`, laid out like `dst`): the input is
 /// `w` pixels of `c` channels a line, `line(iy)` giving input line iy of the `h` lines.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn pool_line<'a>(p: &PoolShape, line: impl Fn(usize) -> &'a [f32], h: usize, w: usize, c: usize, oy: usize, residual: Option<&[f32]>, dst: &mut [f32]) {
     let rows = p.lines(oy, h);
     simd(
