@@ -7,6 +7,7 @@ use crate::packed::{gemm_rows, Epilogue, PackedB, SharedOut};
 use crate::{Activations, DenseConv, SepConv};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::Mutex;
 use xception_arch::Padding;
 
@@ -136,9 +137,11 @@ pub enum Lhs<'a> {
     /// Made on demand, one output image line (`per_line` rows) at a time: `fill(line, rows)`;
     /// for bf16 weights `fill16`, where given, makes them in bf16 at once (rows of
     /// `amx::lhs_stride(k, k)` values, zeros past k), which saves rounding them afterwards.
-    Lines { lines: usize, per_line: usize, fill: &'a (dyn Fn(usize, &mut [f32]) + Sync), fill16: Option<&'a Fill16<'a>> },
+    Lines { lines: usize, per_line: usize, fill: &'a Fill<'a>, fill16: Option<&'a Fill16<'a>> },
 }
 
+/// `fill` of `Lhs::Lines`: writes one line's rows.
+pub type Fill<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 /// `fill` of `Lhs::Lines` in bf16.
 pub type Fill16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
@@ -168,79 +171,80 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     }
     let shared = SharedOut::new(out);
     let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu, accumulate: false };
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(b16), Lhs::Lines { lines, per_line, fill16: Some(fill16), .. }) = (b.bf16(), &lhs) {
-        let ld16 = crate::amx::lhs_stride(k, k);
-        // Large products in bands of about BAND_ROWS rows, several per worker. Small ones with
-        // weights that fit a core's L2 (the middle flow) in one band per worker: each makes its
-        // own rows of the depthwise output and multiplies them by all the weights, so no row
-        // crosses to the other core (measured 2-3.5% faster on the whole network, paired, than
-        // making every row first and sharing out the weight panels; no difference from 1024 to
-        // 3072 rows, which stay shared; in fp32 no difference either, so fp32 keeps the panel
-        // split). The exit flow's larger weights (3-6 MB) are shared out by panels instead, so
-        // each core streams only its half (1.5-3.7% faster than a band per worker there).
-        let size = if *lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads {
-            band_lines(*lines, *per_line, threads)
-        } else if rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
-            lines.div_ceil(threads)
-        } else {
-            0
-        };
-        return if size > 0 {
-            bands(*lines, *per_line, size, |l0, l1, row0| {
-                BAND16.with_borrow_mut(|buf| {
-                    let m = (l1 - l0) * per_line;
-                    let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(m, ld16, k));
-                    let (made, tail) = a16.split_at_mut(m * ld16);
-                    tail.fill(0);
-                    for (l, chunk) in (l0..l1).zip(made.chunks_mut(per_line * ld16)) {
-                        fill16(l, chunk);
-                    }
-                    // SAFETY: this band owns output rows [row0, row0 + m).
-                    unsafe { crate::amx::gemm_rows(m, a16, ld16, k, n, b16, b.bias(), 0..b.panels(), shared.offset(row0 * n), n, epi_at(row0)) };
-                })
-            })
-        } else {
-            // As SCRATCH below: only leaf tasks run while it is borrowed.
-            SCRATCH16.with_borrow_mut(|buf| {
-                let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(rows, ld16, k));
-                let (made, tail) = a16.split_at_mut(rows * ld16);
-                tail.fill(0);
-                made.par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
-                share_out16(a16, ld16, b, b16, rows, shared, &epi_at, threads);
-            })
-        };
-    }
-    match lhs {
-        Lhs::Lines { lines, per_line, fill, .. } if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads => {
-            bands(lines, per_line, band_lines(lines, per_line, threads), |l0, l1, row0| {
-                BAND.with_borrow_mut(|buf| {
-                    let m = (l1 - l0) * per_line;
-                    buf.resize(buf.len().max(m * k), 0.0);
-                    for l in l0..l1 {
-                        fill(l, &mut buf[(l - l0) * per_line * k..][..per_line * k]);
-                    }
-                    // SAFETY: this band owns output rows [row0, row0 + m).
-                    unsafe { gemm_rows(m, buf, k, b, 0..b.panels(), shared.offset(row0 * n), n, epi_at(row0)) };
-                });
-            });
-        }
-        Lhs::Lines { lines, per_line, fill, .. } => {
-            debug_assert_eq!(lines * per_line, rows);
-            // The parallel work below runs only leaf tasks (line fills, GEMM tiles), none of
-            // which comes back here, so this thread's scratch stays borrowed once.
-            SCRATCH.with_borrow_mut(|scratch| {
-                scratch.resize(scratch.len().max(rows * k), 0.0);
-                let made = &mut scratch[..rows * k];
-                made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
-                share_out(made, b, rows, k, n, shared, &epi_at, threads);
-            });
-        }
+    let (lines, per_line, fill, fill16) = match lhs {
         Lhs::Ready(a) => {
             assert!(a.len() >= rows * k, "matmul lhs shape");
-            share_out(a, b, rows, k, n, shared, &epi_at, threads);
+            return share_out(a, b, rows, k, n, shared, &epi_at, threads);
         }
+        Lhs::Lines { lines, per_line, fill, fill16 } => (lines, per_line, fill, fill16),
+    };
+    debug_assert_eq!(lines * per_line, rows);
+    let bf16 = b.is_bf16() && fill16.is_some();
+    // Large products in bands of about BAND_ROWS rows, several per worker. In bf16, small ones
+    // with weights that fit a core's L2 (the middle flow) in one band per worker: each makes its
+    // own rows of the depthwise output and multiplies them by all the weights, so no row crosses
+    // to the other core (measured 2-3.5% faster on the whole network, paired, than making every
+    // row first and sharing out the weight panels; no difference from 1024 to 3072 rows, which
+    // stay shared; in fp32 no difference either, so fp32 keeps the panel split). The exit flow's
+    // larger weights (3-6 MB) are shared out by panels instead, so each core streams only its
+    // half (1.5-3.7% faster than a band per worker there).
+    let size = if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads {
+        band_lines(lines, per_line, threads)
+    } else if bf16 && rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
+        lines.div_ceil(threads)
+    } else {
+        0
+    };
+    if size > 0 {
+        // SAFETY: each band owns its output rows [row0, row0 + its rows).
+        return bands(lines, per_line, size, |l0, l1, row0| unsafe { band_product(l0..l1, per_line, fill, fill16, b, shared.offset(row0 * n), epi_at(row0)) });
     }
+    // Every row made first, then the product shared out. The parallel work below runs only leaf
+    // tasks (line fills, GEMM tiles), none of which comes back here, so this thread's scratch
+    // stays borrowed once.
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(b16), Some(fill16), true) = (b.bf16(), fill16, bf16) {
+        let ld16 = crate::amx::lhs_stride(k, k);
+        return SCRATCH16.with_borrow_mut(|buf| {
+            let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k);
+            a16[..rows * ld16].par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
+            share_out16(a16, ld16, b, b16, rows, shared, &epi_at, threads);
+        });
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.resize(scratch.len().max(rows * k), 0.0);
+        let made = &mut scratch[..rows * k];
+        made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
+        share_out(made, b, rows, k, n, shared, &epi_at, threads);
+    });
+}
+
+/// Lines `lines` of a `Lhs::Lines` operand made in this thread's band buffer (in bf16, by
+/// `fill16`, where the weights are bf16 and it is given) and multiplied by `b` into `out` (row
+/// stride b.n) with `epi`.
+///
+/// # Safety
+/// No other thread may touch the band's rows of `out` meanwhile.
+unsafe fn band_product(lines: Range<usize>, per_line: usize, fill: &Fill<'_>, fill16: Option<&Fill16<'_>>, b: &PackedB, out: SharedOut, epi: Epilogue) {
+    let (k, n, m) = (b.k, b.n, lines.len() * per_line);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(b16), Some(fill16)) = (b.bf16(), fill16) {
+        let ld16 = crate::amx::lhs_stride(k, k);
+        return BAND16.with_borrow_mut(|buf| {
+            let a16 = crate::amx::lhs_buffer(buf, m, ld16, k);
+            for (l, chunk) in lines.zip(a16.chunks_mut(per_line * ld16)) {
+                fill16(l, chunk);
+            }
+            crate::amx::gemm_rows(m, a16, ld16, k, n, b16, b.bias(), 0..b.panels(), out, n, epi)
+        });
+    }
+    BAND.with_borrow_mut(|buf| {
+        buf.resize(buf.len().max(m * k), 0.0);
+        for (l, chunk) in lines.zip(buf.chunks_mut(per_line * k)) {
+            fill(l, chunk);
+        }
+        gemm_rows(m, buf, k, b, 0..b.panels(), out, n, epi)
+    })
 }
 
 /// Lines per band for a large product: about BAND_ROWS rows, at least four bands per worker.
@@ -281,25 +285,26 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
         // Rounded to bf16 once here, not by every task (a panel task reads every row).
         return SCRATCH16.with_borrow_mut(|buf| {
             let ld16 = crate::amx::lhs_stride(k, k);
-            let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(rows, ld16, k));
-            let (mid, tail) = a16.split_at_mut(rows * ld16);
-            tail.fill(0);
-            mid.par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
+            let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k);
+            a16[..rows * ld16].par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
                 crate::amx::round_rows(&a[i * 64 * k..], k, k, 0..d.len() / ld16, d, ld16);
             });
             share_out16(a16, ld16, b, b16, rows, shared, epi_at, threads);
         });
     }
-    let panels = b.panels();
+    // SAFETY: each task owns its rows x panels of the output.
+    shared_tasks(rows, b.panels(), threads, |row0, m, ps| unsafe { gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, epi_at(row0)) });
+}
+
+/// Runs `task(row0, rows, panels)` over the pieces `split` cuts a product of `rows` rows into,
+/// in parallel, taken as workers free up.
+fn shared_tasks(rows: usize, panels: usize, threads: usize, task: impl Fn(usize, usize, Range<usize>) + Sync) {
     let (chunk, col_chunks) = split(rows, panels, threads);
     let per = panels.div_ceil(col_chunks);
     (0..rows.div_ceil(chunk) * col_chunks).into_par_iter().for_each(|t| {
         let (ri, ci) = (t / col_chunks, t % col_chunks);
         let row0 = ri * chunk;
-        let m = chunk.min(rows - row0);
-        let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
-        // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
-        unsafe { gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, epi_at(row0)) };
+        task(row0, chunk.min(rows - row0), (ci * per).min(panels)..((ci + 1) * per).min(panels));
     });
 }
 
@@ -308,15 +313,10 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn share_out16<'e>(a16: &[u16], ld16: usize, b: &PackedB, b16: &crate::amx::PackedBf16, rows: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
-    let (k, n, panels) = (b.k, b.n, b.panels());
-    let (chunk, col_chunks) = split(rows, panels, threads);
-    let per = panels.div_ceil(col_chunks);
-    (0..rows.div_ceil(chunk) * col_chunks).into_par_iter().for_each(|t| {
-        let (ri, ci) = (t / col_chunks, t % col_chunks);
-        let row0 = ri * chunk;
-        let ps = (ci * per).min(panels)..((ci + 1) * per).min(panels);
-        // SAFETY: task t owns rows [row0, row0 + m) x panels ps of the output.
-        unsafe { crate::amx::gemm_rows(chunk.min(rows - row0), &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0)) };
+    let (k, n) = (b.k, b.n);
+    // SAFETY: each task owns its rows x panels of the output.
+    shared_tasks(rows, b.panels(), threads, |row0, m, ps| unsafe {
+        crate::amx::gemm_rows(m, &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0))
     });
 }
 
@@ -668,7 +668,7 @@ mod dw3_avx512 {
 
 /// The depthwise conv's output size and its line makers for `Lhs::Lines` (`fill`, and
 /// `fill16` where the bf16 kernel runs).
-type DwLines<'a, 'f> = (usize, usize, &'f (dyn Fn(usize, &mut [f32]) + Sync + 'a), Option<&'f Fill16<'a>>);
+type DwLines<'a, 'f> = (usize, usize, &'f Fill<'a>, Option<&'f Fill16<'a>>);
 
 /// Calls `f((oh, ow, fill, fill16))` with the depthwise output's size and `fill(line, out)`,
 /// which writes one output line (input transform and folded norm included) with the kernel for
@@ -829,38 +829,9 @@ pub fn sep_conv_pool(x: &Activations, s: &SepConv, (k, stride, padding): (usize,
             let m = (l1 - l0) * ow;
             POOL_BAND.with_borrow_mut(|conv| {
                 conv.resize(conv.len().max(m * n), 0.0);
-                let made = SharedOut::new(&mut conv[..m * n]);
                 let epi = Epilogue { residual: None, relu: s.out_relu, accumulate: false };
-                let line_of = |l: usize| b * oh + l;
-                let kc = s.channels;
-                let product32 = || {
-                    BAND.with_borrow_mut(|buf| {
-                        buf.resize(buf.len().max(m * kc), 0.0);
-                        for (l, chunk) in (l0..l1).zip(buf.chunks_mut(ow * kc)) {
-                            fill(line_of(l), chunk);
-                        }
-                        // SAFETY: `made` is this task's own buffer.
-                        unsafe { gemm_rows(m, buf, kc, &s.pw, 0..s.pw.panels(), made, n, epi) };
-                    })
-                };
-                #[cfg(target_arch = "x86_64")]
-                if let (Some(b16), Some(fill16)) = (s.pw.bf16(), fill16) {
-                    let ld16 = crate::amx::lhs_stride(s.channels, s.channels);
-                    BAND16.with_borrow_mut(|buf| {
-                        let a16 = crate::amx::aligned(buf, crate::amx::lhs_len(m, ld16, kc));
-                        let (rows, tail) = a16.split_at_mut(m * ld16);
-                        tail.fill(0);
-                        for (l, chunk) in (l0..l1).zip(rows.chunks_mut(ow * ld16)) {
-                            fill16(line_of(l), chunk);
-                        }
-                        // SAFETY: `made` is this task's own buffer.
-                        unsafe { crate::amx::gemm_rows(m, a16, ld16, kc, n, b16, s.pw.bias(), 0..s.pw.panels(), made, n, epi) };
-                    });
-                } else {
-                    product32();
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                product32();
+                // SAFETY: `conv` is this task's own buffer.
+                unsafe { band_product(b * oh + l0..b * oh + l1, ow, fill, fill16, &s.pw, SharedOut::new(&mut conv[..m * n]), epi) };
                 let conv = &conv[..m * n];
                 for oy in p0..p1 {
                     let row = b * p.oh + oy;

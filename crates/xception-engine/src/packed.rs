@@ -335,8 +335,19 @@ pub(crate) mod avx512 {
     /// PREFETCHW: fetches the line for writing (exclusive), so the store finds it owned.
     /// (`_mm_prefetch` with a write hint needs the unstable `prfchw` target feature.)
     #[inline(always)]
-    pub(crate) unsafe fn prefetch_write(p: *const i8) {
+    unsafe fn prefetch_write(p: *const i8) {
         std::arch::asm!("prefetchw [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+
+    /// PREFETCHW of the lines an output row of one panel (32 values, 128 bytes at any
+    /// alignment) spans. Prefetches never fault, so a ragged row's lines past the matrix are
+    /// harmless.
+    #[inline(always)]
+    pub(crate) unsafe fn prefetch_row_write(row: *const f32) {
+        let p = row as *const i8;
+        prefetch_write(p);
+        prefetch_write(p.add(64));
+        prefetch_write(p.add(124));
     }
 
     /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
@@ -351,10 +362,7 @@ pub(crate) mod avx512 {
         // Prefetches never fault, so a ragged tile's lines past the matrix are harmless.
         if let Start::Bias(_) = step.start {
             for r in 0..R {
-                let cr = c.add(r * ldc) as *const i8;
-                prefetch_write(cr);
-                prefetch_write(cr.add(64));
-                prefetch_write(cr.add(124));
+                prefetch_row_write(c.add(r * ldc));
             }
         }
         if let Some((rp, ldr)) = step.residual {
