@@ -501,12 +501,15 @@ fn dw_row<const FMA: bool, L: Load>(x: &Activations, s: &SepConv, load: L, b: us
 fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if s.k == 3 && crate::packed::has_avx512() {
-            // SAFETY: the CPU has AVX-512F and FMA (checked above).
-            unsafe {
-                dw3_avx512::dispatch::<false>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), s.channels);
+        use crate::packed::Kernel;
+        match crate::packed::kernel() {
+            // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
+            Kernel::Avx512 if s.k == 3 => {
+                return unsafe { dw3::avx512::<false>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), s.channels) };
             }
-            return;
+            // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
+            Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, b, oy, ow, pt, pl, out) },
+            _ => {}
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // `simd` compiles it for AVX-512 or AVX2, both with FMA.
@@ -526,40 +529,163 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
 fn dw_line16<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [u16], stride: usize) {
     assert!(s.k == 3 && crate::packed::has_avx512() && stride >= s.channels, "bf16 depthwise: 3x3 on AVX-512 only");
     // SAFETY: the CPU has AVX-512F and FMA (checked above).
-    unsafe { dw3_avx512::dispatch::<true>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), stride) };
+    unsafe { dw3::avx512::<true>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), stride) };
     for px in out.chunks_mut(stride).take(ow) {
         px[s.channels..].fill(0);
     }
 }
 
-/// The 3x3 depthwise conv with AVX-512: sixteen channels at a time, their nine tap weights held
-/// in registers for the whole line, each output vector accumulated in a register and stored once.
+/// The 3x3 depthwise conv in SIMD registers, sixteen channels at a time with AVX-512 and eight
+/// with AVX2: their nine tap weights held in registers for a run of output pixels, each output
+/// vector accumulated in a register and stored once. One generic line serves both widths.
 #[cfg(target_arch = "x86_64")]
-mod dw3_avx512 {
+mod dw3 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// `line` for the load transform `t`: out holds `len` values (f32, or bf16 with `BF16`),
-    /// pixels `stride` values apart.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn dispatch<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: *mut u8, len: usize, stride: usize) {
-        match t {
-            (None, false) => line::<false, false, BF16>(x, s, &[], &[], b, oy, ow, pt, pl, out, len, stride),
-            (None, true) => line::<false, true, BF16>(x, s, &[], &[], b, oy, ow, pt, pl, out, len, stride),
-            (Some((sc, sh)), false) => line::<true, false, BF16>(x, s, sc, sh, b, oy, ow, pt, pl, out, len, stride),
-            (Some((sc, sh)), true) => line::<true, true, BF16>(x, s, sc, sh, b, oy, ow, pt, pl, out, len, stride),
+    /// The vector operations of one SIMD width. Every method is inlined into the
+    /// target-feature functions below, where the intrinsics compile to single instructions.
+    trait Vector: Copy {
+        const LANES: usize;
+        /// Which lanes of a ragged last vector are valid.
+        type Mask: Copy;
+        unsafe fn mask(valid: usize) -> Self::Mask;
+        /// Loads the valid lanes, zeros in the others.
+        unsafe fn load(m: Self::Mask, p: *const f32) -> Self;
+        unsafe fn store(m: Self::Mask, p: *mut f32, v: Self);
+        unsafe fn zero() -> Self;
+        unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn mul(a: Self, b: Self) -> Self;
+        unsafe fn max(a: Self, b: Self) -> Self;
+        /// a * b + c, one rounding.
+        unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    }
+
+    impl Vector for __m512 {
+        const LANES: usize = 16;
+        type Mask = __mmask16;
+        #[inline(always)]
+        unsafe fn mask(valid: usize) -> __mmask16 {
+            crate::packed::lane_mask(valid)
+        }
+        #[inline(always)]
+        unsafe fn load(m: __mmask16, p: *const f32) -> __m512 {
+            _mm512_maskz_loadu_ps(m, p)
+        }
+        #[inline(always)]
+        unsafe fn store(m: __mmask16, p: *mut f32, v: __m512) {
+            _mm512_mask_storeu_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
         }
     }
 
-    /// `AFFINE`: each input value goes through `v * scale + shift` as it loads; `RELU`: then max(0).
+    /// AVX2 has no mask registers: the count of valid lanes, and VMASKMOV's mask for a ragged
+    /// vector (VMASKMOV is slow on some AVX2 cores, so whole vectors use plain moves).
+    #[derive(Clone, Copy)]
+    struct Lanes8 {
+        valid: usize,
+        mask: __m256i,
+    }
+
+    impl Vector for __m256 {
+        const LANES: usize = 8;
+        type Mask = Lanes8;
+        #[inline(always)]
+        unsafe fn mask(valid: usize) -> Lanes8 {
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            Lanes8 { valid, mask }
+        }
+        #[inline(always)]
+        unsafe fn load(m: Lanes8, p: *const f32) -> __m256 {
+            if m.valid >= 8 {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, m.mask)
+            }
+        }
+        #[inline(always)]
+        unsafe fn store(m: Lanes8, p: *mut f32, v: __m256) {
+            if m.valid >= 8 {
+                _mm256_storeu_ps(p, v)
+            } else {
+                _mm256_maskstore_ps(p, m.mask, v)
+            }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+    }
+
+    /// Calls `$f::<AFFINE, RELU, ..>` for the load transform `$t` (monomorphised, so the
+    /// innermost loop has no branch on it).
+    macro_rules! by_transform {
+        ($t:expr, $f:ident $(, $extra:ident)?; $($arg:expr),*) => {
+            match $t {
+                (None, false) => $f::<false, false $(, $extra)?>(&[], &[], $($arg),*),
+                (None, true) => $f::<false, true $(, $extra)?>(&[], &[], $($arg),*),
+                (Some((sc, sh)), false) => $f::<true, false $(, $extra)?>(sc, sh, $($arg),*),
+                (Some((sc, sh)), true) => $f::<true, true $(, $extra)?>(sc, sh, $($arg),*),
+            }
+        };
+    }
+
+    /// One output line with AVX-512 for the load transform `t`: out holds `len` values (f32,
+    /// or bf16 with `BF16`), pixels `stride` values apart.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn avx512<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: *mut u8, len: usize, stride: usize) {
+        by_transform!(t, on_avx512, BF16; x, s, b, oy, ow, pt, pl, out, len, stride)
+    }
+
+    /// One output line with AVX2 (f32, pixels `s.channels` values apart).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn avx2(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+        by_transform!(t, on_avx2; x, s, b, oy, ow, pt, pl, out.as_mut_ptr(), out.len())
+    }
+
     /// `BF16`: the outputs are rounded to bf16 (nearest, ties to even) as they are stored.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn line<const AFFINE: bool, const RELU: bool, const BF16: bool>(
-        x: &Activations,
-        s: &SepConv,
+    unsafe fn on_avx512<const AFFINE: bool, const RELU: bool, const BF16: bool>(
         scale: &[f32],
         shift: &[f32],
+        x: &Activations,
+        s: &SepConv,
         b: usize,
         oy: usize,
         ow: usize,
@@ -568,6 +694,57 @@ mod dw3_avx512 {
         out: *mut u8,
         len: usize,
         stride: usize,
+    ) {
+        let store = |at: usize, m: __mmask16, v: __m512| {
+            if BF16 {
+                // Round to nearest even on the bits (AVX-512F only: vpmovdw narrows and stores),
+                // NaN kept quiet, as amx::to_bf16.
+                let bits = _mm512_castps_si512(v);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let h = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+                _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at).cast(), m, h);
+            } else {
+                _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
+            }
+        };
+        line::<__m512, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, stride, store)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn on_avx2<const AFFINE: bool, const RELU: bool>(
+        scale: &[f32],
+        shift: &[f32],
+        x: &Activations,
+        s: &SepConv,
+        b: usize,
+        oy: usize,
+        ow: usize,
+        pt: usize,
+        pl: usize,
+        out: *mut f32,
+        len: usize,
+    ) {
+        let store = |at: usize, m: Lanes8, v: __m256| __m256::store(m, out.add(at), v);
+        line::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, s.channels, store)
+    }
+
+    /// Output line `oy` of image `b` (`ow` pixels; `pt`, `pl` the padding before), each pixel
+    /// `stride` values after the previous one, through `store(at, mask, vector)`.
+    /// `AFFINE`: each input value goes through `v * scale + shift` as it loads; `RELU`: then max(0).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn line<V: Vector, const AFFINE: bool, const RELU: bool>(
+        scale: &[f32],
+        shift: &[f32],
+        x: &Activations,
+        s: &SepConv,
+        (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize),
+        len: usize,
+        stride: usize,
+        store: impl Fn(usize, V::Mask, V),
     ) {
         let (c, st, d) = (s.channels, s.stride, s.dilation);
         assert!(ow == 0 || (stride >= c && len >= (ow - 1) * stride + c));
@@ -586,24 +763,10 @@ mod dw3_avx512 {
         let lo = pl.div_ceil(st);
         let hi = if x.w + pl > 2 * d { ((x.w + pl - 2 * d - 1) / st + 1).min(ow) } else { 0 };
         let inner = (lo, hi.max(lo));
-        let zero = _mm512_setzero_ps();
+        let zero = V::zero();
         let dw = s.dw.as_ptr();
-        let store = |at: usize, m: __mmask16, v: __m512| {
-            if BF16 {
-                // Round to nearest even on the bits (AVX-512F only: vpmovdw narrows and stores),
-                // NaN kept quiet, as amx::to_bf16.
-                let bits = _mm512_castps_si512(v);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                let h = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
-                _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at).cast(), m, h);
-            } else {
-                _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
-            }
-        };
-        // Runs of TILE output pixels; per run, each sixteen-channel vector's nine weights are
-        // loaded once into registers and the run's outputs accumulate in registers, stored once.
+        // Runs of TILE output pixels; per run, each channel vector's nine weights are loaded
+        // once into registers and the run's outputs accumulate in registers, stored once.
         const TILE: usize = 8;
         let mut ox0 = 0;
         while ox0 < ow {
@@ -613,22 +776,26 @@ mod dw3_avx512 {
             let interior = full.is_some() && ox0 >= inner.0 && ox1 <= inner.1;
             let mut cb = 0;
             while cb < c {
-                let m = crate::packed::lane_mask(c - cb);
-                let (sc, sh) =
-                    if AFFINE { (_mm512_maskz_loadu_ps(m, scale.as_ptr().add(cb)), _mm512_maskz_loadu_ps(m, shift.as_ptr().add(cb))) } else { (zero, zero) };
+                let m = V::mask(c - cb);
+                let (sc, sh) = if AFFINE { (V::load(m, scale.as_ptr().add(cb)), V::load(m, shift.as_ptr().add(cb))) } else { (zero, zero) };
                 let load = |p: *const f32| {
-                    let mut v = _mm512_maskz_loadu_ps(m, p);
+                    let mut v = V::load(m, p);
                     if AFFINE {
-                        v = _mm512_add_ps(_mm512_mul_ps(v, sc), sh);
+                        v = V::add(V::mul(v, sc), sh);
                     }
                     if RELU {
-                        v = _mm512_max_ps(v, zero);
+                        v = V::max(v, zero);
                     }
                     v
                 };
-                let w: [__m512; 9] = [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|t| _mm512_maskz_loadu_ps(m, dw.add(t * c + cb)));
+                // A plain loop: `array::map` is not always inlined, and outside this function's
+                // target features the loads would be calls.
+                let mut w = [zero; 9];
+                for (t, w) in w.iter_mut().enumerate() {
+                    *w = V::load(m, dw.add(t * c + cb));
+                }
                 let bias = match &s.dw_bias {
-                    Some(bias) => _mm512_maskz_loadu_ps(m, bias.as_ptr().add(cb)),
+                    Some(bias) => V::load(m, bias.as_ptr().add(cb)),
                     None => zero,
                 };
                 for ox in ox0..ox1 {
@@ -639,7 +806,7 @@ mod dw3_avx512 {
                         let at = (ox * st - pl) * c + cb;
                         for ky in 0..3 {
                             for kx in 0..3 {
-                                acc = _mm512_fmadd_ps(load(base[ky].add(at + kx * d * c)), w[ky * 3 + kx], acc);
+                                acc = V::fmadd(load(base[ky].add(at + kx * d * c)), w[ky * 3 + kx], acc);
                             }
                         }
                     } else {
@@ -649,17 +816,17 @@ mod dw3_avx512 {
                             for kx in 0..3 {
                                 let ix = ix0 + (kx * d) as isize;
                                 if ix >= 0 && (ix as usize) < x.w {
-                                    acc = _mm512_fmadd_ps(load(line.add(ix as usize * c + cb)), w[ky * 3 + kx], acc);
+                                    acc = V::fmadd(load(line.add(ix as usize * c + cb)), w[ky * 3 + kx], acc);
                                 }
                             }
                         }
                     }
                     if s.mid_relu {
-                        acc = _mm512_max_ps(acc, zero);
+                        acc = V::max(acc, zero);
                     }
                     store(ox * stride + cb, m, acc);
                 }
-                cb += 16;
+                cb += V::LANES;
             }
             ox0 = ox1;
         }
@@ -930,6 +1097,61 @@ mod tests {
                 let got = sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual));
                 assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c));
                 assert!(got.data == want.data, "{precision:?} {h}x{w}: fused output differs");
+            }
+        }
+    }
+
+    /// The SIMD 3x3 depthwise kernels (AVX-512 and AVX2, whichever this CPU runs, whatever
+    /// XCEPTION_ENGINE_NO_AVX512 says) give the scalar loop's values bit for bit (same fused
+    /// multiply-adds in the same order): every load transform, with and without the ReLU after,
+    /// strides 1 and 2, dilations 1, 2 and 4, both padding rules, channel counts that leave a
+    /// ragged last vector for either width, lines long enough for interior runs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_depthwise_is_the_scalar_depthwise() {
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if !avx2 {
+            eprintln!("skipped: no AVX2 here");
+            return;
+        }
+        let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
+        for &(c, stride, dilation, padding) in
+            &[(20, 1, 1, Padding::Symmetric(1)), (40, 2, 1, Padding::TfSame), (12, 1, 2, Padding::Symmetric(2)), (36, 1, 4, Padding::TfSame), (8, 2, 1, Padding::Symmetric(1))]
+        {
+            let (h, w) = (13, 29);
+            let x = Activations { n: 2, h, w, c, data: (0..2 * h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
+            for mid_relu in [false, true] {
+                let pw = PackedB::new(&weights(c * 8, 5), &[0.0; 8], c, 8);
+                let s = SepConv { stride, dilation, padding, mid_relu, dw_bias: Some(weights(c, 4)), ..SepConv::relu_3x3(weights(9 * c, 3), pw) };
+                let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+                let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+                let affine = (weights(c, 1), weights(c, 2));
+                let check = |load: &dyn Fn(usize, usize, &mut [f32]), t: Transform, what: &str| {
+                    for line in 0..2 * oh {
+                        let (b, oy) = (line / oh, line % oh);
+                        let mut want = vec![0f32; ow * c];
+                        load(b, oy, &mut want);
+                        let mut kernels: Vec<(&str, Vec<f32>)> = Vec::new();
+                        let mut got = vec![f32::NAN; ow * c];
+                        unsafe { dw3::avx2(t, &x, &s, b, oy, ow, pt, pl, &mut got) };
+                        kernels.push(("avx2", got));
+                        if avx512 {
+                            let mut got = vec![f32::NAN; ow * c];
+                            unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), c) };
+                            kernels.push(("avx512", got));
+                        }
+                        for (name, got) in kernels {
+                            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{name} {what} c {c} stride {stride} dilation {dilation} mid_relu {mid_relu}: line {line} differs");
+                        }
+                    }
+                };
+                check(&|b, oy, out: &mut [f32]| dw_row::<true, Plain>(&x, &s, Plain, b, oy, ow, pt, pl, out), Plain.transform(), "plain");
+                check(&|b, oy, out: &mut [f32]| dw_row::<true, Relu>(&x, &s, Relu, b, oy, ow, pt, pl, out), Relu.transform(), "relu");
+                for relu in [false, true] {
+                    let a = AffineRelu { scale: &affine.0, shift: &affine.1, relu };
+                    check(&|b, oy, out: &mut [f32]| dw_row::<true, AffineRelu>(&x, &s, a, b, oy, ow, pt, pl, out), a.transform(), "affine");
+                }
             }
         }
     }
