@@ -12,8 +12,14 @@ Rounds are interleaved: every round times one forward of each contender in turn,
 patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
 its own process (its thread pool cannot share one with torch) and is interleaved per round too.
 
+With `--isa avx2` every contender that can be held to AVX2+FMA is (what a CPU without AVX-512
+runs): our engine by XCEPTION_ENGINE_NO_AVX512=1, PyTorch by ATEN_CPU_CAPABILITY=avx2 and
+ONEDNN_MAX_CPU_ISA=AVX2, TensorFlow by ONEDNN_MAX_CPU_ISA=AVX2. ONNX Runtime has no such switch
+(its MLAS reads CPUID): it is listed, marked, and left out of the fastest-peer comparison.
+The table then goes to bench/RESULTS_AVX2.md.
+
 Usage: bench/peers.py [--models xception,xception65] [--batches 1,8] [--threads 2] [--rounds 7]
-                      [--out bench/RESULTS.md]
+                      [--isa native|avx2] [--out bench/RESULTS.md]
 Needs the built `xception` binary and tools/setup_python.sh + `pip install onnxruntime onnx
 onnxscript tensorflow-cpu` (see bench/README.md).
 """
@@ -71,6 +77,16 @@ def bf16_available():
     return subprocess.run(probe, capture_output=True).returncode == 0
 
 
+# The environment that holds each contender to AVX2+FMA (`--isa avx2`).
+AVX2_ENV = {"XCEPTION_ENGINE_NO_AVX512": "1", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# ONNX Runtime's name under `--isa avx2`: it cannot be held to AVX2.
+ORT_UNHELD = "ONNX Runtime (AVX-512: cannot be held to AVX2)"
+
+
+def ort_name(args):
+    return ORT_UNHELD if args.isa == "avx2" else "ONNX Runtime"
+
+
 def is_bf16(name):
     return "bf16" in name
 
@@ -101,8 +117,14 @@ def main():
     ap.add_argument("--size", type=int, default=299)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench/RESULTS.md"))
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: hold every contender that allows it to AVX2+FMA (see above)")
+    ap.add_argument("--out", help="default bench/RESULTS.md (bench/RESULTS_AVX2.md with --isa avx2)")
     args = ap.parse_args()
+    args.out = args.out or os.path.join(ROOT, "bench/RESULTS_AVX2.md" if args.isa == "avx2" else "bench/RESULTS.md")
+    if args.isa == "avx2":
+        # Before torch is imported and before any child process starts.
+        os.environ.update(AVX2_ENV)
 
     import numpy as np
     import onnxruntime as ort
@@ -137,7 +159,7 @@ def main():
                     contenders["torch.compile"] = lambda c=compiled, x=x: c(x)
             sess = ort_session(m, x, args.threads)
             xn = x.numpy()
-            contenders["ONNX Runtime"] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
+            contenders[ort_name(args)] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
             tf_procs = {}
             if model_name == "xception":  # Keras ships only the original Xception
                 policies = {"TensorFlow tf.function": "float32"}
@@ -222,7 +244,7 @@ def per_op(args):
             sess = ort_session(conv.to(memory_format=torch.contiguous_format), x, args.threads)
             xn = x.numpy()
             t = timed(lambda: sess.run(None, {"x": xn}))
-            rows.append((op, flow, "ONNX Runtime", t, flops / t / 1e9))
+            rows.append((op, flow, ort_name(args), t, flops / t / 1e9))
     return rows
 
 
@@ -239,9 +261,9 @@ def commit():
         return "unknown"
 
 
-def flops_per_cycle():
+def flops_per_cycle(isa):
     flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    return 64 if " avx512f" in flags else 32  # 2 FMA units x 16 or 8 fp32 lanes x 2
+    return 64 if " avx512f" in flags and isa != "avx2" else 32  # 2 FMA units x 16 or 8 fp32 lanes x 2
 
 
 def write(args, rows, op_rows):
@@ -249,19 +271,23 @@ def write(args, rows, op_rows):
     mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
     nominal = sum(mhz) / len(mhz) / 1000 if mhz else float("nan")
     peak = statistics.median(MEASURED_PEAKS)
-    ghz = peak / (flops_per_cycle() * args.threads)
+    ghz = peak / (flops_per_cycle(args.isa) * args.threads)
     import onnxruntime, timm, torch
     lines = [
         "# Inference benchmark: ours against PyTorch, ONNX Runtime and TensorFlow",
         "",
         f"Machine: {cpu}, {os.cpu_count()} cores, {nominal:.2f} GHz nominal (/proc/cpuinfo), "
-        f"{'AVX-512' if flops_per_cycle() == 64 else 'AVX2'}; fp32 peak with {args.threads} threads, measured "
+        f"{'AVX-512' if flops_per_cycle(args.isa) == 64 else 'AVX2'}; fp32 peak with {args.threads} threads, measured "
         f"(FMA chains on every thread, median of {len(MEASURED_PEAKS)} measurements) = {peak:.1f} GFLOP/s, "
-        f"i.e. {args.threads} x {ghz:.2f} GHz effective x 2 FMA x {flops_per_cycle() // 4} lanes x 2.",
+        f"i.e. {args.threads} x {ghz:.2f} GHz effective x 2 FMA x {flops_per_cycle(args.isa) // 4} lanes x 2.",
         f"Input {args.size}x{args.size}, {args.threads} threads each, median of {args.rounds} interleaved rounds. "
         f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
+        *([f"Held to AVX2+FMA: {', '.join(f'{k}={v}' for k, v in AVX2_ENV.items())} (PyTorch reports CPU capability "
+           f"{torch.backends.cpu.get_cpu_capability()}); ONNX Runtime cannot be held and runs AVX-512: it is listed "
+           f"but is not a peer in the ratios. The peak below is the AVX2 FMA peak."] if args.isa == "avx2" else []),
         f"Code: commit {commit()} ({time.strftime('%Y-%m-%d')}). "
-        f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}`",
+        f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}"
+        f"{' --isa avx2' if args.isa == 'avx2' else ''}`",
         "",
         "| model | batch | contender | precision | median ms | images/s | GFLOP/s | % of fp32 peak | ratio to fastest peer |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -269,7 +295,7 @@ def write(args, rows, op_rows):
     for model in dict.fromkeys(r[0] for r in rows):
         for batch in dict.fromkeys(r[1] for r in rows if r[0] == model):
             group = [r for r in rows if r[0] == model and r[1] == batch]
-            peers = [r for r in group if not r[2].startswith("ours")]
+            peers = [r for r in group if not r[2].startswith("ours") and r[2] != ORT_UNHELD]
             fastest_fp32 = min(r[3] for r in peers if not is_bf16(r[2]))
             fastest_any = min(r[3] for r in peers)
             for _, _, name, med, gf in group:
