@@ -497,12 +497,14 @@ fn cpu_ghz() -> Option<f64> {
 }
 
 /// fp32 flops per cycle per core: 2 FMA units x lanes (16 with AVX-512, 8 with AVX2) x 2.
+/// fp32 flops per cycle per core at the engine's vector width: 2 FMA units x 16 (AVX-512) or 8
+/// lanes x 2.
 fn flops_per_cycle() -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return 64.0;
+    if xception::engine::simd_kernels() == "avx512" {
+        64.0
+    } else {
+        32.0
     }
-    32.0
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB.
@@ -572,18 +574,24 @@ fn bench(args: BenchArgs) -> Result<()> {
     let peak = xception::engine::measured_peak_gflops(threads);
     let ghz = peak / (flops_per_cycle() * threads as f64);
     let peak = Some(peak);
+    // Which of the engine's kernels ran (the burn backend has its own).
+    let kernels = match (args.train, args.backend.as_str(), args.precision.as_str()) {
+        (false, "engine", "bf16") => "amx-bf16",
+        (false, "engine", _) => xception::engine::simd_kernels(),
+        _ => "burn",
+    };
     let out = serde_json::json!({
         "model": args.model, "backend": if args.train { "burn-train" } else { args.backend.as_str() }, "precision": args.precision, "mode": if args.train { "train" } else { "inference" }, "batch": args.batch, "threads": threads,
         "input_size": s, "output_stride": args.output_stride, "runs": times.len(),
         "median_ms": median * 1e3, "images_per_s": args.batch as f64 / median, "gflops": gflops,
         "cpu_ghz": ghz, "nominal_ghz": cpu_ghz(), "peak_gflops": peak, "peak_fraction": peak.map(|p| gflops / p),
-        "peak_rss_mb": peak_rss_mb(), "macs_per_image": info.macs,
+        "peak_rss_mb": peak_rss_mb(), "macs_per_image": info.macs, "kernels": kernels,
     });
     if args.json {
         println!("{out}");
     } else {
         println!(
-            "{} batch {} on {threads} threads ({}, {}): median {:.1} ms, {:.2} images/s, {:.1} GFLOP/s{}, peak RSS {:.0} MB",
+            "{} batch {} on {threads} threads ({}, {}, {kernels}): median {:.1} ms, {:.2} images/s, {:.1} GFLOP/s{}, peak RSS {:.0} MB",
             args.model,
             args.batch,
             if args.train { "training steps, burn" } else { args.backend.as_str() },

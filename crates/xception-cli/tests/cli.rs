@@ -235,6 +235,29 @@ fn bf16_precision_runs_or_is_refused_clearly() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `bench --json` carries the fields the benchmarks read and names the kernels that ran: the
+/// widest this CPU has, and AVX2 where XCEPTION_ENGINE_NO_AVX512 holds the engine to it.
+#[test]
+fn bench_json_names_the_kernels() {
+    let args = ["bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--json"];
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let native = json(run(&args));
+    for key in ["model", "batch", "threads", "median_ms", "images_per_s", "gflops", "peak_fraction", "peak_rss_mb", "peak_gflops"] {
+        assert!(!native[key].is_null(), "bench --json lacks {key}: {native}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx512 = avx2 && is_x86_feature_detected!("avx512f");
+        assert_eq!(native["kernels"], if avx512 { "avx512" } else if avx2 { "avx2" } else { "portable" });
+        let held = json(bin().args(args).env("XCEPTION_ENGINE_NO_AVX512", "1").output().unwrap());
+        assert_eq!(held["kernels"], if avx2 { "avx2" } else { "portable" });
+    }
+}
+
 #[test]
 fn help_and_version_exit_0() {
     assert!(run(&["--help"]).status.success());

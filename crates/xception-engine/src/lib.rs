@@ -39,6 +39,17 @@ fn check_precision(precision: Precision) -> Result<()> {
     Ok(())
 }
 
+/// The instruction set the fp32 kernels use on this CPU: "avx512", "avx2" (also with
+/// XCEPTION_ENGINE_NO_AVX512 set on an AVX-512 machine) or "portable" (the `gemm` crate and
+/// auto-vectorised loops).
+pub fn simd_kernels() -> &'static str {
+    match packed::kernel() {
+        packed::Kernel::Avx512 => "avx512",
+        packed::Kernel::Avx2 => "avx2",
+        packed::Kernel::Portable => "portable",
+    }
+}
+
 /// Whether `Precision::Bf16` runs here (AMX bf16 tiles granted by the kernel).
 pub fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
