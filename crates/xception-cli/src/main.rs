@@ -187,6 +187,10 @@ struct BenchArgs {
     /// flow shapes instead of the whole network.
     #[arg(long)]
     ops: bool,
+    /// Time each step inside whole engine passes (batch 1) and report the time, GFLOP/s and
+    /// fraction of the peak per layer type (separable convs, dense convs, pools, ...).
+    #[arg(long, conflicts_with_all = ["ops", "train"])]
+    layers: bool,
     /// Time training steps (forward, backward, SGD update through burn's autodiff in the CPU
     /// training layout) instead of inference.
     #[arg(long)]
@@ -519,6 +523,75 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// `bench --layers`: engine passes at batch 1 with every step timed; per step the median over
+/// the runs, then summed per layer type. "other" is the pass's time outside the timed steps
+/// (input copy, global pooling, classifier).
+fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
+    if args.backend != "engine" {
+        bail!("bench --layers times the engine's steps: use --backend engine");
+    }
+    let threads = xception::engine::resolve_threads(args.threads);
+    let weights = xception::weights::deterministic(net);
+    let engine = xception::Engine::with_precision(net, &weights, threads, parse_precision(&args.precision))?;
+    drop(weights);
+    let s = args.input_size;
+    let input = vec![0.1f32; s * s * 3];
+    engine.forward_traced(&input, 1, s, s)?; // warm-up
+    let mut passes = Vec::new();
+    let mut steps: Vec<Vec<xception::engine::StepTime>> = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let t = std::time::Instant::now();
+        let (_, trace) = engine.forward_traced(&input, 1, s, s)?;
+        passes.push(t.elapsed().as_secs_f64());
+        steps.push(trace);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let pass = median(passes);
+    // Per layer type, in the order the types first appear: (steps, seconds, multiply-adds).
+    let mut kinds: Vec<(&str, usize, f64, u64)> = Vec::new();
+    for (i, step) in steps[0].iter().enumerate() {
+        let seconds = median(steps.iter().map(|run| run[i].seconds).collect());
+        match kinds.iter_mut().find(|k| k.0 == step.kind) {
+            Some(k) => {
+                k.1 += 1;
+                k.2 += seconds;
+                k.3 += step.macs;
+            }
+            None => kinds.push((step.kind, 1, seconds, step.macs)),
+        }
+    }
+    let timed: f64 = kinds.iter().map(|k| k.2).sum();
+    kinds.push(("other", 0, (pass - timed).max(0.0), 0));
+    let peak = xception::engine::measured_peak_gflops(threads);
+    let rows: Vec<serde_json::Value> = kinds
+        .iter()
+        .map(|&(kind, n, seconds, macs)| {
+            let gflops = 2.0 * macs as f64 / seconds / 1e9;
+            serde_json::json!({"kind": kind, "steps": n, "ms": seconds * 1e3, "share": seconds / pass,
+                "gflops": (macs > 0).then_some(gflops), "peak_fraction": (macs > 0).then_some(gflops / peak)})
+        })
+        .collect();
+    let kernels = if args.precision == "bf16" { "amx-bf16" } else { xception::engine::simd_kernels() };
+    if args.json {
+        let out = serde_json::json!({"model": args.model, "batch": 1, "threads": threads, "input_size": s, "precision": args.precision,
+            "kernels": kernels, "runs": steps.len(), "median_ms": pass * 1e3, "peak_gflops": peak, "layers": rows});
+        println!("{out}");
+        return Ok(());
+    }
+    println!("{} at {s}x{s}, batch 1, {threads} threads ({}, {kernels}): median pass {:.1} ms; fp32 peak {peak:.1} GFLOP/s", args.model, args.precision, pass * 1e3);
+    println!("{:<26} {:>5} {:>9} {:>6} {:>9} {:>8}", "layer type", "steps", "ms", "share", "GFLOP/s", "of peak");
+    for r in &rows {
+        let gflops = r["gflops"].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
+        let of_peak = r["peak_fraction"].as_f64().map_or("-".to_string(), |v| format!("{:.0}%", 100.0 * v));
+        let share = 100.0 * r["share"].as_f64().unwrap_or(0.0);
+        println!("{:<26} {:>5} {:>9.2} {share:>5.1}% {gflops:>9} {of_peak:>8}", r["kind"].as_str().unwrap_or(""), r["steps"].as_u64().unwrap_or(0), r["ms"].as_f64().unwrap_or(0.0));
+    }
+    Ok(())
+}
+
 fn bench(args: BenchArgs) -> Result<()> {
     if args.ops {
         let threads = xception::engine::resolve_threads(args.threads);
@@ -542,6 +615,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut config = ModelConfig::from_name(&args.model)?;
     config.output_stride = args.output_stride;
     let net = Network::build(&config)?;
+    if args.layers {
+        return bench_layers(&args, &net);
+    }
     let s = args.input_size;
     let info = net.info(s, s)?;
     // Timing does not depend on the values: deterministic weights, a constant input.

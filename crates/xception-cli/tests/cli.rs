@@ -258,6 +258,27 @@ fn bench_json_names_the_kernels() {
     }
 }
 
+/// `bench --layers` times the steps inside whole passes: the layer types add up to the pass, the
+/// convs report their GFLOP/s and fraction of the peak, the pools none.
+#[test]
+fn bench_layers_adds_up_to_the_pass() {
+    let out = run(&["bench", "--layers", "--model", "xception", "--input-size", "71", "--runs", "2", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = json["layers"].as_array().unwrap();
+    let kind = |k: &str| layers.iter().find(|l| l["kind"] == k).unwrap_or_else(|| panic!("no {k} in {json}"));
+    let sep = kind("separable conv");
+    assert!(sep["steps"].as_u64().unwrap() >= 20 && sep["gflops"].as_f64().unwrap() > 0.0 && sep["peak_fraction"].as_f64().unwrap() > 0.0, "{sep}");
+    assert!(kind("dense conv 3x3")["gflops"].as_f64().unwrap() > 0.0);
+    assert!(kind("max pool")["gflops"].is_null());
+    let ms: f64 = layers.iter().map(|l| l["ms"].as_f64().unwrap()).sum();
+    let pass = json["median_ms"].as_f64().unwrap();
+    assert!(ms >= 0.95 * pass && ms <= 1.3 * pass, "layers {ms} ms against a pass of {pass} ms");
+    let refused = run(&["bench", "--layers", "--ops"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("cannot be used with"), "{}", stderr(&refused));
+}
+
 #[test]
 fn help_and_version_exit_0() {
     assert!(run(&["--help"]).status.success());

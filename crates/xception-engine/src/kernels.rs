@@ -860,6 +860,13 @@ fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwLines) -> R)
     }
 }
 
+/// Multiply-adds of the separable conv `s` on `x`: its depthwise and pointwise parts.
+pub fn sep_conv_macs(x: &Activations, s: &SepConv) -> u64 {
+    let (_, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+    let (_, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+    (x.n * oh * ow * s.channels * (s.k * s.k + s.pw.n)) as u64
+}
+
 /// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
 /// With `residual` (the block's shortcut, same shape as the output) the GEMM adds it as it
 /// stores: the residual add costs no extra pass.

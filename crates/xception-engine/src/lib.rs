@@ -179,9 +179,9 @@ struct BlockPlan {
 
 #[derive(Clone, Debug)]
 struct DenseLayer {
-    /// (in, out)
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    /// (in, out) with the bias, packed for the engine's GEMM; always fp32 (the classifier is
+    /// memory-bound at batch 1: bf16 would save little and cost accuracy where it shows most).
+    weight: PackedB,
     n_in: usize,
     n_out: usize,
     activation: Activation,
@@ -251,6 +251,19 @@ struct SegPlan {
     logits: Vec<Step>,
 }
 
+/// One step of a traced pass (`Engine::forward_traced`).
+#[derive(Clone, Debug)]
+pub struct StepTime {
+    /// The layer type: "dense conv 3x3", "dense conv 1x1", "separable conv", "separable conv +
+    /// max pool" (fused), "max pool", "residual add", "norm", "relu", "tap", ...
+    pub kind: &'static str,
+    /// The step with its shapes, as XCEPTION_ENGINE_PROFILE prints it.
+    pub what: String,
+    pub seconds: f64,
+    /// Multiply-adds of the step (0 where it does none: pools, adds, norms).
+    pub macs: u64,
+}
+
 /// The compiled network.
 pub struct Engine {
     net: Network,
@@ -263,6 +276,8 @@ pub struct Engine {
     threads: usize,
     /// XCEPTION_ENGINE_PROFILE=1: print each step's time to stderr.
     profile: bool,
+    /// While `forward_traced` runs: each step's time, kept.
+    trace: Mutex<Option<Vec<StepTime>>>,
     /// Activation memory reused across layers and passes.
     bufs: Buffers,
     precision: Precision,
@@ -519,7 +534,8 @@ impl Engine {
                         weight[i * d.out_features + o] = w[o * d.in_features + i];
                     }
                 }
-                Ok(DenseLayer { weight, bias, n_in: d.in_features, n_out: d.out_features, activation: d.activation })
+                let weight = PackedB::new(&weight, &bias, d.in_features, d.out_features);
+                Ok(DenseLayer { weight, n_in: d.in_features, n_out: d.out_features, activation: d.activation })
             })
             .collect::<Result<Vec<_>>>()?;
         let seg = match &net.segmentation {
@@ -540,7 +556,7 @@ impl Engine {
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, bufs: Buffers::new(threads), precision })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, trace: Mutex::new(None), bufs: Buffers::new(threads), precision })
     }
 
     pub fn precision(&self) -> Precision {
@@ -604,8 +620,16 @@ impl Engine {
                 x = self.block(b, x, &mut taps);
             }
             x = self.run(&self.tail, x, &mut taps);
+            let started = self.step_start();
             let pooled = global_pool(&x, self.net.config.pooling);
-            let logits = if self.head.is_empty() { None } else { Some(self.classify(&pooled, n)) };
+            self.profile_step(started, "global pool", 0, || "global pool".into());
+            let logits = (!self.head.is_empty()).then(|| {
+                let started = self.step_start();
+                let logits = self.classify(&pooled, n);
+                let macs = self.head.iter().map(|l| (n * l.n_in * l.n_out) as u64).sum();
+                self.profile_step(started, "classifier", macs, || "classifier".into());
+                logits
+            });
             let segmentation = match &self.seg {
                 None => None,
                 Some(plan) => {
@@ -649,7 +673,7 @@ impl Engine {
             return out;
         }
         let mut out = partial;
-        let started = self.profile.then(std::time::Instant::now);
+        let started = self.step_start();
         debug_assert_eq!((skip.h, skip.w, skip.c), (out.h, out.w, out.c));
         out.data.par_chunks_mut(1 << 14).zip(skip.data.par_chunks(1 << 14)).for_each(|(o, s)| {
             kernels::simd(
@@ -658,7 +682,7 @@ impl Engine {
             )
         });
         self.bufs.give(skip.data);
-        self.profile_step(started, || "residual add".into());
+        self.profile_step(started, "residual add", 0, || "residual add".into());
         out
     }
 
@@ -680,9 +704,10 @@ impl Engine {
     fn produce_end(&self, last: &[Step], x: &Activations, residual: &[f32]) -> Activations {
         match last {
             [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays(x, s, self.threads) => {
-                let started = self.profile.then(std::time::Instant::now);
+                let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, s, (*k, *stride, *padding), &self.bufs, Some(residual));
-                self.profile_step(started, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
+                let macs = kernels::sep_conv_macs(x, s);
+                self.profile_step(started, "separable conv + max pool", macs, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
                 out
             }
             [sep @ Step::Sep(_), pool @ Step::MaxPool { .. }] => {
@@ -699,7 +724,7 @@ impl Engine {
     /// A step that makes a new tensor from `x` (conv, separable conv, max pool), with the
     /// residual added as the output is stored where given (not for dense convs).
     fn produce(&self, step: &Step, x: &Activations, residual: Option<&[f32]>) -> Activations {
-        let started = self.profile.then(std::time::Instant::now);
+        let started = self.step_start();
         let out = match step {
             Step::Dense(d) => {
                 assert!(residual.is_none(), "engine: no residual for a dense conv");
@@ -709,7 +734,12 @@ impl Engine {
             Step::MaxPool { k, stride, padding } => kernels::max_pool(x, *k, *stride, *padding, &self.bufs, residual),
             _ => unreachable!("produce: an in-place step (Engine::in_place)"),
         };
-        self.profile_step(started, || {
+        let (kind, macs) = match step {
+            Step::Dense(d) => (if d.k == 1 { "dense conv 1x1" } else if d.k == 3 { "dense conv 3x3" } else { "dense conv" }, (out.n * out.h * out.w * d.cout * d.cin * d.k * d.k) as u64),
+            Step::Sep(s) => ("separable conv", kernels::sep_conv_macs(x, s)),
+            _ => ("max pool", 0),
+        };
+        self.profile_step(started, kind, macs, || {
             let what = match step {
                 Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
                 Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.pw.n, out.h, out.w),
@@ -726,16 +756,39 @@ impl Engine {
 
     /// A copy of `x` in reused memory.
     fn copy(&self, x: &Activations) -> Activations {
+        let started = self.step_start();
         let mut data = self.bufs.take(x.data.len());
         data.copy_from_slice(&x.data);
+        self.profile_step(started, "copy", 0, || format!("copy of {}x{}x{}", x.h, x.w, x.c));
         Activations { data, ..*x }
     }
 
-    /// With XCEPTION_ENGINE_PROFILE=1: prints the time since `started` for the step `what` names.
-    fn profile_step(&self, started: Option<std::time::Instant>, what: impl FnOnce() -> String) {
-        if let Some(t) = started {
-            eprintln!("engine step {:>8.3} ms  {}", t.elapsed().as_secs_f64() * 1e3, what());
+    /// The start of a step, where steps are timed (XCEPTION_ENGINE_PROFILE=1 or a traced pass).
+    fn step_start(&self) -> Option<std::time::Instant> {
+        (self.profile || self.trace.lock().unwrap_or_else(|e| e.into_inner()).is_some()).then(std::time::Instant::now)
+    }
+
+    /// The time since `started` of the step `what` names (of type `kind`, `macs` multiply-adds):
+    /// printed with XCEPTION_ENGINE_PROFILE=1, kept in a traced pass.
+    fn profile_step(&self, started: Option<std::time::Instant>, kind: &'static str, macs: u64, what: impl FnOnce() -> String) {
+        let Some(t) = started else { return };
+        let seconds = t.elapsed().as_secs_f64();
+        let what = what();
+        if self.profile {
+            eprintln!("engine step {:>8.3} ms  {}", seconds * 1e3, what);
         }
+        if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            trace.push(StepTime { kind, what, seconds, macs });
+        }
+    }
+
+    /// `forward_with` (no taps) that also returns the time of each step, in order. For
+    /// measurements: a pass run meanwhile from another thread would add its steps too.
+    pub fn forward_traced(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<(EngineOutput, Vec<StepTime>)> {
+        *self.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        let out = self.forward_with(input, n, h, w, false);
+        let steps = self.trace.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        Ok((out?, steps))
     }
 
     /// DeepLabv3+: ASPP on the encoder output, the decoder on [ASPP, low-level], logits resized
@@ -760,10 +813,9 @@ impl Engine {
         let mut x = pooled.to_vec();
         for (li, layer) in self.head.iter().enumerate() {
             let mut out = vec![0f32; n * layer.n_out];
-            for b in 0..n {
-                out[b * layer.n_out..][..layer.n_out].copy_from_slice(&layer.bias);
-            }
-            kernels::gemm(n, layer.n_out, layer.n_in, &x, layer.n_in, &layer.weight, &mut out, true, 1);
+            // Its weight panels shared out between the threads: at batch 1 the product is bound
+            // by reading the weights (8 MB for ImageNet's 2048 x 1000).
+            kernels::matmul(kernels::Lhs::Ready(&x), &layer.weight, &mut out, None, false, self.threads);
             if li + 1 < self.head.len() {
                 activate(&mut out, layer.n_out, layer.activation);
             }
@@ -786,7 +838,7 @@ impl Engine {
 
     /// A step that changes `x` in place (norm, ReLU) or only records it (taps).
     fn in_place(&self, step: &Step, x: &mut Activations, taps: &mut Captured) {
-        let started = self.profile.then(std::time::Instant::now);
+        let started = self.step_start();
         let what = match step {
             Step::Affine { affine, relu } => {
                 let c = x.c;
@@ -827,7 +879,7 @@ impl Engine {
             }
             Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("in_place: a step that makes a new tensor"),
         };
-        self.profile_step(started, || what.into());
+        self.profile_step(started, what, 0, || what.into());
     }
 }
 
