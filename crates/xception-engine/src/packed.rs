@@ -360,6 +360,19 @@ pub(crate) fn lane_mask(lanes: usize) -> u16 {
     }
 }
 
+/// Runs the micro-kernel `$kernel::<R>` (one monomorphised kernel per row count R) on the tile
+/// `$t`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($t:expr, $kernel:ident, $($r:literal)*) => {{
+        let Tile { rows, k, a, lda, b, c, ldc, step, cols } = $t;
+        match rows {
+            $($r => $kernel::<$r>(k, a, lda, b, c, ldc, step, cols),)*
+            _ => unreachable!("tile rows"),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::{prefetch_write, Start, Step, Tile};
@@ -373,16 +386,7 @@ pub(crate) mod avx512 {
     /// One tile of 1..=MR rows by one panel.
     #[inline(always)]
     pub unsafe fn tile(t: Tile) {
-        let Tile { rows, k, a, lda, b, c, ldc, step, cols } = t;
-        macro_rules! go {
-            ($($r:literal)*) => {
-                match rows {
-                    $($r => kernel::<$r>(k, a, lda, b, c, ldc, step, cols),)*
-                    _ => unreachable!("tile rows"),
-                }
-            };
-        }
-        go!(1 2 3 4 5 6 7 8 9 10 11 12)
+        by_rows!(t, kernel, 1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
     /// The end of one 32-value output row: + the residual row, ReLU, and the store, masked to
@@ -501,16 +505,7 @@ pub(crate) mod avx2 {
     /// One tile of 1..=MR rows by half a panel.
     #[inline(always)]
     pub unsafe fn tile(t: Tile) {
-        let Tile { rows, k, a, lda, b, c, ldc, step, cols } = t;
-        macro_rules! go {
-            ($($r:literal)*) => {
-                match rows {
-                    $($r => kernel::<$r>(k, a, lda, b, c, ldc, step, cols),)*
-                    _ => unreachable!("tile rows"),
-                }
-            };
-        }
-        go!(1 2 3 4 5 6)
+        by_rows!(t, kernel, 1 2 3 4 5 6)
     }
 
     /// The first `n` of eight lanes, as VMASKMOV's mask.
