@@ -2,9 +2,10 @@
 //! shortcut projections, the im2col'd dense convs) multiplies activation rows (pixels x
 //! channels, read in place) by a weight matrix packed once at load time into 32-column panels.
 //!
-//! With AVX-512 a 12x32 register-tile micro-kernel runs it, the bias, the residual add and ReLU
-//! applied as the tile is stored, so each output value is written once. Without AVX-512 each
-//! panel goes through the `gemm` crate and the epilogue runs as a second pass over the tile.
+//! With AVX-512 a 12x32 register-tile micro-kernel runs it, with AVX2 (no AVX-512) a 6x16 one
+//! over half a panel at a time; both apply the bias, the residual add and ReLU as the tile is
+//! stored, so each output value is written once. On other CPUs each panel goes through the
+//! `gemm` crate and the epilogue runs as a second pass over the tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
 //! product with the same epilogue.
 
