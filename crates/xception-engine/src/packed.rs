@@ -573,7 +573,22 @@ pub(crate) mod avx2 {
                 }
             }
         }
-        for p in 0..k {
+        // Two k steps per iteration, as in the AVX-512 kernel: each row's address is formed once
+        // for two broadcasts.
+        let mut p = 0;
+        while p + 2 <= k {
+            for u in 0..2 {
+                let bp = b.add((p + u) * super::NR);
+                let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+                for r in 0..R {
+                    let av = _mm256_broadcast_ss(&*a.add(r * lda + p).add(u));
+                    lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+                }
+            }
+            p += 2;
+        }
+        if p < k {
             let bp = b.add(p * super::NR);
             let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
             for r in 0..R {
