@@ -547,6 +547,9 @@ mod dw3 {
     /// target-feature functions below, where the intrinsics compile to single instructions.
     trait Vector: Copy {
         const LANES: usize;
+        /// Pixels per register-blocked run (at most 8; their accumulators, nine weights and
+        /// a loaded vector fit the registers).
+        const RUN: usize;
         /// Which lanes of a ragged last vector are valid.
         type Mask: Copy;
         unsafe fn mask(valid: usize) -> Self::Mask;
@@ -563,6 +566,7 @@ mod dw3 {
 
     impl Vector for __m512 {
         const LANES: usize = 16;
+        const RUN: usize = 8;
         type Mask = __mmask16;
         #[inline(always)]
         unsafe fn mask(valid: usize) -> __mmask16 {
@@ -608,6 +612,7 @@ mod dw3 {
 
     impl Vector for __m256 {
         const LANES: usize = 8;
+        const RUN: usize = 4;
         type Mask = Lanes8;
         #[inline(always)]
         unsafe fn mask(valid: usize) -> Lanes8 {
@@ -798,7 +803,37 @@ mod dw3 {
                     Some(bias) => V::load(m, bias.as_ptr().add(cb)),
                     None => zero,
                 };
-                for ox in ox0..ox1 {
+                let mut first = ox0;
+                if interior && st == 1 && d == 1 {
+                    // Runs of RUN pixels with every input vector loaded once and used for each
+                    // of the (up to three) pixels whose taps read it: 3 (RUN + 2) loads for
+                    // 9 RUN multiply-adds instead of 9 RUN. Each pixel still takes its taps in
+                    // the order (ky, kx), so the sums are the same as one pixel at a time.
+                    let base = full.expect("interior");
+                    while first + V::RUN <= ox1 {
+                        // RUN <= 8 accumulators (an array length cannot name V::RUN).
+                        let mut acc = [bias; 8];
+                        for (ky, line) in base.iter().enumerate() {
+                            let col = line.add((first - pl) * c + cb);
+                            for j in 0..V::RUN + 2 {
+                                let v = load(col.add(j * c));
+                                for kx in 0..3 {
+                                    if j >= kx && j - kx < V::RUN {
+                                        acc[j - kx] = V::fmadd(v, w[ky * 3 + kx], acc[j - kx]);
+                                    }
+                                }
+                            }
+                        }
+                        for (i, mut a) in acc.into_iter().take(V::RUN).enumerate() {
+                            if s.mid_relu {
+                                a = V::max(a, zero);
+                            }
+                            store((first + i) * stride + cb, m, a);
+                        }
+                        first += V::RUN;
+                    }
+                }
+                for ox in first..ox1 {
                     let mut acc = bias;
                     if interior {
                         let base = full.expect("interior");
