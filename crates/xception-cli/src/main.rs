@@ -523,9 +523,9 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// `bench --layers`: engine passes at batch 1 with every step timed; per step the median over
-/// the runs, then summed per layer type. "other" is the pass's time outside the timed steps
-/// (input copy, global pooling, classifier).
+/// `bench --layers`: engine passes at batch 1 with every step timed; the pass of median time is
+/// reported, its steps summed per layer type (so the types add up to that pass). "other" is the
+/// pass's time outside the timed steps (input copy, thread hand-overs).
 fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
     if args.backend != "engine" {
         bail!("bench --layers times the engine's steps: use --backend engine");
@@ -545,15 +545,15 @@ fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
         passes.push(t.elapsed().as_secs_f64());
         steps.push(trace);
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let pass = median(passes);
+    // The median pass, whole: per-step medians taken across passes would not add up to a pass.
+    let mut order: Vec<usize> = (0..passes.len()).collect();
+    order.sort_by(|&a, &b| passes[a].total_cmp(&passes[b]));
+    let median = order[order.len() / 2];
+    let pass = passes[median];
     // Per layer type, in the order the types first appear: (steps, seconds, multiply-adds).
     let mut kinds: Vec<(&str, usize, f64, u64)> = Vec::new();
-    for (i, step) in steps[0].iter().enumerate() {
-        let seconds = median(steps.iter().map(|run| run[i].seconds).collect());
+    for step in &steps[median] {
+        let seconds = step.seconds;
         match kinds.iter_mut().find(|k| k.0 == step.kind) {
             Some(k) => {
                 k.1 += 1;
