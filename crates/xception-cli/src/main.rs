@@ -187,7 +187,7 @@ struct BenchArgs {
     /// flow shapes instead of the whole network.
     #[arg(long)]
     ops: bool,
-    /// Time each step inside whole engine passes (batch 1) and report the time, GFLOP/s and
+    /// Time each step inside whole engine passes (batch 1 only) and report the time, GFLOP/s and
     /// fraction of the peak per layer type (separable convs, dense convs, pools, ...).
     #[arg(long, conflicts_with_all = ["ops", "train"])]
     layers: bool,
@@ -529,6 +529,10 @@ fn peak_rss_mb() -> Option<f64> {
 fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
     if args.backend != "engine" {
         bail!("bench --layers times the engine's steps: use --backend engine");
+    }
+    if args.batch != 1 {
+        // A batch runs as concurrent image streams, whose steps would interleave in the trace.
+        bail!("bench --layers times batch 1 (got --batch {})", args.batch);
     }
     let threads = xception::engine::resolve_threads(args.threads);
     let weights = xception::weights::deterministic(net);

@@ -279,6 +279,9 @@ fn bench_layers_adds_up_to_the_pass() {
     let refused = run(&["bench", "--layers", "--ops"]);
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("cannot be used with"), "{}", stderr(&refused));
+    let refused = run(&["bench", "--layers", "--batch", "8"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("batch 1"), "{}", stderr(&refused));
 }
 
 #[test]
