@@ -8,7 +8,10 @@ The per-op figures of peers.py time each kernel alone; this shows what the layer
 pass (caches holding other layers' data, the two cores sharing work), which is where the
 whole-network gap is.
 
-Usage: bench/flows.py [--threads 2] [--rounds 8]
+With `--by block` the same per block: the stem convs, blocks 1-12 (timm's numbering; ours split
+where each block's residual add ends it) and the tail (conv3, conv4, pooling, classifier).
+
+Usage: bench/flows.py [--threads 2] [--rounds 8] [--by flow|block]
 Needs the built `xception` binary and the Python tools of peers.py (torch, timm, onnxruntime).
 """
 import argparse
@@ -40,6 +43,37 @@ def ort_flow(node):
     return None
 
 
+def ort_block(node):
+    """The block of an ONNX Runtime node (`--by block`), None as in `ort_flow`."""
+    m = re.search(r"/block(\d+)/", node)
+    if m:
+        return f"block{int(m.group(1))}"
+    if node.startswith(("/act1/", "/act2/", "/conv1/", "/conv2/")):
+        return "stem"
+    if node.startswith(("/conv3/", "/act3/", "/conv4/", "/act4/", "/global_pool/", "/fc/")):
+        return "tail"
+    return None
+
+
+def our_blocks(stderr):
+    """Per pass (the warm-up dropped): {block: ms}. A block ends with the step that adds its
+    shortcut (the only steps whose names say "residual"); the stem is the two dense 3x3 convs."""
+    passes = []
+    for line in stderr.splitlines():
+        if not line.startswith("engine step"):
+            continue
+        parts = line.split()
+        ms, what = float(parts[2]), " ".join(parts[4:])
+        if what.startswith("dense 3x3 3->"):
+            passes.append((collections.defaultdict(float), [0]))
+        blocks, at = passes[-1]
+        name = "stem" if at[0] == 0 and what.startswith("dense 3x3") else (f"block{at[0] + 1}" if at[0] < 12 else "tail")
+        blocks[name] += ms
+        if "residual" in what:
+            at[0] += 1
+    return [b for b, _ in passes[1:]]
+
+
 def our_flows(stderr):
     """Per pass (the warm-up dropped): {flow: ms} from the engine's step profile."""
     passes = []
@@ -65,7 +99,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--by", choices=["flow", "block"], default="flow")
     args = ap.parse_args()
+    group, ours_of = (ort_block, our_blocks) if args.by == "block" else (ort_flow, our_flows)
+    keys = ["stem", *(f"block{i}" for i in range(1, 13)), "tail"] if args.by == "block" else FLOWS
     import onnxruntime as ort
     import timm
     import torch
@@ -85,7 +122,7 @@ def main():
                 sess.run(None, {"x": xn})
             p = subprocess.run([BIN, "bench", "--model", "xception", "--batch", "1", "--threads", str(args.threads), "--runs", "3"],
                                capture_output=True, text=True, env=env, check=True)
-            ours += our_flows(p.stderr)
+            ours += ours_of(p.stderr)
         events = json.load(open(sess.end_profiling()))
     runs = [e for e in events if e.get("name") == "model_run"][warm:]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
@@ -94,14 +131,14 @@ def main():
         flows, last = collections.defaultdict(float), "stem"
         for e in nodes:
             if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
-                last = ort_flow(e["name"]) or last
+                last = group(e["name"]) or last
                 flows[last] += e["dur"] / 1e3
         theirs.append(flows)
     print(f"Xception 299, batch 1, {args.threads} threads, {args.rounds} interleaved rounds; medians of the per-pass sums")
     print(f"(ONNX Runtime {ort.__version__}: node times from its profiler; ours: engine steps)\n")
-    print("| flow | ONNX Runtime ms | ours ms | speed ratio (ORT time / ours) |")
+    print(f"| {args.by} | ONNX Runtime ms | ours ms | speed ratio (ORT time / ours) |")
     print("|---|---|---|---|")
-    for flow in FLOWS + ["total"]:
+    for flow in keys + ["total"]:
         pick = (lambda f: sum(f.values())) if flow == "total" else (lambda f, flow=flow: f[flow])
         t, o = statistics.median(map(pick, theirs)), statistics.median(map(pick, ours))
         print(f"| {flow} | {t:.2f} | {o:.2f} | {t / o:.2f}x |")
