@@ -29,22 +29,9 @@ from peers import BIN, ort_session  # noqa: E402
 FLOWS = ["stem", "entry", "middle", "exit"]
 
 
-def ort_flow(node):
-    """The flow of an ONNX Runtime node, from the timm module path in its name (None: unnamed,
-    e.g. a layout reorder, which belongs with the node before it)."""
-    m = re.search(r"/block(\d+)/", node)
-    if m:
-        b = int(m.group(1))
-        return "entry" if b <= 3 else ("middle" if b <= 11 else "exit")
-    if node.startswith(("/act1/", "/act2/", "/conv1/", "/conv2/")):
-        return "stem"
-    if node.startswith(("/conv3/", "/act3/", "/conv4/", "/act4/", "/global_pool/", "/fc/")):
-        return "exit"
-    return None
-
-
 def ort_block(node):
-    """The block of an ONNX Runtime node (`--by block`), None as in `ort_flow`."""
+    """The block of an ONNX Runtime node, from the timm module path in its name (None: unnamed,
+    e.g. a layout reorder, which belongs with the node before it)."""
     m = re.search(r"/block(\d+)/", node)
     if m:
         return f"block{int(m.group(1))}"
@@ -56,8 +43,9 @@ def ort_block(node):
 
 
 def our_blocks(stderr):
-    """Per pass (the warm-up dropped): {block: ms}. A block ends with the step that adds its
-    shortcut (the only steps whose names say "residual"); the stem is the two dense 3x3 convs."""
+    """Per pass (the warm-up dropped): {block: ms} from the engine's step profile. A block ends
+    with the step that adds its shortcut (the only steps whose names say "residual"); the stem is
+    the two dense 3x3 convs."""
     passes = []
     for line in stderr.splitlines():
         if not line.startswith("engine step"):
@@ -74,25 +62,22 @@ def our_blocks(stderr):
     return [b for b, _ in passes[1:]]
 
 
-def our_flows(stderr):
-    """Per pass (the warm-up dropped): {flow: ms} from the engine's step profile."""
-    passes = []
-    for line in stderr.splitlines():
-        if not line.startswith("engine step"):
-            continue
-        parts = line.split()
-        ms, what = float(parts[2]), " ".join(parts[4:])
-        if what.startswith("dense 3x3 3->"):
-            passes.append((collections.defaultdict(float), ["stem"]))
-        flows, at = passes[-1]
-        if what.startswith("dense 1x1 64->"):  # block 1's shortcut: the entry flow begins
-            at[0] = "entry"
-        elif what.startswith("separable 728->728 at 19x19") and at[0] == "entry":
-            at[0] = "middle"
-        elif what.startswith("dense 1x1 728->1024"):  # block 12's shortcut
-            at[0] = "exit"
-        flows[at[0]] += ms
-    return [f for f, _ in passes[1:]]
+def flow_of(block):
+    """The flow a block belongs to: blocks 1-3 entry, 4-11 middle, 12 and the tail exit."""
+    if block == "stem":
+        return "stem"
+    if block == "tail":
+        return "exit"
+    b = int(block[len("block"):])
+    return "entry" if b <= 3 else ("middle" if b <= 11 else "exit")
+
+
+def by_flow(blocks):
+    """{block: ms} summed per flow."""
+    flows = collections.defaultdict(float)
+    for block, ms in blocks.items():
+        flows[flow_of(block)] += ms
+    return flows
 
 
 def main():
@@ -101,8 +86,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--by", choices=["flow", "block"], default="flow")
     args = ap.parse_args()
-    group, ours_of = (ort_block, our_blocks) if args.by == "block" else (ort_flow, our_flows)
     keys = ["stem", *(f"block{i}" for i in range(1, 13)), "tail"] if args.by == "block" else FLOWS
+    group = (lambda blocks: blocks) if args.by == "block" else by_flow
     import onnxruntime as ort
     import timm
     import torch
@@ -122,18 +107,18 @@ def main():
                 sess.run(None, {"x": xn})
             p = subprocess.run([BIN, "bench", "--model", "xception", "--batch", "1", "--threads", str(args.threads), "--runs", "3"],
                                capture_output=True, text=True, env=env, check=True)
-            ours += ours_of(p.stderr)
+            ours += [group(b) for b in our_blocks(p.stderr)]
         events = json.load(open(sess.end_profiling()))
     runs = [e for e in events if e.get("name") == "model_run"][warm:]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     theirs = []
     for run in runs:
-        flows, last = collections.defaultdict(float), "stem"
+        blocks, last = collections.defaultdict(float), "stem"
         for e in nodes:
             if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
-                last = group(e["name"]) or last
-                flows[last] += e["dur"] / 1e3
-        theirs.append(flows)
+                last = ort_block(e["name"]) or last
+                blocks[last] += e["dur"] / 1e3
+        theirs.append(group(blocks))
     print(f"Xception 299, batch 1, {args.threads} threads, {args.rounds} interleaved rounds; medians of the per-pass sums")
     print(f"(ONNX Runtime {ort.__version__}: node times from its profiler; ours: engine steps)\n")
     print(f"| {args.by} | ONNX Runtime ms | ours ms | speed ratio (ORT time / ours) |")
