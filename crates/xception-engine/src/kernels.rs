@@ -65,13 +65,12 @@ pub fn simd<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if crate::packed::has_avx512() {
-            // SAFETY: the CPU has AVX-512F and FMA (checked).
-            return unsafe { wide(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked).
-            return unsafe { avx2(f) };
+        match crate::packed::kernel() {
+            // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
+            crate::packed::Kernel::Avx512 => return unsafe { wide(f) },
+            // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
+            crate::packed::Kernel::Avx2 => return unsafe { avx2(f) },
+            crate::packed::Kernel::Portable => {}
         }
     }
     f()
@@ -509,14 +508,15 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
             }
             // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
             Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, b, oy, ow, pt, pl, out) },
-            _ => {}
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // `simd` compiles it for AVX-512 or AVX2, both with FMA.
-            return simd(
-                #[inline(always)]
-                || dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out),
-            );
+            // Other kernel sizes: the plain loop, which `simd` compiles for AVX-512 or AVX2, both
+            // with FMA.
+            Kernel::Avx512 | Kernel::Avx2 => {
+                return simd(
+                    #[inline(always)]
+                    || dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out),
+                )
+            }
+            Kernel::Portable => {}
         }
     }
     dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
