@@ -523,6 +523,15 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Which of the engine's kernels a bench runs (the burn backend has its own).
+fn kernels_name(args: &BenchArgs) -> &'static str {
+    match (args.train, args.backend.as_str(), args.precision.as_str()) {
+        (false, "engine", "bf16") => "amx-bf16",
+        (false, "engine", _) => xception::engine::simd_kernels(),
+        _ => "burn",
+    }
+}
+
 /// `bench --layers`: engine passes at batch 1 with every step timed; the pass of median time is
 /// reported, its steps summed per layer type (so the types add up to that pass). "other" is the
 /// pass's time outside the timed steps (input copy, thread hand-overs).
@@ -557,14 +566,13 @@ fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
     // Per layer type, in the order the types first appear: (steps, seconds, multiply-adds).
     let mut kinds: Vec<(&str, usize, f64, u64)> = Vec::new();
     for step in &steps[median] {
-        let seconds = step.seconds;
         match kinds.iter_mut().find(|k| k.0 == step.kind) {
             Some(k) => {
                 k.1 += 1;
-                k.2 += seconds;
+                k.2 += step.seconds;
                 k.3 += step.macs;
             }
-            None => kinds.push((step.kind, 1, seconds, step.macs)),
+            None => kinds.push((step.kind, 1, step.seconds, step.macs)),
         }
     }
     let timed: f64 = kinds.iter().map(|k| k.2).sum();
@@ -578,7 +586,7 @@ fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
                 "gflops": (macs > 0).then_some(gflops), "peak_fraction": (macs > 0).then_some(gflops / peak)})
         })
         .collect();
-    let kernels = if args.precision == "bf16" { "amx-bf16" } else { xception::engine::simd_kernels() };
+    let kernels = kernels_name(args);
     if args.json {
         let out = serde_json::json!({"model": args.model, "batch": 1, "threads": threads, "input_size": s, "precision": args.precision,
             "kernels": kernels, "runs": steps.len(), "median_ms": pass * 1e3, "peak_gflops": peak, "layers": rows});
@@ -654,12 +662,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let peak = xception::engine::measured_peak_gflops(threads);
     let ghz = peak / (flops_per_cycle() * threads as f64);
     let peak = Some(peak);
-    // Which of the engine's kernels ran (the burn backend has its own).
-    let kernels = match (args.train, args.backend.as_str(), args.precision.as_str()) {
-        (false, "engine", "bf16") => "amx-bf16",
-        (false, "engine", _) => xception::engine::simd_kernels(),
-        _ => "burn",
-    };
+    let kernels = kernels_name(&args);
     let out = serde_json::json!({
         "model": args.model, "backend": if args.train { "burn-train" } else { args.backend.as_str() }, "precision": args.precision, "mode": if args.train { "train" } else { "inference" }, "batch": args.batch, "threads": threads,
         "input_size": s, "output_stride": args.output_stride, "runs": times.len(),
