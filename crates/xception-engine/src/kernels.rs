@@ -1126,7 +1126,8 @@ mod tests {
     fn sep_conv_pool_is_exactly_pool_after_conv() {
         let precisions: &[Precision] = if crate::amx::available() { &[Precision::F32, Precision::Bf16] } else { &[Precision::F32] };
         for &precision in precisions {
-            for &(h, w, c, cout, padding, out_relu) in &[(23, 17, 24, 40, Padding::TfSame, false), (20, 9, 16, 33, Padding::Symmetric(1), true)] {
+            // 41 lines: 21 pool lines in 6 bands, split between 1-3 threads.
+            for &(h, w, c, cout, padding, out_relu) in &[(23, 17, 24, 40, Padding::TfSame, false), (20, 9, 16, 33, Padding::Symmetric(1), true), (41, 7, 16, 20, Padding::TfSame, false), (41, 6, 8, 12, Padding::Symmetric(1), true)] {
                 let x = Activations { n: 2, h, w, c, data: (0..2 * h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
                 let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
                 let pw = PackedB::with_precision(&weights(c * cout, 5), &weights(cout, 6), c, cout, precision);
@@ -1136,9 +1137,12 @@ mod tests {
                 let p = PoolShape::new(3, 2, padding, conv.h, conv.w);
                 let residual = weights(2 * p.oh * p.ow * cout, 7);
                 let want = max_pool(&conv, 3, 2, padding, &bufs, Some(&residual));
-                let got = sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual));
-                assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c));
-                assert!(got.data == want.data, "{precision:?} {h}x{w}: fused output differs");
+                for threads in 1..=3 {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let got = pool.install(|| sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual)));
+                    assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c));
+                    assert!(got.data == want.data, "{precision:?} {h}x{w} on {threads} threads: fused output differs");
+                }
             }
         }
     }
