@@ -188,7 +188,11 @@ struct BenchArgs {
     #[arg(long)]
     ops: bool,
     /// Time each step inside whole engine passes (batch 1 only) and report the time, GFLOP/s and
-    /// fraction of the peak per layer type (separable convs, dense convs, pools, ...).
+    /// fraction of the peak per layer type (separable convs, dense convs, pools, ...), with each
+    /// type's arithmetic intensity (FLOP per byte of compulsory traffic) and the fraction of its
+    /// roofline bound it reaches: min(peak, intensity x measured memory bandwidth) (bf16: the
+    /// memory roof alone), or the bandwidth for types without arithmetic (over 100% where their
+    /// data stays in cache).
     #[arg(long, conflicts_with_all = ["ops", "train"])]
     layers: bool,
     /// Time training steps (forward, backward, SGD update through burn's autodiff in the CPU
@@ -563,43 +567,67 @@ fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
     order.sort_by(|&a, &b| passes[a].total_cmp(&passes[b]));
     let median = order[order.len() / 2];
     let pass = passes[median];
-    // Per layer type, in the order the types first appear: (steps, seconds, multiply-adds).
-    let mut kinds: Vec<(&str, usize, f64, u64)> = Vec::new();
+    // Per layer type, in the order the types first appear: (steps, seconds, multiply-adds, bytes).
+    let mut kinds: Vec<(&str, usize, f64, u64, u64)> = Vec::new();
     for step in &steps[median] {
         match kinds.iter_mut().find(|k| k.0 == step.kind) {
             Some(k) => {
                 k.1 += 1;
                 k.2 += step.seconds;
                 k.3 += step.macs;
+                k.4 += step.bytes;
             }
-            None => kinds.push((step.kind, 1, step.seconds, step.macs)),
+            None => kinds.push((step.kind, 1, step.seconds, step.macs, step.bytes)),
         }
     }
     let timed: f64 = kinds.iter().map(|k| k.2).sum();
-    kinds.push(("other", 0, (pass - timed).max(0.0), 0));
+    kinds.push(("other", 0, (pass - timed).max(0.0), 0, 0));
     let peak = xception::engine::measured_peak_gflops(threads);
+    let bandwidth = xception::engine::measured_bandwidth_gbs(threads);
+    // The roofline: a layer type can at most run at its arithmetic intensity (FLOP per byte of
+    // compulsory traffic) times the memory bandwidth, or at the peak; one without arithmetic
+    // (pools, adds) at the bandwidth. "of bound" is the fraction of that it reaches. The peak is
+    // fp32's: bf16 products run on AMX tiles, whose peak is not measured, so there the bound is
+    // the memory roof alone.
+    let compute_roof = if parse_precision(&args.precision) == xception::Precision::F32 { peak } else { f64::INFINITY };
     let rows: Vec<serde_json::Value> = kinds
         .iter()
-        .map(|&(kind, n, seconds, macs)| {
+        .map(|&(kind, n, seconds, macs, bytes)| {
             let gflops = 2.0 * macs as f64 / seconds / 1e9;
+            let gbs = bytes as f64 / seconds / 1e9;
+            let intensity = (macs > 0 && bytes > 0).then(|| 2.0 * macs as f64 / bytes as f64);
+            let bound_fraction = match intensity {
+                Some(i) => Some(gflops / (i * bandwidth).min(compute_roof)),
+                None => (bytes > 0).then_some(gbs / bandwidth),
+            };
             serde_json::json!({"kind": kind, "steps": n, "ms": seconds * 1e3, "share": seconds / pass,
-                "gflops": (macs > 0).then_some(gflops), "peak_fraction": (macs > 0).then_some(gflops / peak)})
+                "gflops": (macs > 0).then_some(gflops), "peak_fraction": (macs > 0).then_some(gflops / peak),
+                "bytes": bytes, "gb_per_s": (bytes > 0).then_some(gbs), "flop_per_byte": intensity, "bound_fraction": bound_fraction})
         })
         .collect();
     let kernels = kernels_name(args);
     if args.json {
         let out = serde_json::json!({"model": args.model, "batch": 1, "threads": threads, "input_size": s, "precision": args.precision,
-            "kernels": kernels, "runs": steps.len(), "median_ms": pass * 1e3, "peak_gflops": peak, "layers": rows});
+            "kernels": kernels, "runs": steps.len(), "median_ms": pass * 1e3, "peak_gflops": peak, "bandwidth_gbs": bandwidth, "layers": rows});
         println!("{out}");
         return Ok(());
     }
-    println!("{} at {s}x{s}, batch 1, {threads} threads ({}, {kernels}): median pass {:.1} ms; fp32 peak {peak:.1} GFLOP/s", args.model, args.precision, pass * 1e3);
-    println!("{:<26} {:>5} {:>9} {:>6} {:>9} {:>8}", "layer type", "steps", "ms", "share", "GFLOP/s", "of peak");
+    println!("{} at {s}x{s}, batch 1, {threads} threads ({}, {kernels}): median pass {:.1} ms; fp32 peak {peak:.1} GFLOP/s, memory {bandwidth:.1} GB/s", args.model, args.precision, pass * 1e3);
+    println!("{:<26} {:>5} {:>9} {:>6} {:>9} {:>8} {:>7} {:>7} {:>8}", "layer type", "steps", "ms", "share", "GFLOP/s", "of peak", "FLOP/B", "GB/s", "of bound");
+    let cell = |v: &serde_json::Value, f: &dyn Fn(f64) -> String| v.as_f64().map_or("-".to_string(), f);
     for r in &rows {
-        let gflops = r["gflops"].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
-        let of_peak = r["peak_fraction"].as_f64().map_or("-".to_string(), |v| format!("{:.0}%", 100.0 * v));
+        let gflops = cell(&r["gflops"], &|v| format!("{v:.1}"));
+        let of_peak = cell(&r["peak_fraction"], &|v| format!("{:.0}%", 100.0 * v));
+        let intensity = cell(&r["flop_per_byte"], &|v| format!("{v:.0}"));
+        let gbs = cell(&r["gb_per_s"], &|v| format!("{v:.1}"));
+        let of_bound = cell(&r["bound_fraction"], &|v| format!("{:.0}%", 100.0 * v));
         let share = 100.0 * r["share"].as_f64().unwrap_or(0.0);
-        println!("{:<26} {:>5} {:>9.2} {share:>5.1}% {gflops:>9} {of_peak:>8}", r["kind"].as_str().unwrap_or(""), r["steps"].as_u64().unwrap_or(0), r["ms"].as_f64().unwrap_or(0.0));
+        println!(
+            "{:<26} {:>5} {:>9.2} {share:>5.1}% {gflops:>9} {of_peak:>8} {intensity:>7} {gbs:>7} {of_bound:>8}",
+            r["kind"].as_str().unwrap_or(""),
+            r["steps"].as_u64().unwrap_or(0),
+            r["ms"].as_f64().unwrap_or(0.0)
+        );
     }
     Ok(())
 }

@@ -271,6 +271,13 @@ fn bench_layers_adds_up_to_the_pass() {
     assert!(sep["steps"].as_u64().unwrap() >= 20 && sep["gflops"].as_f64().unwrap() > 0.0 && sep["peak_fraction"].as_f64().unwrap() > 0.0, "{sep}");
     assert!(kind("dense conv 3x3")["gflops"].as_f64().unwrap() > 0.0);
     assert!(kind("max pool")["gflops"].is_null());
+    // The roofline: arithmetic intensity for the convs, memory rate for the pools, each against
+    // its bound (the measured memory bandwidth, or the peak).
+    assert!(json["bandwidth_gbs"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(sep["flop_per_byte"].as_f64().unwrap() > 1.0 && sep["bound_fraction"].as_f64().unwrap() > 0.0, "{sep}");
+    let pool = kind("max pool");
+    assert!(pool["flop_per_byte"].is_null() && pool["gb_per_s"].as_f64().unwrap() > 0.0 && pool["bound_fraction"].as_f64().unwrap() > 0.0, "{pool}");
+    assert!(kind("other")["bound_fraction"].is_null());
     // The types of the reported pass add up to it ("other" is its time outside the steps).
     let ms: f64 = layers.iter().map(|l| l["ms"].as_f64().unwrap()).sum();
     let pass = json["median_ms"].as_f64().unwrap();

@@ -24,7 +24,7 @@ pub mod packed;
 mod peak;
 
 pub use kernels::align_corners_taps;
-pub use peak::measured_peak_gflops;
+pub use peak::{measured_bandwidth_gbs, measured_peak_gflops};
 use kernels::Buffers;
 use packed::PackedB;
 pub use packed::Precision;
@@ -134,6 +134,11 @@ enum Step {
 }
 
 impl SepConv {
+    /// Bytes of its weights (depthwise, pointwise and biases) as the products read them.
+    fn weight_bytes(&self) -> u64 {
+        bytes_of(self.dw.len() + self.dw_bias.as_ref().map_or(0, |b| b.len())) + self.pw.bytes()
+    }
+
     /// A 3x3 separable conv of stride 1, padding 1, ReLU on its input and nothing else folded
     /// in (the middle flow's shape): `dw` is (9, channels), `pw` the packed pointwise weights.
     /// For benchmarks and tests, which vary the rest with struct update syntax.
@@ -262,6 +267,15 @@ pub struct StepTime {
     pub seconds: f64,
     /// Multiply-adds of the step (0 where it does none: pools, adds, norms).
     pub macs: u64,
+    /// The memory traffic the step cannot avoid: its input and output activations once each,
+    /// its weights once and the residual it adds once (bytes). With `macs`, its arithmetic
+    /// intensity.
+    pub bytes: u64,
+}
+
+/// Bytes of an activation tensor.
+fn bytes_of(values: usize) -> u64 {
+    (values * std::mem::size_of::<f32>()) as u64
 }
 
 /// The compiled network.
@@ -622,12 +636,13 @@ impl Engine {
             x = self.run(&self.tail, x, &mut taps);
             let started = self.step_start();
             let pooled = global_pool(&x, self.net.config.pooling);
-            self.profile_step(started, "global pool", 0, || "global pool".into());
+            self.profile_step(started, "global pool", (0, bytes_of(x.data.len() + pooled.len())), || "global pool".into());
             let logits = (!self.head.is_empty()).then(|| {
                 let started = self.step_start();
                 let logits = self.classify(&pooled, n);
                 let macs = self.head.iter().map(|l| (n * l.n_in * l.n_out) as u64).sum();
-                self.profile_step(started, "classifier", macs, || "classifier".into());
+                let bytes = self.head.iter().map(|l| l.weight.bytes() + bytes_of(n * (l.n_in + l.n_out))).sum();
+                self.profile_step(started, "classifier", (macs, bytes), || "classifier".into());
                 logits
             });
             let segmentation = match &self.seg {
@@ -682,7 +697,7 @@ impl Engine {
             )
         });
         self.bufs.give(skip.data);
-        self.profile_step(started, "residual add", 0, || "residual add".into());
+        self.profile_step(started, "residual add", (0, 3 * bytes_of(out.data.len())), || "residual add".into());
         out
     }
 
@@ -706,8 +721,8 @@ impl Engine {
             [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays(x, s, self.threads) => {
                 let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, s, (*k, *stride, *padding), &self.bufs, Some(residual));
-                let macs = kernels::sep_conv_macs(x, s);
-                self.profile_step(started, "separable conv + max pool", macs, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
+                let cost = (kernels::sep_conv_macs(x, s), bytes_of(x.data.len() + 2 * out.data.len()) + s.weight_bytes());
+                self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
                 out
             }
             [sep @ Step::Sep(_), pool @ Step::MaxPool { .. }] => {
@@ -734,12 +749,13 @@ impl Engine {
             Step::MaxPool { k, stride, padding } => kernels::max_pool(x, *k, *stride, *padding, &self.bufs, residual),
             _ => unreachable!("produce: an in-place step (Engine::in_place)"),
         };
-        let (kind, macs) = match step {
-            Step::Dense(d) => (if d.k == 1 { "dense conv 1x1" } else if d.k == 3 { "dense conv 3x3" } else { "dense conv" }, (out.n * out.h * out.w * d.cout * d.cin * d.k * d.k) as u64),
-            Step::Sep(s) => ("separable conv", kernels::sep_conv_macs(x, s)),
-            _ => ("max pool", 0),
+        let (kind, macs, weights) = match step {
+            Step::Dense(d) => (if d.k == 1 { "dense conv 1x1" } else if d.k == 3 { "dense conv 3x3" } else { "dense conv" }, (out.n * out.h * out.w * d.cout * d.cin * d.k * d.k) as u64, d.weight.bytes()),
+            Step::Sep(s) => ("separable conv", kernels::sep_conv_macs(x, s), s.weight_bytes()),
+            _ => ("max pool", 0, 0),
         };
-        self.profile_step(started, kind, macs, || {
+        let bytes = bytes_of(x.data.len() + out.data.len() + residual.map_or(0, |r| r.len())) + weights;
+        self.profile_step(started, kind, (macs, bytes), || {
             let what = match step {
                 Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
                 Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.pw.n, out.h, out.w),
@@ -759,7 +775,7 @@ impl Engine {
         let started = self.step_start();
         let mut data = self.bufs.take(x.data.len());
         data.copy_from_slice(&x.data);
-        self.profile_step(started, "copy", 0, || format!("copy of {}x{}x{}", x.h, x.w, x.c));
+        self.profile_step(started, "copy", (0, 2 * bytes_of(x.data.len())), || format!("copy of {}x{}x{}", x.h, x.w, x.c));
         Activations { data, ..*x }
     }
 
@@ -768,9 +784,10 @@ impl Engine {
         (self.profile || self.trace.lock().unwrap_or_else(|e| e.into_inner()).is_some()).then(std::time::Instant::now)
     }
 
-    /// The time since `started` of the step `what` names (of type `kind`, `macs` multiply-adds):
-    /// printed with XCEPTION_ENGINE_PROFILE=1, kept in a traced pass.
-    fn profile_step(&self, started: Option<std::time::Instant>, kind: &'static str, macs: u64, what: impl FnOnce() -> String) {
+    /// The time since `started` of the step `what` names (of type `kind`; `macs` multiply-adds
+    /// and `bytes` of compulsory traffic, see `StepTime`): printed with XCEPTION_ENGINE_PROFILE=1,
+    /// kept in a traced pass.
+    fn profile_step(&self, started: Option<std::time::Instant>, kind: &'static str, (macs, bytes): (u64, u64), what: impl FnOnce() -> String) {
         let Some(t) = started else { return };
         let seconds = t.elapsed().as_secs_f64();
         let what = what();
@@ -778,7 +795,7 @@ impl Engine {
             eprintln!("engine step {:>8.3} ms  {}", seconds * 1e3, what);
         }
         if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            trace.push(StepTime { kind, what, seconds, macs });
+            trace.push(StepTime { kind, what, seconds, macs, bytes });
         }
     }
 
@@ -879,7 +896,9 @@ impl Engine {
             }
             Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("in_place: a step that makes a new tensor"),
         };
-        self.profile_step(started, what, 0, || what.into());
+        // Each value read and written once (a tap: copied, when it is kept).
+        let moved = !matches!(step, Step::Tap) || taps.want_taps;
+        self.profile_step(started, what, (0, if moved { 2 * bytes_of(x.data.len()) } else { 0 }), || what.into());
     }
 }
 

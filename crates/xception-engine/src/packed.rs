@@ -111,6 +111,12 @@ impl PackedB {
         &self.bias
     }
 
+    /// Bytes of the weights and bias as the products read them (bf16 weights: two a value).
+    pub fn bytes(&self) -> u64 {
+        let per_weight = if self.is_bf16() { 2 } else { 4 };
+        (self.k * self.n * per_weight + self.n * 4) as u64
+    }
+
     pub fn panels(&self) -> usize {
         self.n.div_ceil(NR)
     }

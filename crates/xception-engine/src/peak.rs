@@ -18,6 +18,31 @@ pub fn measured_peak_gflops(threads: usize) -> f64 {
     handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
 }
 
+/// Measured memory bandwidth (GB/s) of `threads` threads side by side, each copying its own
+/// buffer far larger than a core's share of the last-level cache (bytes read plus bytes
+/// written, best of three rounds): the rate a layer whose activations and weights come from
+/// memory can at most move them (the roofline's slope).
+pub fn measured_bandwidth_gbs(threads: usize) -> f64 {
+    const VALUES: usize = 16 << 20; // 64 MiB a buffer
+    let handles: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            std::thread::spawn(|| {
+                let src = vec![1f32; VALUES];
+                let mut dst = vec![0f32; VALUES];
+                (0..3)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        dst.copy_from_slice(std::hint::black_box(&src));
+                        std::hint::black_box(&dst);
+                        2.0 * (VALUES * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+                    })
+                    .fold(0.0, f64::max)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+}
+
 /// Runs `reps` rounds of independent FMA chains; returns the flops done.
 fn fma_loop(reps: usize) -> f64 {
     #[cfg(target_arch = "x86_64")]
