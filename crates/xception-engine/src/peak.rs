@@ -4,18 +4,12 @@
 
 /// Measured fp32 GFLOP/s of `threads` threads running FMAs side by side (about 0.2 s).
 pub fn measured_peak_gflops(threads: usize) -> f64 {
-    let threads = threads.max(1);
     let reps = 20_000_000usize;
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let t = std::time::Instant::now();
-                let flops = fma_loop(reps);
-                flops / t.elapsed().as_secs_f64() / 1e9
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    side_by_side(threads, move || {
+        let t = std::time::Instant::now();
+        let flops = fma_loop(reps);
+        flops / t.elapsed().as_secs_f64() / 1e9
+    })
 }
 
 /// Measured memory bandwidth (GB/s) of `threads` threads side by side, each copying its own
@@ -24,24 +18,24 @@ pub fn measured_peak_gflops(threads: usize) -> f64 {
 /// memory can at most move them (the roofline's slope). Buffers of 64 MiB, smaller with many
 /// threads (16 MiB from 32 threads on, 2 GiB in all at 64), always well past the cache in all.
 pub fn measured_bandwidth_gbs(threads: usize) -> f64 {
-    let threads = threads.max(1);
-    let values = ((128 << 20) / threads).clamp(4 << 20, 16 << 20);
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let src = vec![1f32; values];
-                let mut dst = vec![0f32; values];
-                (0..3)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        dst.copy_from_slice(std::hint::black_box(&src));
-                        std::hint::black_box(&dst);
-                        2.0 * (values * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
-                    })
-                    .fold(0.0, f64::max)
+    let values = ((128 << 20) / threads.max(1)).clamp(4 << 20, 16 << 20);
+    side_by_side(threads, move || {
+        let src = vec![1f32; values];
+        let mut dst = vec![0f32; values];
+        (0..3)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                dst.copy_from_slice(std::hint::black_box(&src));
+                std::hint::black_box(&dst);
+                2.0 * (values * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
             })
-        })
-        .collect();
+            .fold(0.0, f64::max)
+    })
+}
+
+/// The sum of the rates `rate` returns, run on `threads` (at least one) threads at once.
+fn side_by_side(threads: usize, rate: impl Fn() -> f64 + Send + Copy + 'static) -> f64 {
+    let handles: Vec<_> = (0..threads.max(1)).map(|_| std::thread::spawn(rate)).collect();
     handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
 }
 
