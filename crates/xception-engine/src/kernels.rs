@@ -330,7 +330,7 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     // Without im2col where there are lines enough to share out and the weights stay in a core's
     // cache (each task multiplies its lines by all the weights); small layers (the exit flow's
     // 10x10) and large weights (block 12's 728x1024 shortcut: 3 MB streamed once per line from
-    // memory; 2.5-3.1 ms against 1.5 ms through im2col at one thread) share out the weights.
+    // memory; 2.4-3.1 ms against 1.5-1.7 ms through im2col at one thread) share out the weights.
     if let Some(rows) = d.direct_rows().filter(|_| x.c == d.cin && x.n * oh >= 8 * threads && d.weight.k * d.weight.n <= DIRECT_WEIGHTS) {
         direct_conv(x, d, rows, (pt, oh), (pl, ow), bufs, &mut out);
     } else if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
