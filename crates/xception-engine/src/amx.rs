@@ -18,8 +18,9 @@ use std::ops::Range;
 
 /// Depth of one tile step: a 16 x 32 bf16 tile of A (64 bytes a row).
 pub const KT: usize = 32;
-/// Rows and columns of one fp32 accumulator tile.
-const T: usize = 16;
+/// Rows and columns of one fp32 accumulator tile (a product's row chunks other than its last
+/// are whole tiles, see `lhs_len`).
+pub const T: usize = 16;
 /// Columns per weight panel: two accumulator tiles side by side (as the fp32 panels).
 pub const NP: usize = 2 * T;
 

@@ -30,3 +30,22 @@ fn a_batch_gives_each_image_exactly_what_it_gets_alone() {
         }
     }
 }
+
+/// How the engine shares a layer out between threads (rows, panels, bands) never changes the
+/// order of any output's sums, so every thread count gives the same bits.
+#[test]
+fn every_thread_count_gives_the_same_bits() {
+    let net = Network::build(&ModelConfig::from_name("xception41").unwrap()).unwrap();
+    let weights = xception::weights::deterministic(&net);
+    let (h, w) = (131, 131);
+    let input: Vec<f32> = (0..h * w * 3).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+    let one = Engine::new(&net, &weights, 1).unwrap().forward(&input, 1, h, w).unwrap();
+    for threads in [2, 3, 4] {
+        let many = Engine::new(&net, &weights, threads).unwrap().forward(&input, 1, h, w).unwrap();
+        assert_eq!(one.features.data, many.features.data, "features at {threads} threads");
+        assert_eq!(one.logits, many.logits, "logits at {threads} threads");
+        for (t, (a, b)) in one.taps.iter().zip(&many.taps).enumerate() {
+            assert_eq!(a.data, b.data, "tap {t} at {threads} threads");
+        }
+    }
+}
