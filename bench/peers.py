@@ -12,11 +12,14 @@ Rounds are interleaved: every round times one forward of each contender in turn,
 patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
 its own process (its thread pool cannot share one with torch) and is interleaved per round too.
 
-With `--isa avx2` every contender that can be held to AVX2+FMA is (what a CPU without AVX-512
-runs): our engine by XCEPTION_ENGINE_NO_AVX512=1, PyTorch by ATEN_CPU_CAPABILITY=avx2 and
-ONEDNN_MAX_CPU_ISA=AVX2, TensorFlow by ONEDNN_MAX_CPU_ISA=AVX2. ONNX Runtime has no such switch
-(its MLAS reads CPUID): it is listed, marked, and left out of the fastest-peer comparison.
-The table then goes to bench/RESULTS_AVX2.md.
+With `--isa avx2` every contender is held to AVX2+FMA (what a CPU without AVX-512 runs): our
+engine by XCEPTION_ENGINE_NO_AVX512=1, PyTorch by ATEN_CPU_CAPABILITY=avx2 and
+ONEDNN_MAX_CPU_ISA=AVX2, TensorFlow by ONEDNN_MAX_CPU_ISA=AVX2, and the whole process tree by
+bench/cpuid_avx2.c: the script builds it with `cc` and runs itself again under it (LD_PRELOAD),
+so that CPUID reports no AVX-512, AVX-VNNI or AMX to anyone. That is what holds ONNX Runtime,
+whose MLAS reads CPUID and has no switch. Where the shim cannot be built or armed (no C
+compiler, no CPUID faulting), ONNX Runtime runs AVX-512 and is listed, marked, and left out of
+the fastest-peer comparison. The table then goes to bench/RESULTS_AVX2.md.
 
 Usage: bench/peers.py [--models xception,xception65] [--batches 1,8] [--threads 2] [--rounds 7]
                       [--isa native|avx2] [--out bench/RESULTS.md]
@@ -79,12 +82,38 @@ def bf16_available():
 
 # The environment that holds each contender to AVX2+FMA (`--isa avx2`).
 AVX2_ENV = {"XCEPTION_ENGINE_NO_AVX512": "1", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-# ONNX Runtime's name under `--isa avx2`: it cannot be held to AVX2.
+# ONNX Runtime's name under `--isa avx2` where the CPUID shim could not hold it.
 ORT_UNHELD = "ONNX Runtime (AVX-512: cannot be held to AVX2)"
+# Set in the environment of the script's second run, under the shim: the library's path.
+SHIM_VAR = "PEERS_CPUID_AVX2"
 
 
 def ort_name(args):
-    return ORT_UNHELD if args.isa == "avx2" else "ONNX Runtime"
+    return ORT_UNHELD if args.isa == "avx2" and not args.cpuid_held else "ONNX Runtime"
+
+
+def run_under_cpuid_shim():
+    """Builds bench/cpuid_avx2.c (once, into the user's cache) and runs this script again with
+    it preloaded; returns (without re-running) where it cannot, after saying why."""
+    src = os.path.join(ROOT, "bench", "cpuid_avx2.c")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "xception")
+    lib = os.path.join(cache, "libcpuid_avx2.so")
+    try:
+        if not os.path.exists(lib) or os.path.getmtime(lib) < os.path.getmtime(src):
+            os.makedirs(cache, exist_ok=True)
+            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", lib, src, "-ldl"], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"cannot build {src} ({e}): ONNX Runtime stays on AVX-512", file=sys.stderr, flush=True)
+        return
+    preload = ":".join(p for p in [lib, os.environ.get("LD_PRELOAD", "")] if p)
+    env = dict(os.environ, LD_PRELOAD=preload, **{SHIM_VAR: lib})
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def cpu_reports_avx512():
+    """Whether CPUID, as this process sees it, reports AVX-512 (NumPy's dispatcher reads it)."""
+    import numpy as np
+    return bool(np._core._multiarray_umath.__cpu_features__.get("AVX512F"))
 
 
 def is_bf16(name):
@@ -122,7 +151,13 @@ def main():
     ap.add_argument("--out", help="default bench/RESULTS.md (bench/RESULTS_AVX2.md with --isa avx2)")
     args = ap.parse_args()
     args.out = args.out or os.path.join(ROOT, "bench/RESULTS_AVX2.md" if args.isa == "avx2" else "bench/RESULTS.md")
+    args.cpuid_held = False
     if args.isa == "avx2":
+        if SHIM_VAR not in os.environ:
+            run_under_cpuid_shim()
+        args.cpuid_held = SHIM_VAR in os.environ and not cpu_reports_avx512()
+        if SHIM_VAR in os.environ and not args.cpuid_held:
+            print("the CPUID shim is loaded but CPUID still reports AVX-512: ONNX Runtime stays on AVX-512", file=sys.stderr, flush=True)
         # Before torch is imported and before any child process starts.
         os.environ.update(AVX2_ENV)
 
@@ -283,8 +318,11 @@ def write(args, rows, op_rows):
         f"Input {args.size}x{args.size}, {args.threads} threads each, median of {args.rounds} interleaved rounds. "
         f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
         *([f"Held to AVX2+FMA: {', '.join(f'{k}={v}' for k, v in AVX2_ENV.items())} (PyTorch reports CPU capability "
-           f"{torch.backends.cpu.get_cpu_capability()}); ONNX Runtime cannot be held and runs AVX-512: it is listed "
-           f"but is not a peer in the ratios. The peak below is the AVX2 FMA peak."] if args.isa == "avx2" else []),
+           f"{torch.backends.cpu.get_cpu_capability()}); "
+           + ("every process also runs under bench/cpuid_avx2.c (CPUID faulting: CPUID reports no AVX-512, AVX-VNNI "
+              "or AMX), which is what holds ONNX Runtime." if args.cpuid_held else
+              "ONNX Runtime cannot be held here (no CPUID shim) and runs AVX-512: it is listed but is not a peer in the ratios.")
+           + " The peak below is the AVX2 FMA peak."] if args.isa == "avx2" else []),
         f"Code: commit {commit()} ({time.strftime('%Y-%m-%d')}). "
         f"Command: `python bench/peers.py --models {args.models} --batches {args.batches} --threads {args.threads} --rounds {args.rounds}"
         f"{' --isa avx2' if args.isa == 'avx2' else ''}`",
