@@ -152,15 +152,18 @@ const BAND_ROWS: usize = 192;
 const ROW_CHUNK: usize = 96;
 /// Products of fewer rows than this are small (the middle and exit flows at 299).
 const SMALL_ROWS: usize = 1024;
-/// Weight matrices of at most this many values fit a core's L2 in bf16 (1.5 MB).
+/// Weight matrices of at most this many values (1.5 MB in bf16, 3 MB in fp32: the middle flow's
+/// 728x728 and block 12's 728x1024, not the exit's 1024x1536) are read whole by every worker of
+/// a small product (`matmul`).
 const SMALL_WEIGHTS: usize = 768 << 10;
 
 /// out (rows x b.n) = lhs x b + bias, then the epilogue (residual rows laid out like `out`).
 ///
 /// Large layers run band by band: each worker fills a band of rows into its own cache-resident
 /// buffer (for a separable conv: the depthwise output) and multiplies it at once, so the
-/// intermediate never goes to memory. Smaller layers make all rows first, in the calling thread's
-/// scratch, and share out the product (`share_out`).
+/// intermediate never goes to memory; small ones with small weights (the middle flow) as one such
+/// band per worker. The others (the exit flow's large weights) make all rows first, in the
+/// calling thread's scratch, and share out the product (`share_out`).
 pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, relu: bool, threads: usize) {
     let (k, n) = (b.k, b.n);
     let rows = out.len() / n.max(1);
@@ -179,17 +182,20 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     };
     debug_assert_eq!(lines * per_line, rows);
     let bf16 = b.is_bf16() && fill16.is_some();
-    // Large products in bands of about BAND_ROWS rows, several per worker. In bf16, small ones
-    // with weights that fit a core's L2 (the middle flow) in one band per worker: each makes its
+    // Large products in bands of about BAND_ROWS rows, several per worker. Small ones with weights
+    // of at most SMALL_WEIGHTS values (the middle flow) in one band per worker: each makes its
     // own rows of the depthwise output and multiplies them by all the weights, so no row crosses
-    // to the other core (measured 2-3.5% faster on the whole network, paired, than making every
-    // row first and sharing out the weight panels; no difference from 1024 to 3072 rows, which
-    // stay shared; in fp32 no difference either, so fp32 keeps the panel split). The exit flow's
-    // larger weights (3-6 MB) are shared out by panels instead, so each core streams only its
-    // half (1.5-3.7% faster than a band per worker there).
+    // to the other core. In bf16 measured 2-3.5% faster on the whole network, paired, than making
+    // every row first and sharing out the weight panels (no difference from 1024 to 3072 rows,
+    // which stay shared). In fp32 it made no difference until the micro-kernels prefetched the
+    // next weight panel (streaming all the weights per core then cost more); since, at two
+    // threads, xception 4% faster (AVX-512, 13 alternations; AVX2 1%) and xception65 13% (AVX-512;
+    // AVX2 within the noise). The exit flow's larger weights (3-6 MB fp32) are shared out by
+    // panels instead, so each core streams only its half (1.5-3.7% faster than a band per worker
+    // there, bf16).
     let size = if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads {
         band_lines(lines, per_line, threads)
-    } else if bf16 && rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
+    } else if rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
         lines.div_ceil(threads)
     } else {
         0
@@ -275,7 +281,7 @@ fn split(rows: usize, panels: usize, threads: usize, granule: usize) -> (usize, 
 
 /// out = a (rows x k) x b, shared out between the workers. Large products: chunks of rows, each
 /// over every panel (a chunk's rows stay in L2 while the weights stream past). Small ones (the
-/// middle and exit flows): the panels shared out, so each worker streams only part of the
+/// exit flow, the shortcut projections): the panels shared out, so each worker streams only part of the
 /// weights (a row split would stream all of them once per chunk); each panel's rows in one chunk
 /// per worker, the tasks in panel order, so a worker takes runs of whole panels and only the
 /// last panels are split between workers (the work left when the first worker runs out is half
