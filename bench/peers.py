@@ -160,6 +160,9 @@ def main():
             print("the CPUID shim is loaded but CPUID still reports AVX-512: ONNX Runtime stays on AVX-512", file=sys.stderr, flush=True)
         # Before torch is imported and before any child process starts.
         os.environ.update(AVX2_ENV)
+        # torch.compile's kernels built for AVX2 must not be found by a later native run (its
+        # cache key does not tell the two apart: the native run then crashed in them).
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_avx2_{os.getuid()}"))
 
     import numpy as np
     import onnxruntime as ort
