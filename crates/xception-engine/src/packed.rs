@@ -330,7 +330,7 @@ impl Bursts {
     #[inline(always)]
     pub fn new(ahead: Ahead, k: usize) -> Bursts {
         let bursts = ahead.lines.div_ceil(Self::BURST).max(1);
-        Bursts { next: ahead.from, left: ahead.lines, chunk: (k / bursts & !1).max(2) }
+        Bursts { next: ahead.from, left: ahead.lines, chunk: ((k / bursts) & !1).max(2) }
     }
 
     /// Issues the next burst; returns where the k loop's next chunk ends (`k` after the last).
