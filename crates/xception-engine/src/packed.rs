@@ -134,16 +134,19 @@ impl PackedB {
 /// What happens to each output value as it is stored: `+ residual` (same layout as the output,
 /// row stride `ld`), then ReLU. With `accumulate` the product is added to what the output
 /// already holds instead of to the bias (a conv made of several products, one per kernel row).
+/// And what the product fetches for the caller meanwhile (`ahead`).
 #[derive(Clone, Copy)]
 pub struct Epilogue<'a> {
     pub residual: Option<(&'a [f32], usize)>,
     pub relu: bool,
     pub accumulate: bool,
+    /// Values the caller reads next (the next band's input), fetched into L2 while the tiles run.
+    pub ahead: &'a [f32],
 }
 
 impl Epilogue<'_> {
     /// Bias added, nothing else.
-    pub const PLAIN: Epilogue<'static> = Epilogue { residual: None, relu: false, accumulate: false };
+    pub const PLAIN: Epilogue<'static> = Epilogue { residual: None, relu: false, accumulate: false, ahead: &[] };
 }
 
 /// An output matrix shared by the tasks of one parallel GEMM, each writing its own rows and
@@ -291,6 +294,8 @@ pub(crate) struct Tile {
     pub cols: usize,
     /// Lines of the next panel to fetch into L2 while this tile runs (`Ahead`).
     pub ahead: Ahead,
+    /// Lines of the caller's next values (`Epilogue::ahead`) to fetch meanwhile.
+    pub extra: Ahead,
 }
 
 /// Cache lines to prefetch into L2 while a micro-kernel runs (`Bursts`): the weights the next
@@ -317,8 +322,9 @@ impl Ahead {
 /// itself has no prefetch bookkeeping.
 #[cfg(target_arch = "x86_64")]
 pub(crate) struct Bursts {
-    next: *const i8,
-    left: usize,
+    /// The two streams, fetched one after the other: the next panel's weights, then the
+    /// caller's next values.
+    streams: [Ahead; 2],
     /// k steps per chunk (even: the kernels take two k steps per iteration).
     chunk: usize,
 }
@@ -328,21 +334,22 @@ impl Bursts {
     const BURST: usize = 8;
 
     #[inline(always)]
-    pub fn new(ahead: Ahead, k: usize) -> Bursts {
-        let bursts = ahead.lines.div_ceil(Self::BURST).max(1);
-        Bursts { next: ahead.from, left: ahead.lines, chunk: ((k / bursts) & !1).max(2) }
+    pub fn new(ahead: Ahead, extra: Ahead, k: usize) -> Bursts {
+        let bursts = (ahead.lines + extra.lines).div_ceil(Self::BURST).max(1);
+        Bursts { streams: [ahead, extra], chunk: ((k / bursts) & !1).max(2) }
     }
 
     /// Issues the next burst; returns where the k loop's next chunk ends (`k` after the last).
     #[inline(always)]
     pub unsafe fn issue(&mut self, p: usize, k: usize) -> usize {
-        let n = self.left.min(Self::BURST);
+        let s = if self.streams[0].lines > 0 { &mut self.streams[0] } else { &mut self.streams[1] };
+        let n = s.lines.min(Self::BURST);
         for i in 0..n {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.next.add(64 * i));
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(s.from.add(64 * i));
         }
-        self.next = self.next.add(64 * n);
-        self.left -= n;
-        if self.left == 0 {
+        s.from = s.from.add(64 * n);
+        s.lines -= n;
+        if self.streams[0].lines + self.streams[1].lines == 0 {
             k
         } else {
             (p + self.chunk).min(k)
@@ -359,6 +366,10 @@ impl Bursts {
 #[allow(clippy::too_many_arguments)]
 unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue, (kc_max, mr, nr): (usize, usize, usize), tile: impl Fn(Tile)) {
     let kc_even = b.k.div_ceil(b.k.div_ceil(kc_max));
+    // The caller's next values, shared out between every tile of the product.
+    let extra_total = epi.ahead.len() * 4 / 64;
+    let extra_per_tile = extra_total.div_ceil(b.k.div_ceil(kc_even) * panels.len() * (NR / nr) * m.div_ceil(mr));
+    let mut extra_done = 0;
     let mut k0 = 0;
     while k0 < b.k {
         let kc = (b.k - k0).min(kc_even);
@@ -386,13 +397,16 @@ unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usiz
                         _ => Ahead::NONE,
                     };
                     fetched += lines;
+                    let extra_lines = extra_per_tile.min(extra_total - extra_done);
+                    let extra = Ahead { from: (epi.ahead.as_ptr() as *const i8).add(extra_done * 64), lines: extra_lines };
+                    extra_done += extra_lines;
                     let step = Step {
                         start: if first && !epi.accumulate { Start::Bias(b.bias[col..].as_ptr()) } else { Start::Partial },
                         residual: if last { epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr)) } else { None },
                         relu: last && epi.relu,
                     };
                     let (a, c) = (a.as_ptr().add(m0 * lda + k0), out.ptr.add(m0 * ldc + col));
-                    tile(Tile { rows, k: kc, a, lda, b: panel.as_ptr(), c, ldc, step, cols, ahead });
+                    tile(Tile { rows, k: kc, a, lda, b: panel.as_ptr(), c, ldc, step, cols, ahead, extra });
                     m0 += rows;
                 }
             }
@@ -444,9 +458,9 @@ pub(crate) fn lane_mask(lanes: usize) -> u16 {
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
     ($t:expr, $kernel:ident, $($r:literal)*) => {{
-        let Tile { rows, k, a, lda, b, c, ldc, step, cols, ahead } = $t;
+        let Tile { rows, k, a, lda, b, c, ldc, step, cols, ahead, extra } = $t;
         match rows {
-            $($r => $kernel::<$r>(k, a, lda, b, c, ldc, step, cols, ahead),)*
+            $($r => $kernel::<$r>(k, a, lda, b, c, ldc, step, cols, ahead, extra),)*
             _ => unreachable!("tile rows"),
         }
     }};
@@ -500,7 +514,7 @@ pub(crate) mod avx512 {
     /// broadcast of A per row and two loads of B per k step.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead) {
+    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
         let (m0, m1) = (super::lane_mask(cols), super::lane_mask(cols.saturating_sub(16)));
         let zero = _mm512_setzero_ps();
         // The tile's output (and residual) lines are fetched while the k loop runs: a store that
@@ -536,7 +550,7 @@ pub(crate) mod avx512 {
         }
         // Two k steps per iteration: each row's address is formed once for two broadcasts
         // (address arithmetic competes with the FMAs for execution ports).
-        let mut bursts = Bursts::new(ahead, k);
+        let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         while p + 2 <= k {
             let end = bursts.issue(p, k);
@@ -623,7 +637,7 @@ pub(crate) mod avx2 {
     /// loads of B per k step; B's rows are a whole panel (32 values) apart.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead) {
+    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
         let (n0, n1) = (cols.min(8), cols.saturating_sub(8));
         let (m0, m1) = (lanes(n0), lanes(n1));
         // As in the AVX-512 kernel: the output (and residual) lines are fetched while k runs.
@@ -659,7 +673,7 @@ pub(crate) mod avx2 {
         }
         // Two k steps per iteration, as in the AVX-512 kernel: each row's address is formed once
         // for two broadcasts.
-        let mut bursts = Bursts::new(ahead, k);
+        let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         while p + 2 <= k {
             let end = bursts.issue(p, k);
@@ -755,7 +769,7 @@ mod tests {
                 // A sentinel beyond column n shows the masked stores stay inside the matrix.
                 let ldc = n + 1;
                 let mut out = vec![7.5f32; m * ldc];
-                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate: false };
+                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate: false, ahead: &[] };
                 for simd in kernels() {
                     let mut full = vec![0f32; m * n];
                     unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut full), n, epi) };
