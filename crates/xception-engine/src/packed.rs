@@ -299,7 +299,8 @@ pub(crate) struct Tile {
 }
 
 /// Cache lines to prefetch into L2 while a micro-kernel runs (`Bursts`): the weights the next
-/// panel's tiles will read, shared out between the current panel's tiles. Weights come from
+/// panel's tiles will read, shared out between the current panel's tiles (or the caller's next
+/// values, `Epilogue::ahead`, shared out between all the tiles of a product). Weights come from
 /// memory (a pass streams ~90 MB of them) and the hardware prefetchers do not run a panel ahead,
 /// so a panel's first row tile would wait for each line in turn: a 361x728x728 product whose
 /// weights were not in cache ran 13-24% slower than with hot ones (one thread, 2026-12-06). With
@@ -361,7 +362,7 @@ impl Bursts {
 /// k; within a block every row tile (`mr` rows) passes over one `nr`-column slice of a panel
 /// (which stays in cache) before the next slice; the tiles' partial sums go back to the output
 /// between blocks, and the epilogue runs after the last one. A panel's tiles share out the
-/// prefetch of the next panel's block (`Ahead`).
+/// prefetch of the next panel's block, and all the tiles that of `epi.ahead` (`Ahead`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue, (kc_max, mr, nr): (usize, usize, usize), tile: impl Fn(Tile)) {
