@@ -13,20 +13,13 @@ For the AVX2 comparison run it as `XCEPTION_ENGINE_NO_AVX512=1 LD_PRELOAD=<libcp
 python bench/paired.py` (see bench/cpuid_avx2.c; peers.py --isa avx2 builds the library).
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import BIN, TIMM_NAME, commit, ort_session  # noqa: E402
-
-
-def ours(model, threads, passes):
-    out = subprocess.check_output([BIN, "bench", "--model", model, "--threads", str(threads), "--runs", str(passes), "--json"], text=True)
-    return json.loads(out)["median_ms"]
+from peers import TIMM_NAME, commit, ort_session, ours  # noqa: E402
 
 
 def main():
@@ -50,7 +43,7 @@ def main():
         sess.run(None, {"x": xn})
         ratios = []
         for i in range(args.alternations):
-            t_ours = ours(model, args.threads, args.passes)
+            t_ours = ours(model, 1, args.threads, 299, runs=args.passes) * 1e3
             times = []
             for _ in range(args.passes):
                 t = time.perf_counter()

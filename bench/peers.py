@@ -66,9 +66,10 @@ for line in sys.stdin:
 MEASURED_PEAKS = []
 
 
-def ours(model, batch, threads, size, precision="f32"):
+def ours(model, batch, threads, size, precision="f32", runs=1):
+    """Our binary's median seconds per pass over `runs` timed passes (after its warm-up one)."""
     out = subprocess.check_output([BIN, "bench", "--model", model, "--batch", str(batch), "--threads", str(threads),
-                                   "--input-size", str(size), "--runs", "1", "--precision", precision, "--json"], text=True)
+                                   "--input-size", str(size), "--runs", str(runs), "--precision", precision, "--json"], text=True)
     r = json.loads(out)
     MEASURED_PEAKS.append(r["peak_gflops"])
     return r["median_ms"] / 1e3
