@@ -1049,28 +1049,34 @@ thread_local! {
 }
 
 /// Whether `sep_conv_pool` pays for the separable conv `s` on `x`: its output must be large
-/// enough to leave the cache (the entry flow's first two blocks at 299); below, the recomputed
-/// boundary lines cost more than the memory traffic saved. Only for bf16 products: measured on
-/// the whole network (xception, 299, paired), 1.2-1.7% faster at batch 1 and 6.5% at batch 8 in
-/// bf16; in fp32, where the recomputed lines cost more, 1.6-2% slower at batch 1 (1.7% faster at
-/// batch 8).
+/// enough to leave the cache (the entry flow's first two blocks at 299); below, the conv lines
+/// made twice cost more than the memory traffic saved. In fp32 only outputs of at least
+/// POOL_FUSION_F32 values an image (the first block at 299: 147x147x128). Measured (xception, 299, two threads, per-step medians, five alternations):
+/// block 1's conv + pool 8.3-8.7 ms unfused, 7.2-7.6 fused; block 2 (74x74x256) even, 6.4-7.1
+/// against 6.6-7.1. bf16: blocks 1 and 2 5.4-5.6 and 3.2-3.6 ms fused, 6.0-6.5 and 3.6-4.1 with
+/// the earlier fusion (a band for every four pool lines, each making its own shared conv line).
 pub fn pool_fusion_pays(x: &Activations, s: &SepConv, threads: usize) -> bool {
     let (_, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
     let (_, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-    s.pw.is_bf16() && oh >= 4 * threads && oh * ow >= 8 * BAND_ROWS * threads
+    (s.pw.is_bf16() || oh * ow * s.pw.n >= POOL_FUSION_F32) && oh >= 4 * threads && oh * ow >= 8 * BAND_ROWS * threads
 }
 
-/// Output lines of a pool made from one band of the separable conv's output.
-const POOL_BAND_LINES: usize = 4;
+/// See `pool_fusion_pays`.
+const POOL_FUSION_F32: usize = 2 << 20;
+/// Runs of consecutive pool lines per worker (`sep_conv_pool`): several, so the faster core can
+/// take more of them; few, since the conv line two runs share is made by both.
+const POOL_RUNS_PER_WORKER: usize = 2;
 
 /// A separable conv followed by a max pool (+ `residual`, laid out like the pooled output): the
 /// conv's output lines are made band by band into a cache-resident buffer and pooled at once, so
 /// the full-resolution output never goes to memory (at 299 an 11 MB write and read for the first
-/// entry-flow block). The conv line shared by two neighbouring bands (a 3x3 window of stride 2
-/// overlaps its neighbour by one line) is computed by both, about 1/8 more product work for that
-/// conv. Every output value is the same as `max_pool(sep_conv(..))`'s: the same sums in the same
+/// entry-flow block). Each task makes a run of consecutive pool lines of one image; the conv line
+/// two neighbouring bands share (a 3x3 window of stride 2 overlaps its neighbour by one line) is
+/// kept from one band to the next, so only the lines shared between runs are made twice (3 of
+/// 147 at 299 on two threads, against one in eight when every band of four pool lines made its
+/// own). Every output value is the same as `max_pool(sep_conv(..))`'s: the same sums in the same
 /// order.
-pub fn sep_conv_pool(x: &Activations, s: &SepConv, (k, stride, padding): (usize, usize, Padding), bufs: &Buffers, residual: Option<&[f32]>) -> Activations {
+pub fn sep_conv_pool(x: &Activations, s: &SepConv, (k, stride, padding): (usize, usize, Padding), bufs: &Buffers, residual: Option<&[f32]>, threads: usize) -> Activations {
     with_depthwise(x, s, |(oh, ow, fill, fill16)| {
         let n = s.pw.n;
         let p = PoolShape::new(k, stride, padding, oh, ow);
@@ -1079,25 +1085,48 @@ pub fn sep_conv_pool(x: &Activations, s: &SepConv, (k, stride, padding): (usize,
             assert_eq!(r.len(), out.len(), "pool residual shape");
         }
         let shared = SharedOut::new(&mut out);
-        let bands_per_image = p.oh.div_ceil(POOL_BAND_LINES);
-        (0..x.n * bands_per_image).into_par_iter().for_each(|t| {
-            let (b, band) = (t / bands_per_image, t % bands_per_image);
-            let (p0, p1) = (band * POOL_BAND_LINES, ((band + 1) * POOL_BAND_LINES).min(p.oh));
-            // The conv lines this band's pool lines read.
-            let (l0, l1) = (p.lines(p0, oh).start, p.lines(p1 - 1, oh).end);
-            let m = (l1 - l0) * ow;
+        // Pool lines per band: the band's new conv lines (`stride` a pool line) about BAND_ROWS
+        // rows, as in `matmul`'s bands (measured: pool bands of 4 lines, 8-9 conv lines, made
+        // the fused 147x147 step 20% slower than bands of one).
+        let pbl = BAND_ROWS.div_ceil(stride * ow).max(1);
+        let run_len = p.oh.div_ceil((POOL_RUNS_PER_WORKER * threads).div_ceil(x.n)).max(1);
+        let runs = p.oh.div_ceil(run_len);
+        let reads = |lines: Range<usize>| input_lines(x, s, oh, lines);
+        (0..x.n * runs).into_par_iter().for_each(|t| {
+            let (b, run) = (t / runs, t % runs);
+            let (q0, q1) = (run * run_len, ((run + 1) * run_len).min(p.oh));
             POOL_BAND.with_borrow_mut(|conv| {
-                conv.resize(conv.len().max(m * n), 0.0);
-                let epi = Epilogue { residual: None, relu: s.out_relu, accumulate: false, ahead: &[] };
-                // SAFETY: `conv` is this task's own buffer.
-                unsafe { band_product(b * oh + l0..b * oh + l1, ow, fill, fill16, &s.pw, SharedOut::new(&mut conv[..m * n]), epi) };
-                let conv = &conv[..m * n];
-                for oy in p0..p1 {
-                    let row = b * p.oh + oy;
-                    // SAFETY: this task alone writes pool lines [p0, p1) of image b.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.offset(row * p.ow * n).ptr(), p.ow * n) };
-                    let line = |iy: usize| &conv[(iy - l0) * ow * n..][..ow * n];
-                    pool_line(&p, line, oh, ow, n, oy, residual.map(|r| &r[row * p.ow * n..][..p.ow * n]), dst);
+                // The conv lines (of image b) the buffer holds.
+                let mut held = 0..0;
+                for p0 in (q0..q1).step_by(pbl) {
+                    let p1 = (p0 + pbl).min(q1);
+                    // The conv lines this band's pool lines read; those made for the band before
+                    // move to the front of the buffer.
+                    let (l0, l1) = (p.lines(p0, oh).start, p.lines(p1 - 1, oh).end);
+                    let kept = if held.contains(&l0) { held.end.min(l1) - l0 } else { 0 };
+                    let m = (l1 - l0) * ow;
+                    conv.resize(conv.len().max(m * n), 0.0);
+                    if kept > 0 {
+                        let from = (l0 - held.start) * ow * n;
+                        conv.copy_within(from..from + kept * ow * n, 0);
+                    }
+                    held = l0..l1;
+                    if l0 + kept < l1 {
+                        // The next band's input is fetched into L2 while this band's product runs.
+                        let next_end = p.lines((p1 + pbl).min(q1).max(p1 + 1) - 1, oh).end;
+                        let ahead = if p1 < q1 && next_end > l1 { reads(b * oh + l1..b * oh + next_end) } else { &[] };
+                        let epi = Epilogue { residual: None, relu: s.out_relu, accumulate: false, ahead };
+                        // SAFETY: `conv` is this task's own buffer.
+                        unsafe { band_product(b * oh + l0 + kept..b * oh + l1, ow, fill, fill16, &s.pw, SharedOut::new(&mut conv[kept * ow * n..m * n]), epi) };
+                    }
+                    let conv = &conv[..m * n];
+                    for oy in p0..p1 {
+                        let row = b * p.oh + oy;
+                        // SAFETY: this task alone writes pool lines [q0, q1) of image b.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.offset(row * p.ow * n).ptr(), p.ow * n) };
+                        let line = |iy: usize| &conv[(iy - l0) * ow * n..][..ow * n];
+                        pool_line(&p, line, oh, ow, n, oy, residual.map(|r| &r[row * p.ow * n..][..p.ow * n]), dst);
+                    }
                 }
             });
         });
@@ -1189,7 +1218,7 @@ mod tests {
                 let want = max_pool(&conv, 3, 2, padding, &bufs, Some(&residual));
                 for threads in 1..=3 {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    let got = pool.install(|| sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual)));
+                    let got = pool.install(|| sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual), threads));
                     assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c));
                     assert!(got.data == want.data, "{precision:?} {h}x{w} on {threads} threads: fused output differs");
                 }

@@ -720,7 +720,7 @@ impl Engine {
         match last {
             [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays(x, s, self.threads) => {
                 let started = self.step_start();
-                let out = kernels::sep_conv_pool(x, s, (*k, *stride, *padding), &self.bufs, Some(residual));
+                let out = kernels::sep_conv_pool(x, s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
                 let cost = (kernels::sep_conv_macs(x, s), bytes_of(x.data.len() + 2 * out.data.len()) + s.weight_bytes());
                 self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
                 out
