@@ -129,7 +129,9 @@ enum Step {
     MaxPool { k: usize, stride: usize, padding: Padding },
     Affine { affine: Affine, relu: bool },
     Relu,
-    Tap,
+    /// A multi-level feature tap; `relu`: of the input rectified (the ReLU itself left to the
+    /// separable conv after, which applies it as it loads).
+    Tap { relu: bool },
     DecoderTap,
 }
 
@@ -371,6 +373,15 @@ impl Compiler<'_> {
                     steps.push(step);
                     i = i + 1 + used;
                 }
+                // A tap of rectified features before a separable conv (timm taps each downsampling
+                // block's rectified input): the ReLU goes into the conv's loads, and only a kept
+                // tap is rectified, in its copy (a pass over the activations saved otherwise).
+                Op::Relu if next_is(i + 1, &|op| matches!(op, Op::Tap { .. })) && next_is(i + 2, &is_dw) => {
+                    steps.push(Step::Tap { relu: true });
+                    let (step, used) = self.sep(ops, i + 2, None, true)?;
+                    steps.push(step);
+                    i = i + 2 + used;
+                }
                 Op::Conv(c) if c.is_depthwise() => {
                     let (step, used) = self.sep(ops, i, None, false)?;
                     steps.push(step);
@@ -436,7 +447,7 @@ impl Compiler<'_> {
                     i += 1;
                 }
                 Op::Tap { .. } => {
-                    steps.push(Step::Tap);
+                    steps.push(Step::Tap { relu: false });
                     i += 1;
                 }
                 Op::DecoderTap => {
@@ -884,9 +895,13 @@ impl Engine {
                 });
                 "relu"
             }
-            Step::Tap => {
+            Step::Tap { relu } => {
                 if taps.want_taps {
-                    taps.taps.push(x.clone());
+                    let mut tap = x.clone();
+                    if *relu {
+                        tap.data.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                    taps.taps.push(tap);
                 }
                 "tap"
             }
@@ -897,7 +912,7 @@ impl Engine {
             Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("in_place: a step that makes a new tensor"),
         };
         // Each value read and written once (a tap: copied, when it is kept).
-        let moved = !matches!(step, Step::Tap) || taps.want_taps;
+        let moved = !matches!(step, Step::Tap { .. }) || taps.want_taps;
         self.profile_step(started, what, (0, if moved { 2 * bytes_of(x.data.len()) } else { 0 }), || what.into());
     }
 }
