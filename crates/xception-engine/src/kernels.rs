@@ -425,9 +425,24 @@ fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh)
     (0..lines.div_ceil(2)).into_par_iter().for_each(|t| {
         for line in 2 * t..(2 * t + 2).min(lines) {
             let (b, oy) = (line / oh, line % oh);
+            // The input lines of the output line two on (the next task's, which this worker most
+            // likely takes next), fetched into L2 while this line's products run, a kernel row's
+            // share with each. Measured (two threads, per-step medians, five alternations): the
+            // 147x147 shortcut projection 0.80-0.91 ms against 0.80-1.09 without; the others
+            // within the noise.
+            let next = line + 2;
+            let ahead: &[f32] = if next < lines {
+                let (nb, noy) = (next / oh, next % oh);
+                let l = src.w * c;
+                &src.data[(nb * src.h + noy * d.stride) * l..][..d.k * l]
+            } else {
+                &[]
+            };
+            let share = ahead.len().div_ceil(d.k);
             for (ky, rows) in kernel_rows.iter().enumerate() {
                 let a = &src.data[((b * src.h + oy * d.stride + ky) * src.w) * c..];
-                let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead: &[] };
+                let ahead = &ahead[(ky * share).min(ahead.len())..((ky + 1) * share).min(ahead.len())];
+                let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead };
                 // SAFETY: this task owns output line `line` (ow rows of n values).
                 unsafe { gemm_rows(ow, a, d.stride * c, rows, 0..rows.panels(), shared.offset(line * ow * n), n, epi) };
             }
