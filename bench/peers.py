@@ -238,7 +238,8 @@ def main():
     write(args, rows, op_rows)
 
 
-OP_SHAPES = [("entry", 147, 147, 128, 128), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)]
+OP_SHAPES = [("entry", 147, 147, 128, 128), ("entry 74", 74, 74, 256, 256), ("entry 37", 37, 37, 728, 728),
+             ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)]
 
 
 def per_op(args):

@@ -8,7 +8,7 @@ fn main() {
         eprintln!("bf16 needs AMX, which this machine lacks");
         std::process::exit(1);
     }
-    for &(m, k, n) in &[(147 * 2, 128, 128), (361, 728, 728), (100, 1536, 2048), (96, 728, 728)] {
+    for &(m, k, n) in &[(147 * 2, 128, 128), (361, 728, 728), (100, 1536, 2048), (96, 728, 728), (1369, 728, 728), (1369, 256, 728), (685, 728, 728), (222, 256, 256)] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
         let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
         let b = PackedB::with_precision(&w, &vec![0.0; n], k, n, precision);

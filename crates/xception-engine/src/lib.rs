@@ -1021,12 +1021,12 @@ pub struct OpTiming {
 }
 
 /// Times the depthwise 3x3 and the pointwise 1x1 kernels (the latter in `precision`), and the
-/// two as one separable conv, at the entry, middle and exit flow shapes of Xception at 299
-/// (median of `runs`).
+/// two as one separable conv, at the entry (the three downsampling blocks' second separable
+/// convs), middle and exit flow shapes of Xception at 299 (median of `runs`).
 pub fn bench_ops(threads: usize, runs: usize, precision: Precision) -> Result<Vec<OpTiming>> {
     check_precision(precision)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
-    let shapes = [("entry", 147, 147, 128, 128), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)];
+    let shapes = [("entry", 147, 147, 128, 128), ("entry 74", 74, 74, 256, 256), ("entry 37", 37, 37, 728, 728), ("middle", 19, 19, 728, 728), ("exit", 10, 10, 1536, 2048)];
     let mut out = Vec::new();
     for (flow, h, w, c, cout) in shapes {
         let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect() };
