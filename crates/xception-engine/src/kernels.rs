@@ -321,8 +321,17 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
             share_out16(a16, ld16, b, b16, rows, shared, epi_at, threads);
         });
     }
+    // A task over every panel fetches the next chunk's rows into L2 as it runs (a chunk's rows
+    // are otherwise read from memory by its first panel's tiles, faster than one core streams).
+    // Measured on the 37x37 separable convs (two threads, sums of per-step medians, five
+    // alternations): 9.2-10.8 ms against 9.4-10.5, 4 of 5 faster; `bench --ops` separable 37x37
+    // 5.9-6.3 ms against 6.3-6.5.
+    let all = b.panels();
     // SAFETY: each task owns its rows x panels of the output.
-    shared_tasks(rows, b.panels(), threads, MR, |row0, m, ps| unsafe { gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, epi_at(row0)) });
+    shared_tasks(rows, all, threads, MR, |row0, m, ps| unsafe {
+        let ahead = if ps.len() == all { &a[((row0 + m) * k).min(rows * k)..((row0 + 2 * m) * k).min(rows * k)] } else { &[] };
+        gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, Epilogue { ahead, ..epi_at(row0) })
+    });
 }
 
 /// Runs `task(row0, rows, panels)` over the pieces `split` cuts a product of `rows` rows into,
