@@ -187,18 +187,21 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     };
     debug_assert_eq!(lines * per_line, rows);
     let bf16 = b.is_bf16() && fill16.is_some();
-    // Large products in bands of about BAND_ROWS rows, several per worker. Small ones with weights
-    // of at most SMALL_WEIGHTS values (the middle flow) in one band per worker: each makes its
-    // own rows of the depthwise output and multiplies them by all the weights, so no row crosses
-    // to the other core. In bf16 measured 2-3.5% faster on the whole network, paired, than making
-    // every row first and sharing out the weight panels (no difference from 1024 to 3072 rows,
-    // which stay shared). In fp32 it made no difference until the micro-kernels prefetched the
-    // next weight panel (streaming all the weights per core then cost more); since, at two
-    // threads, xception 4% faster (AVX-512, 13 alternations; AVX2 1%) and xception65 13% (AVX-512;
-    // AVX2 within the noise). The exit flow's larger weights (3-6 MB fp32) are shared out by
-    // panels instead, so each core streams only its half (1.5-3.7% faster than a band per worker
-    // there, bf16).
-    let size = if lines >= 4 * threads && rows >= 8 * BAND_ROWS * threads {
+    // Large products (SMALL_ROWS rows or more) in bands of about BAND_ROWS rows, at least four per
+    // worker. Since the next band's input is prefetched this includes the 37x37 layers (1369 rows),
+    // which made every row first and shared out chunks of rows: their two separable convs 9.1-9.6
+    // ms against 9.4-10.4 (fp32, two threads, four alternations; bf16 and AVX2 even), xception65 even or
+    // faster (138-141 ms against 138-147). Small ones with weights of at most SMALL_WEIGHTS values
+    // (the middle flow) in one band per worker: each makes its own rows of the depthwise output and
+    // multiplies them by all the weights, so no row crosses to the other core. In bf16 measured
+    // 2-3.5% faster on the whole network, paired, than making every row first and sharing out the
+    // weight panels (products of 1024 to 3072 rows, then shared too, made no difference). In fp32
+    // it made no difference until the micro-kernels prefetched the next weight panel (streaming all
+    // the weights per core then cost more); since, at two threads, xception 4% faster (AVX-512, 13
+    // alternations; AVX2 1%) and xception65 13% (AVX-512; AVX2 within the noise). The exit flow's
+    // larger weights (3-6 MB fp32) are shared out by panels instead, so each core streams only its
+    // half (1.5-3.7% faster than a band per worker there, bf16).
+    let size = if lines >= 4 * threads && rows >= SMALL_ROWS {
         band_lines(lines, per_line, threads)
     } else if rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
         lines.div_ceil(threads)
@@ -323,8 +326,8 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     }
     // A task over every panel fetches the next chunk's rows into L2 as it runs (a chunk's rows
     // are otherwise read from memory by its first panel's tiles, faster than one core streams).
-    // Measured on the 37x37 separable convs (two threads, sums of per-step medians, five
-    // alternations): 9.2-10.8 ms against 9.4-10.5, 4 of 5 faster; `bench --ops` separable 37x37
+    // Measured when the 37x37 separable convs came through here (two threads, sums of per-step
+    // medians, five alternations): 9.2-10.8 ms against 9.4-10.5, 4 of 5 faster; `bench --ops` separable 37x37
     // 5.9-6.3 ms against 6.3-6.5.
     let all = b.panels();
     // SAFETY: each task owns its rows x panels of the output.
