@@ -741,6 +741,46 @@ mod dw3 {
         by_transform!(t, on_avx512, BF16; x, s, b, oy, ow, pt, pl, out, len, stride)
     }
 
+    /// One output line of a max pool (+ `residual`), a vector of channels at a time: the
+    /// window's taps (`taps(ox)`: up to MAX_TAPS pointers to a pixel's first channel) maxed in a
+    /// register and stored once. Same values as the scalar `pool_line` (a max of the same set,
+    /// the residual added after).
+    #[inline(always)]
+    unsafe fn pool<V: Vector>(ow: usize, c: usize, taps: impl Fn(usize, &mut [*const f32; MAX_TAPS]) -> usize, residual: Option<&[f32]>, dst: &mut [f32]) {
+        let mut at = [std::ptr::null(); MAX_TAPS];
+        for ox in 0..ow {
+            let n = taps(ox, &mut at);
+            let out = dst.as_mut_ptr().add(ox * c);
+            let res = residual.map(|r| r.as_ptr().add(ox * c));
+            let mut cb = 0;
+            while cb < c {
+                let m = V::mask(c - cb);
+                let mut acc = V::load(m, at[0].add(cb));
+                for t in &at[1..n] {
+                    acc = V::max(V::load(m, t.add(cb)), acc);
+                }
+                if let Some(r) = res {
+                    acc = V::add(acc, V::load(m, r.add(cb)));
+                }
+                V::store(m, out.add(cb), acc);
+                cb += V::LANES;
+            }
+        }
+    }
+
+    /// The most taps of a pool window `pool_avx512` / `pool_avx2` take (3x3 windows and 4x4).
+    pub const MAX_TAPS: usize = 16;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pool_avx512(ow: usize, c: usize, taps: impl Fn(usize, &mut [*const f32; MAX_TAPS]) -> usize, residual: Option<&[f32]>, dst: &mut [f32]) {
+        pool::<__m512>(ow, c, taps, residual, dst)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pool_avx2(ow: usize, c: usize, taps: impl Fn(usize, &mut [*const f32; MAX_TAPS]) -> usize, residual: Option<&[f32]>, dst: &mut [f32]) {
+        pool::<__m256>(ow, c, taps, residual, dst)
+    }
+
     /// One output line with AVX2 (f32, pixels `s.channels` values apart).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn avx2(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
@@ -1031,6 +1071,42 @@ impl PoolShape {
 #[allow(clippy::too_many_arguments)]
 fn pool_line<'a>(p: &PoolShape, line: impl Fn(usize) -> &'a [f32], h: usize, w: usize, c: usize, oy: usize, residual: Option<&[f32]>, dst: &mut [f32]) {
     let rows = p.lines(oy, h);
+    #[cfg(target_arch = "x86_64")]
+    if rows.len() * p.k <= dw3::MAX_TAPS {
+        use crate::packed::Kernel;
+        let taps = |ox: usize, at: &mut [*const f32; dw3::MAX_TAPS]| {
+            let x0 = (ox * p.stride).saturating_sub(p.left);
+            let x1 = (ox * p.stride + p.k).saturating_sub(p.left).min(w);
+            let mut n = 0;
+            for iy in rows.clone() {
+                let src = line(iy);
+                for ix in x0..x1 {
+                    at[n] = src[ix * c..][..c].as_ptr();
+                    n += 1;
+                }
+            }
+            debug_assert!(n > 0, "an empty pool window");
+            n
+        };
+        // Measured (xception, two threads, per-step medians, four alternations): the three
+        // max pool steps 1.22-1.31 ms against 1.51-1.72 with the scalar loop below.
+        match crate::packed::kernel() {
+            // SAFETY: the CPU has AVX-512F (checked by `kernel`); every tap points at c values.
+            Kernel::Avx512 => return unsafe { dw3::pool_avx512(p.ow, c, taps, residual, dst) },
+            // SAFETY: the CPU has AVX2 (checked by `kernel`).
+            Kernel::Avx2 => return unsafe { dw3::pool_avx2(p.ow, c, taps, residual, dst) },
+            Kernel::Portable => {}
+        }
+    }
+    pool_line_scalar(p, line, h, w, c, oy, residual, dst)
+}
+
+/// `pool_line` as a plain loop (compiled for AVX-512 or AVX2 by `simd` where the CPU has them):
+/// the maximum gathered in `dst`, tap by tap.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pool_line_scalar<'a>(p: &PoolShape, line: impl Fn(usize) -> &'a [f32], h: usize, w: usize, c: usize, oy: usize, residual: Option<&[f32]>, dst: &mut [f32]) {
+    let rows = p.lines(oy, h);
     simd(
         #[inline(always)]
         || {
@@ -1248,6 +1324,27 @@ mod tests {
                     let got = pool.install(|| sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual), threads));
                     assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c));
                     assert!(got.data == want.data, "{precision:?} {h}x{w} on {threads} threads: fused output differs");
+                }
+            }
+        }
+    }
+
+    /// The SIMD max pool line gives the plain loop's values bit for bit: both padding rules,
+    /// with and without a residual, channel counts that leave a ragged last vector for either
+    /// width, the first, inner and last lines.
+    #[test]
+    fn simd_pool_is_the_scalar_pool() {
+        for &(h, w, c, padding) in &[(9, 7, 24, Padding::TfSame), (10, 9, 37, Padding::Symmetric(1)), (7, 8, 16, Padding::TfSame), (6, 5, 5, Padding::Symmetric(1))] {
+            let x: Vec<f32> = (0..h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect();
+            let p = PoolShape::new(3, 2, padding, h, w);
+            let residual: Vec<f32> = (0..p.ow * c).map(|i| ((i * 104729 % 997) as f32 - 498.0) / 251.0).collect();
+            let line = |iy: usize| &x[iy * w * c..][..w * c];
+            for oy in 0..p.oh {
+                for r in [None, Some(&residual[..])] {
+                    let (mut got, mut want) = (vec![0f32; p.ow * c], vec![1f32; p.ow * c]);
+                    pool_line(&p, line, h, w, c, oy, r, &mut got);
+                    pool_line_scalar(&p, line, h, w, c, oy, r, &mut want);
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{h}x{w}x{c} {padding:?} line {oy}: SIMD pool differs");
                 }
             }
         }
