@@ -1006,6 +1006,13 @@ pub fn sep_conv_macs(x: &Activations, s: &SepConv) -> u64 {
     (x.n * oh * ow * s.channels * (s.k * s.k + s.pw.n)) as u64
 }
 
+/// Multiply-adds of the separable conv `pre` on `x` and of `s` on its output (`chain_pays`: `s`
+/// keeps the size).
+pub fn chain_macs(x: &Activations, pre: &SepConv, s: &SepConv) -> u64 {
+    let first = sep_conv_macs(x, pre);
+    first + first / (pre.channels * (pre.k * pre.k + pre.pw.n)) as u64 * (s.channels * (s.k * s.k + s.pw.n)) as u64
+}
+
 /// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
 /// With `residual` (the block's shortcut, same shape as the output) the GEMM adds it as it
 /// stores: the residual add costs no extra pass.
@@ -1151,16 +1158,17 @@ thread_local! {
     static POOL_BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether `sep_conv_pool` pays for the separable conv `s` on `x`: its output must be large
-/// enough to leave the cache (the entry flow's first two blocks at 299); below, the conv lines
-/// made twice cost more than the memory traffic saved. In fp32 only outputs of at least
-/// POOL_FUSION_F32 values an image (the first block at 299: 147x147x128). Measured (xception, 299, two threads, per-step medians, five alternations):
-/// block 1's conv + pool 8.3-8.7 ms unfused, 7.2-7.6 fused; block 2 (74x74x256) even, 6.4-7.1
-/// against 6.6-7.1. bf16: blocks 1 and 2 5.4-5.6 and 3.2-3.6 ms fused, 6.0-6.5 and 3.6-4.1 with
+/// Whether `sep_conv_pool` pays for the separable conv `s` on an input of h x w: its output must
+/// be large enough to leave the cache (the entry flow's first two blocks at 299); below, the conv
+/// lines made twice cost more than the memory traffic saved. In fp32 only outputs of at least
+/// POOL_FUSION_F32 values an image (the first block at 299: 147x147x128). Measured (xception,
+/// 299, two threads, per-step medians, five alternations): block 1's conv + pool 8.3-8.7 ms
+/// unfused, 7.2-7.6 fused; block 2 (74x74x256) even, 6.4-7.1 against 6.6-7.1 (again even with
+/// the SIMD pool). bf16: blocks 1 and 2 5.4-5.6 and 3.2-3.6 ms fused, 6.0-6.5 and 3.6-4.1 with
 /// the earlier fusion (a band for every four pool lines, each making its own shared conv line).
-pub fn pool_fusion_pays(x: &Activations, s: &SepConv, threads: usize) -> bool {
-    let (_, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
-    let (_, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+pub fn pool_fusion_pays((h, w): (usize, usize), s: &SepConv, threads: usize) -> bool {
+    let (_, oh) = out_size(s.padding, h, s.k, s.stride, s.dilation);
+    let (_, ow) = out_size(s.padding, w, s.k, s.stride, s.dilation);
     (s.pw.is_bf16() || oh * ow * s.pw.n >= POOL_FUSION_F32) && oh >= 4 * threads && oh * ow >= 8 * BAND_ROWS * threads
 }
 
@@ -1179,62 +1187,137 @@ const POOL_RUNS_PER_WORKER: usize = 2;
 /// 147 at 299 on two threads, against one in eight when every band of four pool lines made its
 /// own). Every output value is the same as `max_pool(sep_conv(..))`'s: the same sums in the same
 /// order.
-pub fn sep_conv_pool(x: &Activations, s: &SepConv, (k, stride, padding): (usize, usize, Padding), bufs: &Buffers, residual: Option<&[f32]>, threads: usize) -> Activations {
-    with_depthwise(x, s, |(oh, ow, fill, fill16)| {
-        let n = s.pw.n;
-        let p = PoolShape::new(k, stride, padding, oh, ow);
-        let mut out = bufs.take(x.n * p.oh * p.ow * n);
-        if let Some(r) = residual {
-            assert_eq!(r.len(), out.len(), "pool residual shape");
-        }
-        let shared = SharedOut::new(&mut out);
-        // Pool lines per band: the band's new conv lines (`stride` a pool line) about BAND_ROWS
-        // rows, as in `matmul`'s bands (measured: pool bands of 4 lines, 8-9 conv lines, made
-        // the fused 147x147 step 20% slower than bands of one).
-        let pbl = BAND_ROWS.div_ceil(stride * ow).max(1);
-        let run_len = p.oh.div_ceil((POOL_RUNS_PER_WORKER * threads).div_ceil(x.n)).max(1);
-        let runs = p.oh.div_ceil(run_len);
-        let reads = |lines: Range<usize>| input_lines(x, s, oh, lines);
-        (0..x.n * runs).into_par_iter().for_each(|t| {
-            let (b, run) = (t / runs, t % runs);
-            let (q0, q1) = (run * run_len, ((run + 1) * run_len).min(p.oh));
-            POOL_BAND.with_borrow_mut(|conv| {
-                // The conv lines (of image b) the buffer holds.
-                let mut held = 0..0;
-                for p0 in (q0..q1).step_by(pbl) {
-                    let p1 = (p0 + pbl).min(q1);
-                    // The conv lines this band's pool lines read; those made for the band before
-                    // move to the front of the buffer.
-                    let (l0, l1) = (p.lines(p0, oh).start, p.lines(p1 - 1, oh).end);
-                    let kept = if held.contains(&l0) { held.end.min(l1) - l0 } else { 0 };
-                    let m = (l1 - l0) * ow;
-                    conv.resize(conv.len().max(m * n), 0.0);
-                    if kept > 0 {
-                        let from = (l0 - held.start) * ow * n;
-                        conv.copy_within(from..from + kept * ow * n, 0);
-                    }
-                    held = l0..l1;
-                    if l0 + kept < l1 {
-                        // The next band's input is fetched into L2 while this band's product runs.
-                        let next_end = p.lines((p1 + pbl).min(q1).max(p1 + 1) - 1, oh).end;
-                        let ahead = if p1 < q1 && next_end > l1 { reads(b * oh + l1..b * oh + next_end) } else { &[] };
-                        let epi = Epilogue { residual: None, relu: s.out_relu, accumulate: false, ahead };
-                        // SAFETY: `conv` is this task's own buffer.
-                        unsafe { band_product(b * oh + l0 + kept..b * oh + l1, ow, fill, fill16, &s.pw, SharedOut::new(&mut conv[kept * ow * n..m * n]), epi) };
-                    }
-                    let conv = &conv[..m * n];
-                    for oy in p0..p1 {
-                        let row = b * p.oh + oy;
-                        // SAFETY: this task alone writes pool lines [q0, q1) of image b.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.offset(row * p.ow * n).ptr(), p.ow * n) };
-                        let line = |iy: usize| &conv[(iy - l0) * ow * n..][..ow * n];
-                        pool_line(&p, line, oh, ow, n, oy, residual.map(|r| &r[row * p.ow * n..][..p.ow * n]), dst);
-                    }
-                }
-            });
+///
+/// With `pre` (see `chain_pays`), `s` runs on the output of the separable conv `pre` on `x`,
+/// itself made band by band into a second cache-resident buffer as `s` needs its lines: neither
+/// full-resolution output goes to memory (the first entry-flow block: 22 MB written and read
+/// less). The same values as `max_pool(sep_conv(sep_conv(x, pre), s))`.
+#[allow(clippy::too_many_arguments)]
+pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: (usize, usize, Padding), bufs: &Buffers, residual: Option<&[f32]>, threads: usize) -> Activations {
+    let epi = |relu: bool, ahead| Epilogue { residual: None, relu, accumulate: false, ahead };
+    let Some(pre) = pre else {
+        return with_depthwise(x, s, |(oh, ow, fill, fill16)| {
+            let reads = |lines: Range<usize>| input_lines(x, s, oh, lines);
+            pool_runs(x.n, (oh, ow, s.pw.n), pool, bufs, residual, threads, |b, lines, next, _, conv| {
+                let ahead = if next.is_empty() { &[][..] } else { reads(b * oh + next.start..b * oh + next.end) };
+                // SAFETY: `conv` is this task's own buffer.
+                unsafe { band_product(b * oh + lines.start..b * oh + lines.end, ow, fill, fill16, &s.pw, SharedOut::new(conv), epi(s.out_relu, ahead)) };
+            })
         });
-        Activations { n: x.n, h: p.oh, w: p.ow, c: n, data: out }
+    };
+    with_depthwise(x, pre, |(oh, ow, fill, fill16)| {
+        let line = ow * pre.pw.n;
+        let reads = |lines: Range<usize>| input_lines(x, pre, oh, lines);
+        pool_runs(x.n, (oh, ow, s.pw.n), pool, bufs, residual, threads, |b, lines, next, fresh, conv| {
+            CHAIN.with_borrow_mut(|(mid, held)| {
+                if fresh {
+                    *held = 0..0;
+                }
+                // The lines of pre's output the conv lines read (3x3, stride 1: one above and one
+                // below); those made for the band before move to the front of the buffer.
+                let want = lines.start.saturating_sub(1)..(lines.end + 1).min(oh);
+                let kept = if held.contains(&want.start) { held.end.min(want.end) - want.start } else { 0 };
+                if kept > 0 {
+                    let from = (want.start - held.start) * line;
+                    mid.copy_within(from..from + kept * line, 0);
+                }
+                mid.resize(mid.len().max(want.len() * line), 0.0);
+                if want.start + kept < want.end {
+                    // The input of the lines the next band adds is fetched into L2 meanwhile.
+                    let after = want.end..(next.end + 1).min(oh).max(want.end);
+                    let ahead = if after.is_empty() { &[][..] } else { reads(b * oh + after.start..b * oh + after.end) };
+                    let made = b * oh + want.start + kept..b * oh + want.end;
+                    // SAFETY: `mid` is this thread's own buffer.
+                    unsafe { band_product(made, ow, fill, fill16, &pre.pw, SharedOut::new(&mut mid[kept * line..want.len() * line]), epi(pre.out_relu, ahead)) };
+                }
+                *held = want.clone();
+                // `s` on the held lines as an image of their own: its line i is pre's line
+                // want.start + i, and the conv lines read no line outside it but the image's own
+                // padding (above the first line and below the last).
+                let view = Activations { n: 1, h: want.len(), w: ow, c: pre.pw.n, data: std::mem::take(mid) };
+                with_depthwise(&view, s, |(_, _, fill, fill16)| {
+                    let local = lines.start - want.start..lines.end - want.start;
+                    // SAFETY: `conv` is this task's own buffer.
+                    unsafe { band_product(local, ow, fill, fill16, &s.pw, SharedOut::new(conv), epi(s.out_relu, &[])) };
+                });
+                *mid = view.data;
+            })
+        })
     })
+}
+
+thread_local! {
+    /// `sep_conv_pool`'s chain: the lines of the first conv's output a worker holds, and which.
+    static CHAIN: RefCell<(Vec<f32>, Range<usize>)> = const { RefCell::new((Vec::new(), 0..0)) };
+}
+
+/// Whether `sep_conv_pool` pays for the separable conv `pre` on `x` followed by `s` and the max
+/// pool: the pool fusion pays for `s` on pre's output, and `s` is the 3x3 conv of stride 1 with a
+/// line of padding on each side, so it reads pre's lines in a window that slides with it.
+/// Measured on the first entry-flow block (xception, 299, two threads, per-step medians, five
+/// alternations): 6.6-6.8 ms against 7.4-7.8 for the first conv alone and then the fused conv +
+/// pool; bf16 (four alternations) 3.7-3.8 against 5.6-6.2; batch 8 even in fp32, 203-229 ms
+/// against 229-237 in bf16.
+pub fn chain_pays(x: &Activations, pre: &SepConv, s: &SepConv, threads: usize) -> bool {
+    let (_, oh) = out_size(pre.padding, x.h, pre.k, pre.stride, pre.dilation);
+    let (_, ow) = out_size(pre.padding, x.w, pre.k, pre.stride, pre.dilation);
+    let slides = |n: usize| out_size(s.padding, n, s.k, s.stride, s.dilation) == (1, n);
+    s.k == 3 && s.stride == 1 && s.dilation == 1 && s.channels == pre.pw.n && slides(oh) && slides(ow) && slides(1) && pool_fusion_pays((oh, ow), s, threads)
+}
+
+/// The runs of pool lines of `sep_conv_pool` and the pool of each band: `make(b, lines, next,
+/// fresh, conv)` writes conv lines `lines` of image b (`oh` x `ow` x `n` an image) into `conv`;
+/// `next`: the lines the band after it makes (empty after a run's last band); `fresh`: the first
+/// band of a run.
+#[allow(clippy::too_many_arguments)]
+fn pool_runs(images: usize, (oh, ow, n): (usize, usize, usize), (k, stride, padding): (usize, usize, Padding), bufs: &Buffers, residual: Option<&[f32]>, threads: usize, make: impl Fn(usize, Range<usize>, Range<usize>, bool, &mut [f32]) + Sync) -> Activations {
+    let p = PoolShape::new(k, stride, padding, oh, ow);
+    let mut out = bufs.take(images * p.oh * p.ow * n);
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "pool residual shape");
+    }
+    let shared = SharedOut::new(&mut out);
+    // Pool lines per band: the band's new conv lines (`stride` a pool line) about BAND_ROWS
+    // rows, as in `matmul`'s bands (measured: pool bands of 4 lines, 8-9 conv lines, made
+    // the fused 147x147 step 20% slower than bands of one).
+    let pbl = BAND_ROWS.div_ceil(stride * ow).max(1);
+    let run_len = p.oh.div_ceil((POOL_RUNS_PER_WORKER * threads).div_ceil(images)).max(1);
+    let runs = p.oh.div_ceil(run_len);
+    (0..images * runs).into_par_iter().for_each(|t| {
+        let (b, run) = (t / runs, t % runs);
+        let (q0, q1) = (run * run_len, ((run + 1) * run_len).min(p.oh));
+        POOL_BAND.with_borrow_mut(|conv| {
+            // The conv lines (of image b) the buffer holds.
+            let mut held = 0..0;
+            for p0 in (q0..q1).step_by(pbl) {
+                let p1 = (p0 + pbl).min(q1);
+                // The conv lines this band's pool lines read; those made for the band before
+                // move to the front of the buffer.
+                let (l0, l1) = (p.lines(p0, oh).start, p.lines(p1 - 1, oh).end);
+                let kept = if held.contains(&l0) { held.end.min(l1) - l0 } else { 0 };
+                let m = (l1 - l0) * ow;
+                conv.resize(conv.len().max(m * n), 0.0);
+                if kept > 0 {
+                    let from = (l0 - held.start) * ow * n;
+                    conv.copy_within(from..from + kept * ow * n, 0);
+                }
+                held = l0..l1;
+                if l0 + kept < l1 {
+                    let next_end = if p1 < q1 { p.lines((p1 + pbl).min(q1) - 1, oh).end.max(l1) } else { l1 };
+                    make(b, l0 + kept..l1, l1..next_end, p0 == q0, &mut conv[kept * ow * n..m * n]);
+                }
+                let conv = &conv[..m * n];
+                for oy in p0..p1 {
+                    let row = b * p.oh + oy;
+                    // SAFETY: this task alone writes pool lines [q0, q1) of image b.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.offset(row * p.ow * n).ptr(), p.ow * n) };
+                    let line = |iy: usize| &conv[(iy - l0) * ow * n..][..ow * n];
+                    pool_line(&p, line, oh, ow, n, oy, residual.map(|r| &r[row * p.ow * n..][..p.ow * n]), dst);
+                }
+            }
+        });
+    });
+    Activations { n: images, h: p.oh, w: p.ow, c: n, data: out }
 }
 
 /// Bilinear resize with align_corners=True (TF `resize_bilinear(align_corners=True)`, PyTorch
@@ -1303,13 +1386,14 @@ mod tests {
 
     /// The fused separable conv + max pool (+ residual) gives exactly what the two steps give
     /// one after the other, in both precisions, over several bands and images, with ReLU after
-    /// the conv and both padding rules of the pool.
+    /// the conv and both padding rules of the pool; chained after another separable conv too.
     #[test]
     fn sep_conv_pool_is_exactly_pool_after_conv() {
         let precisions: &[Precision] = if crate::amx::available() { &[Precision::F32, Precision::Bf16] } else { &[Precision::F32] };
         for &precision in precisions {
-            // 41 lines: 21 pool lines in 6 bands, split between 1-3 threads.
-            for &(h, w, c, cout, padding, out_relu) in &[(23, 17, 24, 40, Padding::TfSame, false), (20, 9, 16, 33, Padding::Symmetric(1), true), (41, 7, 16, 20, Padding::TfSame, false), (41, 6, 8, 12, Padding::Symmetric(1), true)] {
+            // Runs of one band, and (100 wide: a band for each pool line) of up to eleven, whose
+            // bands keep the conv lines (and the chain's first conv lines) they share.
+            for &(h, w, c, cout, padding, out_relu) in &[(23, 17, 24, 40, Padding::TfSame, false), (20, 9, 16, 33, Padding::Symmetric(1), true), (41, 7, 16, 20, Padding::TfSame, false), (41, 6, 8, 12, Padding::Symmetric(1), true), (41, 100, 8, 12, Padding::TfSame, true), (30, 99, 16, 8, Padding::Symmetric(1), false)] {
                 let x = Activations { n: 2, h, w, c, data: (0..2 * h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
                 let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
                 let pw = PackedB::with_precision(&weights(c * cout, 5), &weights(cout, 6), c, cout, precision);
@@ -1321,9 +1405,19 @@ mod tests {
                 let want = max_pool(&conv, 3, 2, padding, &bufs, Some(&residual));
                 for threads in 1..=3 {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    let got = pool.install(|| sep_conv_pool(&x, &s, (3, 2, padding), &bufs, Some(&residual), threads));
+                    let got = pool.install(|| sep_conv_pool(&x, None, &s, (3, 2, padding), &bufs, Some(&residual), threads));
                     assert_eq!((got.n, got.h, got.w, got.c), (want.n, want.h, want.w, want.c));
                     assert!(got.data == want.data, "{precision:?} {h}x{w} on {threads} threads: fused output differs");
+                }
+                // The chain: a separable conv (c -> c) before, its output never made whole.
+                let pw0 = PackedB::with_precision(&weights(c * c, 8), &weights(c, 9), c, c, precision);
+                let pre = SepConv { out_relu: false, in_relu: false, ..SepConv::relu_3x3(weights(9 * c, 10), pw0) };
+                let mid = sep_conv(&x, &pre, 2, &bufs, None);
+                let want = max_pool(&sep_conv(&mid, &s, 2, &bufs, None), 3, 2, padding, &bufs, Some(&residual));
+                for threads in 1..=3 {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let got = pool.install(|| sep_conv_pool(&x, Some(&pre), &s, (3, 2, padding), &bufs, Some(&residual), threads));
+                    assert!(got.data == want.data, "{precision:?} {h}x{w} on {threads} threads: chained output differs");
                 }
             }
         }

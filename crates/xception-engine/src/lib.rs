@@ -676,6 +676,9 @@ impl Engine {
         let fuses = |s: &Step| matches!(s, Step::Sep(s) if !s.out_relu) || matches!(s, Step::MaxPool { .. });
         let ends = match &b.body[..] {
             _ if matches!(b.shortcut, ShortcutPlan::None) => 0,
+            // A body of two separable convs and the pool (the first entry-flow block) in one go
+            // where both convs' outputs are large: neither goes to memory.
+            [Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if kernels::chain_pays(&input, pre, s, self.threads) => 3,
             [.., Step::Sep(_), Step::MaxPool { .. }] => 2,
             [.., last] if fuses(last) => 1,
             _ => 0,
@@ -726,12 +729,20 @@ impl Engine {
 
     /// The last steps of a block with its shortcut `residual` added as they store: one step
     /// (`produce`), or a separable conv and the max pool after it, made band by band in one go
-    /// where its output is large (`kernels::sep_conv_pool`).
+    /// where its output is large (`kernels::sep_conv_pool`), or two separable convs and the pool
+    /// where `kernels::chain_pays` (`block` checks).
     fn produce_end(&self, last: &[Step], x: &Activations, residual: &[f32]) -> Activations {
         match last {
-            [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays(x, s, self.threads) => {
+            [Step::Sep(pre), Step::Sep(s), Step::MaxPool { k, stride, padding }] => {
                 let started = self.step_start();
-                let out = kernels::sep_conv_pool(x, s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
+                let out = kernels::sep_conv_pool(x, Some(pre), s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
+                let cost = (kernels::chain_macs(x, pre, s), bytes_of(x.data.len() + 2 * out.data.len()) + pre.weight_bytes() + s.weight_bytes());
+                self.profile_step(started, "separable convs + max pool", cost, || format!("separable {}->{}, {}->{} + max pool + residual, pooled to {}x{}", pre.channels, pre.pw.n, s.channels, s.pw.n, out.h, out.w));
+                out
+            }
+            [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays((x.h, x.w), s, self.threads) => {
+                let started = self.step_start();
+                let out = kernels::sep_conv_pool(x, None, s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
                 let cost = (kernels::sep_conv_macs(x, s), bytes_of(x.data.len() + 2 * out.data.len()) + s.weight_bytes());
                 self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
                 out
@@ -743,7 +754,7 @@ impl Engine {
                 out
             }
             [step] => self.produce(step, x, Some(residual)),
-            _ => unreachable!("produce_end: one step, or a separable conv and a max pool"),
+            _ => unreachable!("produce_end: one step, one or two separable convs and a max pool"),
         }
     }
 
