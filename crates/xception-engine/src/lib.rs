@@ -276,6 +276,23 @@ pub struct StepTime {
 }
 
 /// Bytes of an activation tensor.
+/// Multiply-adds of a shortcut projection made in the step that made `out` (0 for a residual
+/// made before).
+fn shortcut_macs(r: kernels::Residual, out: &Activations) -> u64 {
+    match r {
+        kernels::Residual::Ready(_) => 0,
+        kernels::Residual::Project(d, _) => (out.data.len() * d.cin) as u64,
+    }
+}
+
+/// How a step's profile line names what it adds.
+fn residual_name(r: kernels::Residual) -> &'static str {
+    match r {
+        kernels::Residual::Ready(_) => "residual",
+        kernels::Residual::Project(..) => "shortcut 1x1",
+    }
+}
+
 fn bytes_of(values: usize) -> u64 {
     (values * std::mem::size_of::<f32>()) as u64
 }
@@ -684,6 +701,21 @@ impl Engine {
             _ => 0,
         };
         let (body, last) = b.body.split_at(b.body.len() - ends);
+        // A projection shortcut ending in the pool is made there, a pool line at a time
+        // (`kernels::Residual::Project`): the body runs on the input borrowed.
+        if let (ShortcutPlan::Project(steps), Some(Step::MaxPool { .. })) = (&b.shortcut, last.last()) {
+            if let [Step::Dense(d)] = &steps[..] {
+                if kernels::projects_in_pool(d, &input, self.threads) {
+                    let partial = (!body.is_empty()).then(|| self.run_from(body, &input, taps));
+                    let out = self.produce_end(last, partial.as_ref().unwrap_or(&input), kernels::Residual::Project(d, &input));
+                    if let Some(p) = partial {
+                        self.bufs.give(p.data);
+                    }
+                    self.bufs.give(input.data);
+                    return out;
+                }
+            }
+        }
         // The body's first conv and the projection read the block input in place, so the
         // identity shortcut is the input itself and neither needs a copy of it.
         let (partial, skip) = match &b.shortcut {
@@ -696,7 +728,7 @@ impl Engine {
         };
         let Some(skip) = skip else { return partial };
         if !last.is_empty() {
-            let out = self.produce_end(last, &partial, &skip.data);
+            let out = self.produce_end(last, &partial, kernels::Residual::Ready(&skip.data));
             self.bufs.give(partial.data);
             self.bufs.give(skip.data);
             return out;
@@ -718,6 +750,12 @@ impl Engine {
     /// `run` on a borrowed input: a first step that makes a new tensor (a conv, a pool) reads
     /// `x` in place; otherwise the steps run on a copy.
     fn run_from(&self, steps: &[Step], x: &Activations, taps: &mut Captured) -> Activations {
+        // Taps first record `x` as it is.
+        let lead = steps.iter().take_while(|s| matches!(s, Step::Tap { .. } | Step::DecoderTap)).count();
+        for step in &steps[..lead] {
+            self.record(step, x, taps);
+        }
+        let steps = &steps[lead..];
         match steps.split_first() {
             Some((first, rest)) if first.makes_new() => {
                 let y = self.produce(first, x, None);
@@ -731,20 +769,20 @@ impl Engine {
     /// (`produce`), or a separable conv and the max pool after it, made band by band in one go
     /// where its output is large (`kernels::sep_conv_pool`), or two separable convs and the pool
     /// where `kernels::chain_pays` (`block` checks).
-    fn produce_end(&self, last: &[Step], x: &Activations, residual: &[f32]) -> Activations {
+    fn produce_end(&self, last: &[Step], x: &Activations, residual: kernels::Residual) -> Activations {
         match last {
             [Step::Sep(pre), Step::Sep(s), Step::MaxPool { k, stride, padding }] => {
                 let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, Some(pre), s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
-                let cost = (kernels::chain_macs(x, pre, s), bytes_of(x.data.len() + 2 * out.data.len()) + pre.weight_bytes() + s.weight_bytes());
-                self.profile_step(started, "separable convs + max pool", cost, || format!("separable {}->{}, {}->{} + max pool + residual, pooled to {}x{}", pre.channels, pre.pw.n, s.channels, s.pw.n, out.h, out.w));
+                let cost = (kernels::chain_macs(x, pre, s) + shortcut_macs(residual, &out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + pre.weight_bytes() + s.weight_bytes());
+                self.profile_step(started, "separable convs + max pool", cost, || format!("separable {}->{}, {}->{} + max pool + {}, pooled to {}x{}", pre.channels, pre.pw.n, s.channels, s.pw.n, residual_name(residual), out.h, out.w));
                 out
             }
             [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays((x.h, x.w), s, self.threads) => {
                 let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, None, s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
-                let cost = (kernels::sep_conv_macs(x, s), bytes_of(x.data.len() + 2 * out.data.len()) + s.weight_bytes());
-                self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + residual, pooled to {}x{}", s.channels, s.pw.n, out.h, out.w));
+                let cost = (kernels::sep_conv_macs(x, s) + shortcut_macs(residual, &out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + s.weight_bytes());
+                self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + {}, pooled to {}x{}", s.channels, s.pw.n, residual_name(residual), out.h, out.w));
                 out
             }
             [sep @ Step::Sep(_), pool @ Step::MaxPool { .. }] => {
@@ -760,14 +798,20 @@ impl Engine {
 
     /// A step that makes a new tensor from `x` (conv, separable conv, max pool), with the
     /// residual added as the output is stored where given (not for dense convs).
-    fn produce(&self, step: &Step, x: &Activations, residual: Option<&[f32]>) -> Activations {
+    fn produce(&self, step: &Step, x: &Activations, residual: Option<kernels::Residual>) -> Activations {
         let started = self.step_start();
         let out = match step {
             Step::Dense(d) => {
                 assert!(residual.is_none(), "engine: no residual for a dense conv");
                 kernels::dense_conv(x, d, self.threads, &self.bufs)
             }
-            Step::Sep(s) => kernels::sep_conv(x, s, self.threads, &self.bufs, residual),
+            Step::Sep(s) => {
+                let ready = residual.map(|r| match r {
+                    kernels::Residual::Ready(r) => r,
+                    kernels::Residual::Project(..) => unreachable!("engine: a shortcut projection is made in a pool only"),
+                });
+                kernels::sep_conv(x, s, self.threads, &self.bufs, ready)
+            }
             Step::MaxPool { k, stride, padding } => kernels::max_pool(x, *k, *stride, *padding, &self.bufs, residual),
             _ => unreachable!("produce: an in-place step (Engine::in_place)"),
         };
@@ -776,17 +820,17 @@ impl Engine {
             Step::Sep(s) => ("separable conv", kernels::sep_conv_macs(x, s), s.weight_bytes()),
             _ => ("max pool", 0, 0),
         };
-        let bytes = bytes_of(x.data.len() + out.data.len() + residual.map_or(0, |r| r.len())) + weights;
+        let bytes = bytes_of(x.data.len() + out.data.len() + residual.map_or(0, |r| r.reads())) + weights;
+        let macs = macs + residual.map_or(0, |r| shortcut_macs(r, &out));
         self.profile_step(started, kind, (macs, bytes), || {
             let what = match step {
                 Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
                 Step::Sep(s) => format!("separable {}->{} at {}x{}", s.channels, s.pw.n, out.h, out.w),
                 _ => "max pool".into(),
             };
-            if residual.is_some() {
-                format!("{what} + residual")
-            } else {
-                what
+            match residual {
+                Some(r) => format!("{what} + {}", residual_name(r)),
+                None => what,
             }
         });
         out
@@ -906,6 +950,17 @@ impl Engine {
                 });
                 "relu"
             }
+            Step::Tap { .. } | Step::DecoderTap => return self.record(step, x, taps),
+            Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("in_place: a step that makes a new tensor"),
+        };
+        // Each value read and written once.
+        self.profile_step(started, what, (0, 2 * bytes_of(x.data.len())), || what.into());
+    }
+
+    /// A step that only records `x` (a tap).
+    fn record(&self, step: &Step, x: &Activations, taps: &mut Captured) {
+        let started = self.step_start();
+        let what = match step {
             Step::Tap { relu } => {
                 if taps.want_taps {
                     let mut tap = x.clone();
@@ -920,9 +975,9 @@ impl Engine {
                 taps.decoder = Some(x.clone());
                 "decoder tap"
             }
-            Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. } => unreachable!("in_place: a step that makes a new tensor"),
+            _ => unreachable!("record: a tap"),
         };
-        // Each value read and written once (a tap: copied, when it is kept).
+        // A tap is copied when it is kept.
         let moved = !matches!(step, Step::Tap { .. }) || taps.want_taps;
         self.profile_step(started, what, (0, if moved { 2 * bytes_of(x.data.len()) } else { 0 }), || what.into());
     }
