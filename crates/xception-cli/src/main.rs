@@ -60,6 +60,10 @@ mod plot;
 mod train;
 use train::{EvalArgs, TrainArgs};
 
+/// Large allocations (activations, bands) start on a cache line (see `xception::engine::align`).
+#[global_allocator]
+static ALLOCATOR: xception::engine::align::LineAligned = xception::engine::align::LineAligned;
+
 #[derive(Args)]
 struct SegmentArgs {
     /// DeepLabv3+ weights (our safetensors, or a PyTorch state dict with timm backbone names).

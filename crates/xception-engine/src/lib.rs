@@ -17,6 +17,7 @@
 
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
+pub mod align;
 pub mod amx;
 mod kernels;
 #[doc(hidden)]
