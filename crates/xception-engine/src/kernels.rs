@@ -327,8 +327,8 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     // A task over every panel fetches the next chunk's rows into L2 as it runs (a chunk's rows
     // are otherwise read from memory by its first panel's tiles, faster than one core streams).
     // Measured when the 37x37 separable convs came through here (two threads, sums of per-step
-    // medians, five alternations): 9.2-10.8 ms against 9.4-10.5, 4 of 5 faster; `bench --ops` separable 37x37
-    // 5.9-6.3 ms against 6.3-6.5.
+    // medians, five alternations): 9.2-10.8 ms against 9.4-10.5, 4 of 5 faster; `bench --ops`
+    // separable 37x37 5.9-6.3 ms against 6.3-6.5.
     let all = b.panels();
     // SAFETY: each task owns its rows x panels of the output.
     shared_tasks(rows, all, threads, MR, |row0, m, ps| unsafe {
