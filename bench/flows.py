@@ -44,8 +44,8 @@ def ort_block(node):
 
 def our_blocks(stderr):
     """Per pass (the warm-up dropped): {block: ms} from the engine's step profile. A block ends
-    with the step that adds its shortcut (the only steps whose names say "residual"); the stem is
-    the two dense 3x3 convs."""
+    with the step that adds its shortcut (the only steps whose names say "residual", or "shortcut"
+    where the step makes the projection too); the stem is the two dense 3x3 convs."""
     passes = []
     for line in stderr.splitlines():
         if not line.startswith("engine step"):
@@ -57,7 +57,7 @@ def our_blocks(stderr):
         blocks, at = passes[-1]
         name = "stem" if at[0] == 0 and what.startswith("dense 3x3") else (f"block{at[0] + 1}" if at[0] < 12 else "tail")
         blocks[name] += ms
-        if "residual" in what:
+        if "residual" in what or "shortcut" in what:
             at[0] += 1
     return [b for b, _ in passes[1:]]
 
