@@ -271,6 +271,8 @@ fn bench_layers_adds_up_to_the_pass() {
     assert!(sep["steps"].as_u64().unwrap() >= 20 && sep["gflops"].as_f64().unwrap() > 0.0 && sep["peak_fraction"].as_f64().unwrap() > 0.0, "{sep}");
     assert!(kind("dense conv 3x3")["gflops"].as_f64().unwrap() > 0.0);
     assert!(kind("max pool")["gflops"].is_null());
+    // The first block's pool makes its 1x1 shortcut projection (at 71: 18 lines, small weights).
+    assert!(kind("max pool + shortcut projection")["gflops"].as_f64().unwrap() > 0.0, "{json}");
     // The roofline: arithmetic intensity for the convs, memory rate for the pools, each against
     // its bound (the measured memory bandwidth, or the peak).
     assert!(json["bandwidth_gbs"].as_f64().unwrap() > 0.0, "{json}");

@@ -819,6 +819,9 @@ impl Engine {
         let (kind, macs, weights) = match step {
             Step::Dense(d) => (if d.k == 1 { "dense conv 1x1" } else if d.k == 3 { "dense conv 3x3" } else { "dense conv" }, (out.n * out.h * out.w * d.cout * d.cin * d.k * d.k) as u64, d.weight.bytes()),
             Step::Sep(s) => ("separable conv", kernels::sep_conv_macs(x, s), s.weight_bytes()),
+            // A pool that makes the block's shortcut projection is a type of its own (its
+            // multiply-adds are the projection's).
+            _ if matches!(residual, Some(kernels::Residual::Project(..))) => ("max pool + shortcut projection", 0, 0),
             _ => ("max pool", 0, 0),
         };
         let bytes = bytes_of(x.data.len() + out.data.len() + residual.map_or(0, |r| r.reads())) + weights;
