@@ -11,13 +11,18 @@
 //! place and accumulates in the output. Activations are NHWC float32 in buffers reused across
 //! layers; a batch runs as one stream of whole images per thread.
 //!
+//! Where an entry-flow block's outputs are large, its last separable conv is pooled band by band
+//! as it is made, the first block's two separable convs run as one banded chain (neither output
+//! goes to memory), and the block's 1x1 shortcut projection is made in its pool a line at a time
+//! (`kernels::sep_conv_pool`, `kernels::Residual`).
+//!
 //! `Precision::Bf16` (opt-in, CPUs with AMX) packs the weights in bf16 for AMX tiles instead and
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
-//! (`amx`); an entry-flow block's last separable conv is then pooled band by band as it is made.
+//! (`amx`); the pool fusion then reaches the second entry-flow block too.
 
+pub mod align;
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
-pub mod align;
 pub mod amx;
 mod kernels;
 #[doc(hidden)]
@@ -276,7 +281,6 @@ pub struct StepTime {
     pub bytes: u64,
 }
 
-/// Bytes of an activation tensor.
 /// Multiply-adds of a shortcut projection made in the step that made `out` (0 for a residual
 /// made before).
 fn shortcut_macs(r: kernels::Residual, out: &Activations) -> u64 {
@@ -294,6 +298,7 @@ fn residual_name(r: kernels::Residual) -> &'static str {
     }
 }
 
+/// Bytes of an activation tensor.
 fn bytes_of(values: usize) -> u64 {
     (values * std::mem::size_of::<f32>()) as u64
 }
