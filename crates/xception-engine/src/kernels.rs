@@ -999,18 +999,27 @@ fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwLines) -> R)
     }
 }
 
-/// Multiply-adds of the separable conv `s` on `x`: its depthwise and pointwise parts.
-pub fn sep_conv_macs(x: &Activations, s: &SepConv) -> u64 {
+/// Output pixels of the separable conv `s` on `x` (all images).
+fn sep_pixels(x: &Activations, s: &SepConv) -> usize {
     let (_, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
     let (_, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-    (x.n * oh * ow * s.channels * (s.k * s.k + s.pw.n)) as u64
+    x.n * oh * ow
+}
+
+/// Multiply-adds of one output pixel of the separable conv `s`: its depthwise and pointwise parts.
+fn sep_pixel_macs(s: &SepConv) -> usize {
+    s.channels * (s.k * s.k + s.pw.n)
+}
+
+/// Multiply-adds of the separable conv `s` on `x`.
+pub fn sep_conv_macs(x: &Activations, s: &SepConv) -> u64 {
+    (sep_pixels(x, s) * sep_pixel_macs(s)) as u64
 }
 
 /// Multiply-adds of the separable conv `pre` on `x` and of `s` on its output (`chain_pays`: `s`
 /// keeps the size).
 pub fn chain_macs(x: &Activations, pre: &SepConv, s: &SepConv) -> u64 {
-    let first = sep_conv_macs(x, pre);
-    first + first / (pre.channels * (pre.k * pre.k + pre.pw.n)) as u64 * (s.channels * (s.k * s.k + s.pw.n)) as u64
+    (sep_pixels(x, pre) * (sep_pixel_macs(pre) + sep_pixel_macs(s))) as u64
 }
 
 /// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
@@ -1146,24 +1155,25 @@ pub enum Residual<'a> {
     Project(&'a DenseConv, &'a Activations),
 }
 
-impl Residual<'_> {
-    /// `f` on the residual of output line `row` (image-major, `oh` lines an image, `ow` x `n`
-    /// values a line).
-    fn line<R>(&self, row: usize, (oh, ow, n): (usize, usize, usize), f: impl FnOnce(&[f32]) -> R) -> R {
-        match *self {
-            Residual::Ready(r) => f(&r[row * ow * n..][..ow * n]),
-            Residual::Project(d, x) => SKIP.with_borrow_mut(|skip| {
-                skip.resize(skip.len().max(ow * n), 0.0);
-                let (b, oy) = (row / oh, row % oh);
-                let a = &x.data[(b * x.h + oy * d.stride) * x.w * x.c..];
-                let epi = Epilogue { relu: d.relu, ..Epilogue::PLAIN };
-                // SAFETY: `skip` is this thread's own buffer.
-                unsafe { gemm_rows(ow, a, d.stride * x.c, &d.weight, 0..d.weight.panels(), SharedOut::new(&mut skip[..ow * n]), n, epi) };
-                f(&skip[..ow * n])
-            }),
-        }
+/// `f` on the residual, if any, of output line `row` (image-major, `oh` lines an image, `ow` x
+/// `n` values a line).
+fn residual_line<R>(residual: Option<Residual>, row: usize, (oh, ow, n): (usize, usize, usize), f: impl FnOnce(Option<&[f32]>) -> R) -> R {
+    match residual {
+        None => f(None),
+        Some(Residual::Ready(r)) => f(Some(&r[row * ow * n..][..ow * n])),
+        Some(Residual::Project(d, x)) => SKIP.with_borrow_mut(|skip| {
+            skip.resize(skip.len().max(ow * n), 0.0);
+            let (b, oy) = (row / oh, row % oh);
+            let a = &x.data[(b * x.h + oy * d.stride) * x.w * x.c..];
+            let epi = Epilogue { relu: d.relu, ..Epilogue::PLAIN };
+            // SAFETY: `skip` is this thread's own buffer.
+            unsafe { gemm_rows(ow, a, d.stride * x.c, &d.weight, 0..d.weight.panels(), SharedOut::new(&mut skip[..ow * n]), n, epi) };
+            f(Some(&skip[..ow * n]))
+        }),
     }
+}
 
+impl Residual<'_> {
     /// Asserts that it fits an output of `images` x `oh` x `ow` x `n`.
     fn check(&self, images: usize, (oh, ow, n): (usize, usize, usize)) {
         match *self {
@@ -1215,10 +1225,7 @@ pub fn max_pool(x: &Activations, k: usize, stride: usize, padding: Padding, bufs
     out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
         let b = row / oh;
         let line = |iy: usize| &x.data[(b * x.h + iy) * x.w * c..][..x.w * c];
-        match residual {
-            None => pool_line(&p, line, x.h, x.w, c, row % oh, None, dst),
-            Some(r) => r.line(row, (oh, ow, c), |r| pool_line(&p, line, x.h, x.w, c, row % oh, Some(r), dst)),
-        }
+        residual_line(residual, row, (oh, ow, c), |r| pool_line(&p, line, x.h, x.w, c, row % oh, r, dst));
     });
     Activations { n: x.n, h: oh, w: ow, c, data: out }
 }
@@ -1286,12 +1293,7 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
                 // The lines of pre's output the conv lines read (3x3, stride 1: one above and one
                 // below); those made for the band before move to the front of the buffer.
                 let want = lines.start.saturating_sub(1)..(lines.end + 1).min(oh);
-                let kept = if held.contains(&want.start) { held.end.min(want.end) - want.start } else { 0 };
-                if kept > 0 {
-                    let from = (want.start - held.start) * line;
-                    mid.copy_within(from..from + kept * line, 0);
-                }
-                mid.resize(mid.len().max(want.len() * line), 0.0);
+                let kept = slide(mid, held, want.clone(), line);
                 if want.start + kept < want.end {
                     // The input of the lines the next band adds is fetched into L2 meanwhile.
                     let after = want.end..(next.end + 1).min(oh).max(want.end);
@@ -1300,7 +1302,6 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
                     // SAFETY: `mid` is this thread's own buffer.
                     unsafe { band_product(made, ow, fill, fill16, &pre.pw, SharedOut::new(&mut mid[kept * line..want.len() * line]), epi(pre.out_relu, ahead)) };
                 }
-                *held = want.clone();
                 // `s` on the held lines as an image of their own: its line i is pre's line
                 // want.start + i, and the conv lines read no line outside it but the image's own
                 // padding (above the first line and below the last).
@@ -1314,6 +1315,21 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
             })
         })
     })
+}
+
+/// Moves a buffer of whole lines (`line` values each) from holding lines `held` to holding
+/// `want`, which starts no earlier: the lines both cover move to the front, and the buffer grows
+/// to fit `want`. Returns how many lines it kept (the first ones of `want`); the others are the
+/// caller's to make.
+fn slide(buf: &mut Vec<f32>, held: &mut Range<usize>, want: Range<usize>, line: usize) -> usize {
+    let kept = if held.contains(&want.start) { held.end.min(want.end) - want.start } else { 0 };
+    if kept > 0 {
+        let from = (want.start - held.start) * line;
+        buf.copy_within(from..from + kept * line, 0);
+    }
+    buf.resize(buf.len().max(want.len() * line), 0.0);
+    *held = want;
+    kept
 }
 
 thread_local! {
@@ -1364,14 +1380,8 @@ fn pool_runs(images: usize, (oh, ow, n): (usize, usize, usize), (k, stride, padd
                 // The conv lines this band's pool lines read; those made for the band before
                 // move to the front of the buffer.
                 let (l0, l1) = (p.lines(p0, oh).start, p.lines(p1 - 1, oh).end);
-                let kept = if held.contains(&l0) { held.end.min(l1) - l0 } else { 0 };
+                let kept = slide(conv, &mut held, l0..l1, ow * n);
                 let m = (l1 - l0) * ow;
-                conv.resize(conv.len().max(m * n), 0.0);
-                if kept > 0 {
-                    let from = (l0 - held.start) * ow * n;
-                    conv.copy_within(from..from + kept * ow * n, 0);
-                }
-                held = l0..l1;
                 if l0 + kept < l1 {
                     let next_end = if p1 < q1 { p.lines((p1 + pbl).min(q1) - 1, oh).end.max(l1) } else { l1 };
                     make(b, l0 + kept..l1, l1..next_end, p0 == q0, &mut conv[kept * ow * n..m * n]);
@@ -1382,10 +1392,7 @@ fn pool_runs(images: usize, (oh, ow, n): (usize, usize, usize), (k, stride, padd
                     // SAFETY: this task alone writes pool lines [q0, q1) of image b.
                     let dst = unsafe { std::slice::from_raw_parts_mut(shared.offset(row * p.ow * n).ptr(), p.ow * n) };
                     let line = |iy: usize| &conv[(iy - l0) * ow * n..][..ow * n];
-                    match residual {
-                        None => pool_line(&p, line, oh, ow, n, oy, None, dst),
-                        Some(r) => r.line(row, (p.oh, p.ow, n), |r| pool_line(&p, line, oh, ow, n, oy, Some(r), dst)),
-                    }
+                    residual_line(residual, row, (p.oh, p.ow, n), |r| pool_line(&p, line, oh, ow, n, oy, r, dst));
                 }
             }
         });
