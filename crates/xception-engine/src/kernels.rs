@@ -619,6 +619,9 @@ mod dw3 {
         unsafe fn mask(valid: usize) -> Self::Mask;
         /// Loads the valid lanes, zeros in the others.
         unsafe fn load(m: Self::Mask, p: *const f32) -> Self;
+        /// Loads a whole vector (no mask: a zero-masked AVX-512 load costs a vector ALU
+        /// operation besides the load).
+        unsafe fn load_full(p: *const f32) -> Self;
         unsafe fn store(m: Self::Mask, p: *mut f32, v: Self);
         unsafe fn zero() -> Self;
         unsafe fn add(a: Self, b: Self) -> Self;
@@ -639,6 +642,10 @@ mod dw3 {
         #[inline(always)]
         unsafe fn load(m: __mmask16, p: *const f32) -> __m512 {
             _mm512_maskz_loadu_ps(m, p)
+        }
+        #[inline(always)]
+        unsafe fn load_full(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
         }
         #[inline(always)]
         unsafe fn store(m: __mmask16, p: *mut f32, v: __m512) {
@@ -690,6 +697,10 @@ mod dw3 {
             } else {
                 _mm256_maskload_ps(p, m.mask)
             }
+        }
+        #[inline(always)]
+        unsafe fn load_full(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
         }
         #[inline(always)]
         unsafe fn store(m: Lanes8, p: *mut f32, v: __m256) {
@@ -863,19 +874,36 @@ mod dw3 {
     /// skipped, and each pixel takes its taps in the order (ky, kx): the same sums as one pixel
     /// at a time.
     #[inline(always)]
-    unsafe fn run<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize>(at: &Run, first: usize, store: &impl Fn(usize, V::Mask, V)) {
+    unsafe fn run<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool>(at: &Run, first: usize, store: &impl Fn(usize, V::Mask, V)) {
         debug_assert!(R <= V::RUN);
+        let (c, ix0) = (at.c, first as isize - at.pl as isize);
+        debug_assert_eq!(EDGE, ix0 < 0 || ix0 + (R + 2) as isize > at.w as isize);
+        // Whole vectors of channels, then the ragged last one under a mask.
+        let whole = c - c % V::LANES;
+        let mut cb = 0;
+        while cb < whole {
+            block::<V, AFFINE, RELU, R, EDGE, true>(at, first, cb, store);
+            cb += V::LANES;
+        }
+        if cb < c {
+            block::<V, AFFINE, RELU, R, EDGE, false>(at, first, cb, store);
+        }
+    }
+
+    /// Channels [cb, cb + V::LANES) of `run`'s pixels (`FULL`: all of them valid, so every
+    /// load is a plain one).
+    #[inline(always)]
+    unsafe fn block<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const FULL: bool>(at: &Run, first: usize, cb: usize, store: &impl Fn(usize, V::Mask, V)) {
         let Run { lines, w, c, pl, dw, bias, scale, shift, stride, mid_relu } = *at;
         let zero = V::zero();
-        // Input column of the window's first tap, and whether any of the R + 2 columns is outside.
+        // Input column of the window's first tap; with EDGE some of the R + 2 columns are outside.
         let ix0 = first as isize - pl as isize;
-        let edge = ix0 < 0 || ix0 + (R + 2) as isize > w as isize;
-        let mut cb = 0;
-        while cb < c {
+        {
             let m = V::mask(c - cb);
-            let (sc, sh) = if AFFINE { (V::load(m, scale.as_ptr().add(cb)), V::load(m, shift.as_ptr().add(cb))) } else { (zero, zero) };
+            let get = |p: *const f32| if FULL { V::load_full(p) } else { V::load(m, p) };
+            let (sc, sh) = if AFFINE { (get(scale.as_ptr().add(cb)), get(shift.as_ptr().add(cb))) } else { (zero, zero) };
             let load = |p: *const f32| {
-                let mut v = V::load(m, p);
+                let mut v = get(p);
                 if AFFINE {
                     v = V::add(V::mul(v, sc), sh);
                 }
@@ -886,35 +914,43 @@ mod dw3 {
             };
             let mut wt = [zero; 9];
             for (t, wt) in wt.iter_mut().enumerate() {
-                *wt = V::load(m, dw.add(t * c + cb));
+                *wt = get(dw.add(t * c + cb));
             }
             let b = match bias {
-                Some(bias) => V::load(m, bias.add(cb)),
+                Some(bias) => get(bias.add(cb)),
                 None => zero,
             };
             let mut acc = [b; R];
-            for (ky, line) in lines.iter().enumerate() {
-                let Some(line) = *line else { continue };
-                for j in 0..R + 2 {
-                    let ix = ix0 + j as isize;
-                    if edge && (ix < 0 || ix >= w as isize) {
-                        continue;
-                    }
-                    let v = load(line.add(ix as usize * c + cb));
-                    for kx in 0..3 {
-                        if j >= kx && j - kx < R {
-                            acc[j - kx] = V::fmadd(v, wt[ky * 3 + kx], acc[j - kx]);
+            // One kernel row's taps, written out for each row (a macro: a closure would be
+            // compiled without this function's target features), so that the rows unroll and
+            // the weights stay in registers (a loop over ky kept them on the stack).
+            macro_rules! taps {
+                ($ky:literal) => {
+                    if let Some(line) = lines[$ky] {
+                        for j in 0..R + 2 {
+                            let ix = ix0 + j as isize;
+                            if EDGE && (ix < 0 || ix >= w as isize) {
+                                continue;
+                            }
+                            let v = load(line.add(ix as usize * c + cb));
+                            for kx in 0..3 {
+                                if j >= kx && j - kx < R {
+                                    acc[j - kx] = V::fmadd(v, wt[$ky * 3 + kx], acc[j - kx]);
+                                }
+                            }
                         }
                     }
-                }
+                };
             }
+            taps!(0);
+            taps!(1);
+            taps!(2);
             for (i, mut a) in acc.into_iter().enumerate() {
                 if mid_relu {
                     a = V::max(a, zero);
                 }
                 store((first + i) * stride + cb, m, a);
             }
-            cb += V::LANES;
         }
     }
 
@@ -968,11 +1004,18 @@ mod dw3 {
                     left if left >= 2 => 2,
                     _ => 1,
                 };
-                match r {
-                    8 => run::<V, AFFINE, RELU, 8>(&at, first, &store),
-                    4 => run::<V, AFFINE, RELU, 4>(&at, first, &store),
-                    2 => run::<V, AFFINE, RELU, 2>(&at, first, &store),
-                    _ => run::<V, AFFINE, RELU, 1>(&at, first, &store),
+                // Whether the run's window reaches into the padding left or right.
+                let ix0 = first as isize - pl as isize;
+                let edge = ix0 < 0 || ix0 + (r + 2) as isize > x.w as isize;
+                match (r, edge) {
+                    (8, false) => run::<V, AFFINE, RELU, 8, false>(&at, first, &store),
+                    (8, true) => run::<V, AFFINE, RELU, 8, true>(&at, first, &store),
+                    (4, false) => run::<V, AFFINE, RELU, 4, false>(&at, first, &store),
+                    (4, true) => run::<V, AFFINE, RELU, 4, true>(&at, first, &store),
+                    (2, false) => run::<V, AFFINE, RELU, 2, false>(&at, first, &store),
+                    (2, true) => run::<V, AFFINE, RELU, 2, true>(&at, first, &store),
+                    (_, false) => run::<V, AFFINE, RELU, 1, false>(&at, first, &store),
+                    (_, true) => run::<V, AFFINE, RELU, 1, true>(&at, first, &store),
                 }
                 first += r;
             }
