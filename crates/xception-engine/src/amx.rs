@@ -425,7 +425,7 @@ mod tests {
                 for i in 0..m {
                     out[i * ldc..][..n].copy_from_slice(&prior[i * n..][..n]);
                 }
-                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate, ahead: &[] };
+                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate, ..Epilogue::PLAIN };
                 unsafe { crate::packed::gemm_rows(m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut out), ldc, epi) };
                 for i in 0..m {
                     assert_eq!(out[i * ldc + n], 7.5, "column past the end written ({m}x{k}x{n})");

@@ -3,7 +3,7 @@
 //! only for dilated and the smallest ones), max pool, and the drivers that feed the packed GEMM
 //! (`packed`) band by band; the `gemm` crate for the classifier head and the portable path.
 
-use crate::packed::{gemm_rows, Epilogue, PackedB, SharedOut, MR};
+use crate::packed::{gemm_rows, Epilogue, Fetch, PackedB, SharedOut, MR};
 use crate::{Activations, DenseConv, SepConv};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -177,7 +177,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
         assert_eq!(r.len(), out.len(), "residual shape");
     }
     let shared = SharedOut::new(out);
-    let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu, accumulate: false, ahead: &[] };
+    let epi_at = |row0: usize| Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu, accumulate: false, ..Epilogue::PLAIN };
     let (lines, per_line, fill, fill16, reads) = match lhs {
         Lhs::Ready(a) => {
             assert!(a.len() >= rows * k, "matmul lhs shape");
@@ -219,10 +219,14 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
             // 22.0 -> 18.7 ms (3 alternations, the pass 3% faster); one thread 27.7 -> 26.5.
             let next = l1..(2 * l1 - l0).min(lines);
             let ahead = match reads {
-                Some(reads) if !next.is_empty() => reads(next),
-                _ => &[],
+                Some(reads) if !next.is_empty() => Fetch::of(reads(next.clone())),
+                _ => Fetch::NONE,
             };
-            unsafe { band_product(l0..l1, per_line, fill, fill16, b, shared.offset(row0 * n), Epilogue { ahead, ..epi_at(row0) }) }
+            // And its output rows, whose first stores would miss otherwise: the 74x74 and 37x37
+            // products 2.06 -> 1.95 and 2.62 -> 2.48 ms (means of four alternations of per-step
+            // medians; the 256->256 even).
+            let writes = Fetch::output(shared, next.start * per_line * n, next.len() * per_line * n);
+            unsafe { band_product(l0..l1, per_line, fill, fill16, b, shared.offset(row0 * n), Epilogue { ahead, writes, ..epi_at(row0) }) }
         });
     }
     // Every row made first, then the product shared out. The parallel work below runs only leaf
@@ -332,7 +336,7 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     let all = b.panels();
     // SAFETY: each task owns its rows x panels of the output.
     shared_tasks(rows, all, threads, MR, |row0, m, ps| unsafe {
-        let ahead = if ps.len() == all { &a[((row0 + m) * k).min(rows * k)..((row0 + 2 * m) * k).min(rows * k)] } else { &[] };
+        let ahead = if ps.len() == all { Fetch::of(&a[((row0 + m) * k).min(rows * k)..((row0 + 2 * m) * k).min(rows * k)]) } else { Fetch::NONE };
         gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, Epilogue { ahead, ..epi_at(row0) })
     });
 }
@@ -443,18 +447,21 @@ fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh)
             // 147x147 shortcut projection 0.80-0.91 ms against 0.80-1.09 without; the others
             // within the noise.
             let next = line + 2;
-            let ahead: &[f32] = if next < lines {
+            let ahead = if next < lines {
                 let (nb, noy) = (next / oh, next % oh);
                 let l = src.w * c;
-                &src.data[(nb * src.h + noy * d.stride) * l..][..d.k * l]
+                Fetch::of(&src.data[(nb * src.h + noy * d.stride) * l..][..d.k * l])
             } else {
-                &[]
+                Fetch::NONE
             };
-            let share = ahead.len().div_ceil(d.k);
+            // And that line's output, whose first stores would miss otherwise. Each kernel row's
+            // product fetches a share of both.
+            let written = if next < lines { Fetch::output(shared, next * ow * n, ow * n) } else { Fetch::NONE };
+            let (share, share_out) = (ahead.len().div_ceil(d.k), written.len().div_ceil(d.k));
             for (ky, rows) in kernel_rows.iter().enumerate() {
                 let a = &src.data[((b * src.h + oy * d.stride + ky) * src.w) * c..];
-                let ahead = &ahead[(ky * share).min(ahead.len())..((ky + 1) * share).min(ahead.len())];
-                let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead };
+                let (ahead, writes) = (ahead.part(ky * share, (ky + 1) * share), written.part(ky * share_out, (ky + 1) * share_out));
+                let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead, writes };
                 // SAFETY: this task owns output line `line` (ow rows of n values).
                 unsafe { gemm_rows(ow, a, d.stride * c, rows, 0..rows.panels(), shared.offset(line * ow * n), n, epi) };
             }
@@ -1388,12 +1395,12 @@ const POOL_RUNS_PER_WORKER: usize = 2;
 /// less). The same values as `max_pool(sep_conv(sep_conv(x, pre), s))`.
 #[allow(clippy::too_many_arguments)]
 pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: (usize, usize, Padding), bufs: &Buffers, residual: Option<Residual>, threads: usize) -> Activations {
-    let epi = |relu: bool, ahead| Epilogue { residual: None, relu, accumulate: false, ahead };
+    let epi = |relu: bool, ahead| Epilogue { residual: None, relu, accumulate: false, ahead, writes: Fetch::NONE };
     let Some(pre) = pre else {
         return with_depthwise(x, s, |(oh, ow, fill, fill16)| {
             let reads = |lines: Range<usize>| input_lines(x, s, oh, lines);
             pool_runs(x.n, (oh, ow, s.pw.n), pool, bufs, residual, threads, |b, lines, next, _, conv| {
-                let ahead = if next.is_empty() { &[][..] } else { reads(b * oh + next.start..b * oh + next.end) };
+                let ahead = if next.is_empty() { Fetch::NONE } else { Fetch::of(reads(b * oh + next.start..b * oh + next.end)) };
                 // SAFETY: `conv` is this task's own buffer.
                 unsafe { band_product(b * oh + lines.start..b * oh + lines.end, ow, fill, fill16, &s.pw, SharedOut::new(conv), epi(s.out_relu, ahead)) };
             })
@@ -1414,7 +1421,7 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
                 if want.start + kept < want.end {
                     // The input of the lines the next band adds is fetched into L2 meanwhile.
                     let after = want.end..(next.end + 1).min(oh).max(want.end);
-                    let ahead = if after.is_empty() { &[][..] } else { reads(b * oh + after.start..b * oh + after.end) };
+                    let ahead = if after.is_empty() { Fetch::NONE } else { Fetch::of(reads(b * oh + after.start..b * oh + after.end)) };
                     let made = b * oh + want.start + kept..b * oh + want.end;
                     // SAFETY: `mid` is this thread's own buffer.
                     unsafe { band_product(made, ow, fill, fill16, &pre.pw, SharedOut::new(&mut mid[kept * line..want.len() * line]), epi(pre.out_relu, ahead)) };
@@ -1426,7 +1433,7 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
                 with_depthwise(&view, s, |(_, _, fill, fill16)| {
                     let local = lines.start - want.start..lines.end - want.start;
                     // SAFETY: `conv` is this task's own buffer.
-                    unsafe { band_product(local, ow, fill, fill16, &s.pw, SharedOut::new(conv), epi(s.out_relu, &[])) };
+                    unsafe { band_product(local, ow, fill, fill16, &s.pw, SharedOut::new(conv), epi(s.out_relu, Fetch::NONE)) };
                 });
                 *mid = view.data;
             })
@@ -1743,3 +1750,5 @@ mod tests {
         }
     }
 }
+
+

@@ -140,14 +140,59 @@ pub struct Epilogue<'a> {
     pub residual: Option<(&'a [f32], usize)>,
     pub relu: bool,
     pub accumulate: bool,
-    /// Values the caller reads next (the next band's input), fetched into L2 while the tiles run.
-    pub ahead: &'a [f32],
+    /// Values the caller reads next (the next band's input), then the output values it writes
+    /// next (their first stores would miss), fetched into L2 while the tiles run.
+    pub ahead: Fetch<'a>,
+    pub writes: Fetch<'a>,
 }
 
 impl Epilogue<'_> {
     /// Bias added, nothing else.
-    pub const PLAIN: Epilogue<'static> = Epilogue { residual: None, relu: false, accumulate: false, ahead: &[] };
+    pub const PLAIN: Epilogue<'static> = Epilogue { residual: None, relu: false, accumulate: false, ahead: Fetch::NONE, writes: Fetch::NONE };
 }
+
+/// A run of values to prefetch, by address only: they are never read through it, so it may
+/// name memory another thread is writing (an output line the next task fills).
+#[derive(Clone, Copy)]
+pub struct Fetch<'a> {
+    from: *const f32,
+    len: usize,
+    _values: std::marker::PhantomData<&'a [f32]>,
+}
+
+impl<'a> Fetch<'a> {
+    pub const NONE: Fetch<'static> = Fetch { from: std::ptr::null(), len: 0, _values: std::marker::PhantomData };
+
+    pub fn of(values: &'a [f32]) -> Fetch<'a> {
+        Fetch { from: values.as_ptr(), len: values.len(), _values: std::marker::PhantomData }
+    }
+
+    /// The `len` values from `at` on in the output matrix `out`.
+    pub fn output(out: SharedOut, at: usize, len: usize) -> Fetch<'a> {
+        assert!(at + len <= out.len, "prefetch past the output");
+        // SAFETY: within the allocation (checked above).
+        Fetch { from: unsafe { out.ptr.add(at) }, len, _values: std::marker::PhantomData }
+    }
+
+    pub fn len(self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+
+    /// Values [start, end) of this run (clipped to it).
+    pub fn part(self, start: usize, end: usize) -> Fetch<'a> {
+        let (start, end) = (start.min(self.len), end.min(self.len));
+        Fetch { from: self.from.wrapping_add(start), len: end.saturating_sub(start), _values: std::marker::PhantomData }
+    }
+}
+
+// SAFETY: a Fetch only hands addresses to prefetch instructions, which never fault and read
+// nothing the program sees.
+unsafe impl Send for Fetch<'_> {}
+unsafe impl Sync for Fetch<'_> {}
 
 /// An output matrix shared by the tasks of one parallel GEMM, each writing its own rows and
 /// panels.
@@ -368,7 +413,8 @@ impl Bursts {
 unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue, (kc_max, mr, nr): (usize, usize, usize), tile: impl Fn(Tile)) {
     let kc_even = b.k.div_ceil(b.k.div_ceil(kc_max));
     // The caller's next values, shared out between every tile of the product.
-    let extra_total = epi.ahead.len() * 4 / 64;
+    let regions = [epi.ahead, epi.writes].map(|f| (f.from as *const i8, f.len() * 4 / 64));
+    let extra_total = regions[0].1 + regions[1].1;
     let extra_per_tile = extra_total.div_ceil(b.k.div_ceil(kc_even) * panels.len() * (NR / nr) * m.div_ceil(mr));
     let mut extra_done = 0;
     let mut k0 = 0;
@@ -398,8 +444,11 @@ unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usiz
                         _ => Ahead::NONE,
                     };
                     fetched += lines;
-                    let extra_lines = extra_per_tile.min(extra_total - extra_done);
-                    let extra = Ahead { from: (epi.ahead.as_ptr() as *const i8).add(extra_done * 64), lines: extra_lines };
+                    // This tile's share, within one region (a share that would straddle the
+                    // two ends at the first one's end).
+                    let (region, at) = if extra_done < regions[0].1 { (regions[0], extra_done) } else { (regions[1], extra_done - regions[0].1) };
+                    let extra_lines = extra_per_tile.min(extra_total - extra_done).min(region.1 - at);
+                    let extra = Ahead { from: region.0.wrapping_add(at * 64), lines: extra_lines };
                     extra_done += extra_lines;
                     let step = Step {
                         start: if first && !epi.accumulate { Start::Bias(b.bias[col..].as_ptr()) } else { Start::Partial },
@@ -770,7 +819,7 @@ mod tests {
                 // A sentinel beyond column n shows the masked stores stay inside the matrix.
                 let ldc = n + 1;
                 let mut out = vec![7.5f32; m * ldc];
-                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate: false, ahead: &[] };
+                let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate: false, ..Epilogue::PLAIN };
                 for simd in kernels() {
                     let mut full = vec![0f32; m * n];
                     unsafe { gemm_rows_on(simd, m, &a, lda, &b, 0..b.panels(), SharedOut::new(&mut full), n, epi) };
