@@ -858,6 +858,38 @@ mod dw3 {
         line::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, s.channels, store)
     }
 
+    /// Channels [cb, cb + V::LANES) of a 3x3 depthwise conv (valid lanes `m`; `FULL`: all of
+    /// them, loaded without a mask): the load transform's scale and shift, the nine tap weights
+    /// (`dw`, tap-major, `c` channels a tap) and the bias, loaded once for a run of pixels.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn channel_taps<V: Vector, const AFFINE: bool, const FULL: bool>(m: V::Mask, cb: usize, c: usize, dw: *const f32, bias: Option<*const f32>, scale: &[f32], shift: &[f32]) -> ((V, V), [V; 9], V) {
+        let zero = V::zero();
+        let get = |p: *const f32| if FULL { V::load_full(p) } else { V::load(m, p) };
+        let affine = if AFFINE { (get(scale.as_ptr().add(cb)), get(shift.as_ptr().add(cb))) } else { (zero, zero) };
+        // A plain loop: `array::map` is not always inlined, and outside the caller's target
+        // features the loads would be calls.
+        let mut w = [zero; 9];
+        for (t, w) in w.iter_mut().enumerate() {
+            *w = get(dw.add(t * c + cb));
+        }
+        (affine, w, bias.map_or(zero, |b| get(b.add(cb))))
+    }
+
+    /// One input vector as the depthwise conv reads it: loaded (`FULL`: without a mask), then
+    /// `v * scale + shift` with `AFFINE`, then max(0) with `RELU`.
+    #[inline(always)]
+    unsafe fn load_input<V: Vector, const AFFINE: bool, const RELU: bool, const FULL: bool>(m: V::Mask, p: *const f32, (scale, shift): (V, V)) -> V {
+        let mut v = if FULL { V::load_full(p) } else { V::load(m, p) };
+        if AFFINE {
+            v = V::add(V::mul(v, scale), shift);
+        }
+        if RELU {
+            v = V::max(v, V::zero());
+        }
+        v
+    }
+
     /// What a stride-1, dilation-1 run reads and writes: the three input lines (None: in the
     /// padding), the input width, channels and left padding, the taps' weights and bias, the
     /// load transform's scale and shift, and the output pixel stride.
@@ -907,26 +939,8 @@ mod dw3 {
         let ix0 = first as isize - pl as isize;
         {
             let m = V::mask(c - cb);
-            let get = |p: *const f32| if FULL { V::load_full(p) } else { V::load(m, p) };
-            let (sc, sh) = if AFFINE { (get(scale.as_ptr().add(cb)), get(shift.as_ptr().add(cb))) } else { (zero, zero) };
-            let load = |p: *const f32| {
-                let mut v = get(p);
-                if AFFINE {
-                    v = V::add(V::mul(v, sc), sh);
-                }
-                if RELU {
-                    v = V::max(v, zero);
-                }
-                v
-            };
-            let mut wt = [zero; 9];
-            for (t, wt) in wt.iter_mut().enumerate() {
-                *wt = get(dw.add(t * c + cb));
-            }
-            let b = match bias {
-                Some(bias) => get(bias.add(cb)),
-                None => zero,
-            };
+            let (affine, wt, b) = channel_taps::<V, AFFINE, FULL>(m, cb, c, dw, bias, scale, shift);
+            let load = |p: *const f32| load_input::<V, AFFINE, RELU, FULL>(m, p, affine);
             let mut acc = [b; R];
             // One kernel row's taps, written out for each row (a macro: a closure would be
             // compiled without this function's target features), so that the rows unroll and
@@ -1040,27 +1054,8 @@ mod dw3 {
             let mut cb = 0;
             while cb < c {
                 let m = V::mask(c - cb);
-                let (sc, sh) = if AFFINE { (V::load(m, scale.as_ptr().add(cb)), V::load(m, shift.as_ptr().add(cb))) } else { (zero, zero) };
-                let load = |p: *const f32| {
-                    let mut v = V::load(m, p);
-                    if AFFINE {
-                        v = V::add(V::mul(v, sc), sh);
-                    }
-                    if RELU {
-                        v = V::max(v, zero);
-                    }
-                    v
-                };
-                // A plain loop: `array::map` is not always inlined, and outside this function's
-                // target features the loads would be calls.
-                let mut w = [zero; 9];
-                for (t, w) in w.iter_mut().enumerate() {
-                    *w = V::load(m, dw.add(t * c + cb));
-                }
-                let bias = match &s.dw_bias {
-                    Some(bias) => V::load(m, bias.as_ptr().add(cb)),
-                    None => zero,
-                };
+                let (affine, w, bias) = channel_taps::<V, AFFINE, false>(m, cb, c, dw, s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift);
+                let load = |p: *const f32| load_input::<V, AFFINE, RELU, false>(m, p, affine);
                 for ox in ox0..ox1 {
                     let mut acc = bias;
                     if interior {
