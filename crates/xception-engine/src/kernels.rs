@@ -937,41 +937,39 @@ mod dw3 {
         let zero = V::zero();
         // Input column of the window's first tap; with EDGE some of the R + 2 columns are outside.
         let ix0 = first as isize - pl as isize;
-        {
-            let m = V::mask(c - cb);
-            let (affine, wt, b) = channel_taps::<V, AFFINE, FULL>(m, cb, c, dw, bias, scale, shift);
-            let load = |p: *const f32| load_input::<V, AFFINE, RELU, FULL>(m, p, affine);
-            let mut acc = [b; R];
-            // One kernel row's taps, written out for each row (a macro: a closure would be
-            // compiled without this function's target features), so that the rows unroll and
-            // the weights stay in registers (a loop over ky kept them on the stack).
-            macro_rules! taps {
-                ($ky:literal) => {
-                    if let Some(line) = lines[$ky] {
-                        for j in 0..R + 2 {
-                            let ix = ix0 + j as isize;
-                            if EDGE && (ix < 0 || ix >= w as isize) {
-                                continue;
-                            }
-                            let v = load(line.add(ix as usize * c + cb));
-                            for kx in 0..3 {
-                                if j >= kx && j - kx < R {
-                                    acc[j - kx] = V::fmadd(v, wt[$ky * 3 + kx], acc[j - kx]);
-                                }
+        let m = V::mask(c - cb);
+        let (affine, wt, b) = channel_taps::<V, AFFINE, FULL>(m, cb, c, dw, bias, scale, shift);
+        let load = |p: *const f32| load_input::<V, AFFINE, RELU, FULL>(m, p, affine);
+        let mut acc = [b; R];
+        // One kernel row's taps, written out for each row (a macro: a closure would be
+        // compiled without this function's target features), so that the rows unroll and
+        // the weights stay in registers (a loop over ky kept them on the stack).
+        macro_rules! taps {
+            ($ky:literal) => {
+                if let Some(line) = lines[$ky] {
+                    for j in 0..R + 2 {
+                        let ix = ix0 + j as isize;
+                        if EDGE && (ix < 0 || ix >= w as isize) {
+                            continue;
+                        }
+                        let v = load(line.add(ix as usize * c + cb));
+                        for kx in 0..3 {
+                            if j >= kx && j - kx < R {
+                                acc[j - kx] = V::fmadd(v, wt[$ky * 3 + kx], acc[j - kx]);
                             }
                         }
                     }
-                };
-            }
-            taps!(0);
-            taps!(1);
-            taps!(2);
-            for (i, mut a) in acc.into_iter().enumerate() {
-                if mid_relu {
-                    a = V::max(a, zero);
                 }
-                store((first + i) * stride + cb, m, a);
+            };
+        }
+        taps!(0);
+        taps!(1);
+        taps!(2);
+        for (i, mut a) in acc.into_iter().enumerate() {
+            if mid_relu {
+                a = V::max(a, zero);
             }
+            store((first + i) * stride + cb, m, a);
         }
     }
 
@@ -1015,7 +1013,8 @@ mod dw3 {
             // interior only, with each border pixel (and every pixel of a line with a row in the
             // padding) taken one at a time: one thread, the kernel alone, best of five, 10-30%
             // faster at every flow shape (147x147x128: 2.02-2.09 -> 1.44-1.48 ms; 19x19x728:
-            // 0.134-0.135 -> 0.124-0.128 ms; 2026-12-06).
+            // 0.134-0.135 -> 0.124-0.128 ms; 2026-12-06); with the kernel rows written out, EDGE
+            // and unmasked loads (`block`) 1.24-1.34 and 0.098-0.100 ms.
             let at = Run { lines, w: x.w, c, pl, dw, bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride, mid_relu: s.mid_relu };
             let mut first = 0;
             while first < ow {
@@ -1678,39 +1677,39 @@ mod tests {
             // Widths whose stride-1 lines end in runs of every length (8 + 8 + 8 + 4 + 1, 8 + 4 + 2;
             // 4 + 2 with AVX2) and lines whose taps reach the padding on both sides.
             for (h, w) in [(13, 29), (5, 14)] {
-            let x = Activations { n: 2, h, w, c, data: (0..2 * h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
-            for mid_relu in [false, true] {
-                let pw = PackedB::new(&weights(c * 8, 5), &[0.0; 8], c, 8);
-                let s = SepConv { stride, dilation, padding, mid_relu, dw_bias: Some(weights(c, 4)), ..SepConv::relu_3x3(weights(9 * c, 3), pw) };
-                let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
-                let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-                let affine = (weights(c, 1), weights(c, 2));
-                let check = |load: &dyn Fn(usize, usize, &mut [f32]), t: Transform, what: &str| {
-                    for line in 0..2 * oh {
-                        let (b, oy) = (line / oh, line % oh);
-                        let mut want = vec![0f32; ow * c];
-                        load(b, oy, &mut want);
-                        let mut kernels: Vec<(&str, Vec<f32>)> = Vec::new();
-                        let mut got = vec![f32::NAN; ow * c];
-                        unsafe { dw3::avx2(t, &x, &s, b, oy, ow, pt, pl, &mut got) };
-                        kernels.push(("avx2", got));
-                        if avx512 {
+                let x = Activations { n: 2, h, w, c, data: (0..2 * h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
+                for mid_relu in [false, true] {
+                    let pw = PackedB::new(&weights(c * 8, 5), &[0.0; 8], c, 8);
+                    let s = SepConv { stride, dilation, padding, mid_relu, dw_bias: Some(weights(c, 4)), ..SepConv::relu_3x3(weights(9 * c, 3), pw) };
+                    let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
+                    let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
+                    let affine = (weights(c, 1), weights(c, 2));
+                    let check = |load: &dyn Fn(usize, usize, &mut [f32]), t: Transform, what: &str| {
+                        for line in 0..2 * oh {
+                            let (b, oy) = (line / oh, line % oh);
+                            let mut want = vec![0f32; ow * c];
+                            load(b, oy, &mut want);
+                            let mut kernels: Vec<(&str, Vec<f32>)> = Vec::new();
                             let mut got = vec![f32::NAN; ow * c];
-                            unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), c) };
-                            kernels.push(("avx512", got));
+                            unsafe { dw3::avx2(t, &x, &s, b, oy, ow, pt, pl, &mut got) };
+                            kernels.push(("avx2", got));
+                            if avx512 {
+                                let mut got = vec![f32::NAN; ow * c];
+                                unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), c) };
+                                kernels.push(("avx512", got));
+                            }
+                            for (name, got) in kernels {
+                                assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{name} {what} c {c} stride {stride} dilation {dilation} mid_relu {mid_relu}: line {line} differs");
+                            }
                         }
-                        for (name, got) in kernels {
-                            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{name} {what} c {c} stride {stride} dilation {dilation} mid_relu {mid_relu}: line {line} differs");
-                        }
+                    };
+                    check(&|b, oy, out: &mut [f32]| dw_row::<true, Plain>(&x, &s, Plain, b, oy, ow, pt, pl, out), Plain.transform(), "plain");
+                    check(&|b, oy, out: &mut [f32]| dw_row::<true, Relu>(&x, &s, Relu, b, oy, ow, pt, pl, out), Relu.transform(), "relu");
+                    for relu in [false, true] {
+                        let a = AffineRelu { scale: &affine.0, shift: &affine.1, relu };
+                        check(&|b, oy, out: &mut [f32]| dw_row::<true, AffineRelu>(&x, &s, a, b, oy, ow, pt, pl, out), a.transform(), "affine");
                     }
-                };
-                check(&|b, oy, out: &mut [f32]| dw_row::<true, Plain>(&x, &s, Plain, b, oy, ow, pt, pl, out), Plain.transform(), "plain");
-                check(&|b, oy, out: &mut [f32]| dw_row::<true, Relu>(&x, &s, Relu, b, oy, ow, pt, pl, out), Relu.transform(), "relu");
-                for relu in [false, true] {
-                    let a = AffineRelu { scale: &affine.0, shift: &affine.1, relu };
-                    check(&|b, oy, out: &mut [f32]| dw_row::<true, AffineRelu>(&x, &s, a, b, oy, ow, pt, pl, out), a.transform(), "affine");
                 }
-            }
             }
         }
     }
@@ -1751,6 +1750,3 @@ mod tests {
         }
     }
 }
-
-
-
