@@ -444,8 +444,9 @@ unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usiz
                         _ => Ahead::NONE,
                     };
                     fetched += lines;
-                    // This tile's share, within one region (a share that would straddle the
-                    // two ends at the first one's end).
+                    // This tile's share, within one region: a share that would run from the
+                    // first region into the second stops at the first one's end (so the last
+                    // few lines of the second may go unfetched, which is harmless).
                     let (region, at) = if extra_done < regions[0].1 { (regions[0], extra_done) } else { (regions[1], extra_done - regions[0].1) };
                     let extra_lines = extra_per_tile.min(extra_total - extra_done).min(region.1 - at);
                     let extra = Ahead { from: region.0.wrapping_add(at * 64), lines: extra_lines };
