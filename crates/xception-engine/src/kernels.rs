@@ -379,7 +379,7 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     // 10x10) and large weights (block 12's 728x1024 shortcut: 3 MB streamed once per line from
     // memory; 2.4-3.1 ms against 1.5-1.7 ms through im2col at one thread) share out the weights.
     if let Some(rows) = d.direct_rows().filter(|_| x.c == d.cin && x.n * oh >= 8 * threads && d.weight.k * d.weight.n <= DIRECT_WEIGHTS) {
-        direct_conv(x, d, rows, (pt, oh), (pl, ow), bufs, &mut out);
+        direct_conv(x, d, rows, (pt, oh), (pl, ow), &mut out);
     } else if d.k == 1 && d.stride == 1 && pt == 0 && pl == 0 {
         matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads);
     } else {
@@ -414,62 +414,74 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
 /// consecutive input values, and consecutive pixels' windows start s * cin values apart, so the
 /// input line itself is the GEMM's left operand (row stride s * cin). The k kernel rows' products
 /// (`kernel_rows`, from `DenseConv::direct_rows`) accumulate in the output; the bias comes with
-/// the first, ReLU with the last. Padding: the product runs on a zero-padded copy.
-fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh): (usize, usize), (pl, ow): (usize, usize), bufs: &Buffers, out: &mut [f32]) {
+/// the first, ReLU with the last. Padding: the products run on a zero-padded copy of the line's
+/// k input rows, made by the worker for each line (xception65's stem, padded both convs:
+/// 0.55 -> 0.45 and 3.30 -> 3.08 ms against a padded copy of the whole input, per-step medians of
+/// four alternations, each faster; the copy alone had taken 0.18 and 0.31 ms).
+fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh): (usize, usize), (pl, ow): (usize, usize), out: &mut [f32]) {
     let c = d.cin;
     // The extent the windows read, padding included.
     let (hp, wp) = ((oh - 1) * d.stride + d.k, (ow - 1) * d.stride + d.k);
-    let padded = (pt > 0 || pl > 0 || hp > x.h || wp > x.w).then(|| {
-        let mut data = bufs.take(x.n * hp * wp * c);
-        data.par_chunks_mut(wp * c).enumerate().for_each(|(line, dst)| {
-            let (b, y) = (line / hp, line % hp);
-            dst.fill(0.0);
-            let iy = y as isize - pt as isize;
-            if iy >= 0 && (iy as usize) < x.h {
-                let (x0, x1) = (pl.min(wp), (pl + x.w).min(wp));
-                let row = &x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c];
-                dst[x0 * c..x1 * c].copy_from_slice(&row[..(x1 - x0) * c]);
-            }
-        });
-        Activations { n: x.n, h: hp, w: wp, c, data }
-    });
-    let src = padded.as_ref().unwrap_or(x);
+    let padded = pt > 0 || pl > 0 || hp > x.h || wp > x.w;
     let n = d.cout;
     let shared = SharedOut::new(out);
+    let line_of = |b: usize, iy: usize| &x.data[(b * x.h + iy) * x.w * c..][..x.w * c];
+    // The input rows [iy0, iy1) output line `oy` of image `b` reads, clipped to the image.
+    let rows_of = |b: usize, oy: usize| {
+        let first = (oy * d.stride) as isize - pt as isize;
+        let (iy0, iy1) = (first.max(0) as usize, ((first + d.k as isize).max(0) as usize).min(x.h));
+        &x.data[(b * x.h + iy0) * x.w * c..(b * x.h + iy1.max(iy0)) * x.w * c]
+    };
     // Two output lines per task, taken as workers free up.
     let lines = x.n * oh;
     (0..lines.div_ceil(2)).into_par_iter().for_each(|t| {
-        for line in 2 * t..(2 * t + 2).min(lines) {
-            let (b, oy) = (line / oh, line % oh);
-            // The input lines of the output line two on (the next task's, which this worker most
-            // likely takes next), fetched into L2 while this line's products run, a kernel row's
-            // share with each. Measured (two threads, per-step medians, five alternations): the
-            // 147x147 shortcut projection 0.80-0.91 ms against 0.80-1.09 without; the others
-            // within the noise.
-            let next = line + 2;
-            let ahead = if next < lines {
-                let (nb, noy) = (next / oh, next % oh);
-                let l = src.w * c;
-                Fetch::of(&src.data[(nb * src.h + noy * d.stride) * l..][..d.k * l])
-            } else {
-                Fetch::NONE
-            };
-            // And that line's output, whose first stores would miss otherwise. Each kernel row's
-            // product fetches a share of both.
-            let written = if next < lines { Fetch::output(shared, next * ow * n, ow * n) } else { Fetch::NONE };
-            let (share, share_out) = (ahead.len().div_ceil(d.k), written.len().div_ceil(d.k));
-            for (ky, rows) in kernel_rows.iter().enumerate() {
-                let a = &src.data[((b * src.h + oy * d.stride + ky) * src.w) * c..];
-                let (ahead, writes) = (ahead.part(ky * share, (ky + 1) * share), written.part(ky * share_out, (ky + 1) * share_out));
-                let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead, writes };
-                // SAFETY: this task owns output line `line` (ow rows of n values).
-                unsafe { gemm_rows(ow, a, d.stride * c, rows, 0..rows.panels(), shared.offset(line * ow * n), n, epi) };
+        PADDED.with_borrow_mut(|window| {
+            for line in 2 * t..(2 * t + 2).min(lines) {
+                let (b, oy) = (line / oh, line % oh);
+                // With padding, the k input rows this line reads, zero-padded to wp pixels, in
+                // this worker's window (instead of a padded copy of the whole input, written and
+                // read back through memory).
+                if padded {
+                    window.resize(window.len().max(d.k * wp * c), 0.0);
+                    for ky in 0..d.k {
+                        let dst = &mut window[ky * wp * c..][..wp * c];
+                        let iy = (oy * d.stride + ky) as isize - pt as isize;
+                        if iy < 0 || iy as usize >= x.h {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let (x0, x1) = (pl.min(wp), (pl + x.w).min(wp));
+                        dst[..x0 * c].fill(0.0);
+                        dst[x0 * c..x1 * c].copy_from_slice(&line_of(b, iy as usize)[..(x1 - x0) * c]);
+                        dst[x1 * c..].fill(0.0);
+                    }
+                }
+                // The input lines of the output line two on (the next task's, which this worker
+                // most likely takes next), fetched into L2 while this line's products run, a
+                // kernel row's share with each. Measured (two threads, per-step medians, five
+                // alternations): the 147x147 shortcut projection 0.80-0.91 ms against 0.80-1.09
+                // without; the others within the noise.
+                let next = line + 2;
+                let ahead = if next < lines { Fetch::of(rows_of(next / oh, next % oh)) } else { Fetch::NONE };
+                // And that line's output, whose first stores would miss otherwise. Each kernel
+                // row's product fetches a share of both.
+                let written = if next < lines { Fetch::output(shared, next * ow * n, ow * n) } else { Fetch::NONE };
+                let (share, share_out) = (ahead.len().div_ceil(d.k), written.len().div_ceil(d.k));
+                for (ky, rows) in kernel_rows.iter().enumerate() {
+                    let a = if padded { &window[ky * wp * c..d.k * wp * c] } else { &x.data[((b * x.h + oy * d.stride + ky) * x.w) * c..] };
+                    let (ahead, writes) = (ahead.part(ky * share, (ky + 1) * share), written.part(ky * share_out, (ky + 1) * share_out));
+                    let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead, writes };
+                    // SAFETY: this task owns output line `line` (ow rows of n values).
+                    unsafe { gemm_rows(ow, a, d.stride * c, rows, 0..rows.panels(), shared.offset(line * ow * n), n, epi) };
+                }
             }
-        }
+        })
     });
-    if let Some(p) = padded {
-        bufs.give(p.data);
-    }
+}
+
+thread_local! {
+    /// `direct_conv`'s window of a padded conv's input rows for one output line.
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How the depthwise kernel transforms each input value as it loads it (a preceding ReLU, or
