@@ -436,13 +436,15 @@ fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh)
     let lines = x.n * oh;
     (0..lines.div_ceil(2)).into_par_iter().for_each(|t| {
         PADDED.with_borrow_mut(|window| {
+            if padded {
+                window.resize(window.len().max(d.k * wp * c), 0.0);
+            }
             for line in 2 * t..(2 * t + 2).min(lines) {
                 let (b, oy) = (line / oh, line % oh);
                 // With padding, the k input rows this line reads, zero-padded to wp pixels, in
                 // this worker's window (instead of a padded copy of the whole input, written and
                 // read back through memory).
                 if padded {
-                    window.resize(window.len().max(d.k * wp * c), 0.0);
                     for ky in 0..d.k {
                         let dst = &mut window[ky * wp * c..][..wp * c];
                         let iy = (oy * d.stride + ky) as isize - pt as isize;
@@ -468,7 +470,7 @@ fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh)
                 let written = if next < lines { Fetch::output(shared, next * ow * n, ow * n) } else { Fetch::NONE };
                 let (share, share_out) = (ahead.len().div_ceil(d.k), written.len().div_ceil(d.k));
                 for (ky, rows) in kernel_rows.iter().enumerate() {
-                    let a = if padded { &window[ky * wp * c..d.k * wp * c] } else { &x.data[((b * x.h + oy * d.stride + ky) * x.w) * c..] };
+                    let a = if padded { &window[ky * wp * c..][..wp * c] } else { line_of(b, oy * d.stride + ky) };
                     let (ahead, writes) = (ahead.part(ky * share, (ky + 1) * share), written.part(ky * share_out, (ky + 1) * share_out));
                     let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead, writes };
                     // SAFETY: this task owns output line `line` (ow rows of n values).
@@ -1008,15 +1010,6 @@ mod dw3 {
             let iy = (oy * st + ky * d) as isize - pt as isize;
             (iy >= 0 && (iy as usize) < x.h).then(|| x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c].as_ptr())
         });
-        // All three lines inside the image, and the outputs [inner.0, inner.1) whose taps are all
-        // inside it horizontally.
-        let full = match lines {
-            [Some(a), Some(b), Some(c)] => Some([a, b, c]),
-            _ => None,
-        };
-        let lo = pl.div_ceil(st);
-        let hi = if x.w + pl > 2 * d { ((x.w + pl - 2 * d - 1) / st + 1).min(ow) } else { 0 };
-        let inner = (lo, hi.max(lo));
         let zero = V::zero();
         let dw = s.dw.as_ptr();
         if st == 1 && d == 1 {
@@ -1053,6 +1046,15 @@ mod dw3 {
             }
             return;
         }
+        // All three lines inside the image, and the outputs [inner.0, inner.1) whose taps are all
+        // inside it horizontally.
+        let full = match lines {
+            [Some(a), Some(b), Some(c)] => Some([a, b, c]),
+            _ => None,
+        };
+        let lo = pl.div_ceil(st);
+        let hi = if x.w + pl > 2 * d { ((x.w + pl - 2 * d - 1) / st + 1).min(ow) } else { 0 };
+        let inner = (lo, hi.max(lo));
         // Strided or dilated: one pixel at a time, each channel vector's nine weights loaded
         // once into registers for TILE output pixels.
         const TILE: usize = 8;
@@ -1315,6 +1317,23 @@ impl Residual<'_> {
         }
     }
 
+    /// Multiply-adds of a shortcut projection made with the pool output `out` (0 for a
+    /// residual made before).
+    pub fn macs(&self, out: &Activations) -> u64 {
+        match *self {
+            Residual::Ready(_) => 0,
+            Residual::Project(d, _) => (out.data.len() * d.cin) as u64,
+        }
+    }
+
+    /// How a step's profile line names what it adds.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Residual::Ready(_) => "residual",
+            Residual::Project(..) => "shortcut 1x1",
+        }
+    }
+
     /// Values it reads (for the traffic of a step).
     pub fn reads(&self) -> usize {
         match *self {
@@ -1484,9 +1503,9 @@ pub fn chain_pays(x: &Activations, pre: &SepConv, s: &SepConv, threads: usize) -
 }
 
 /// The runs of pool lines of `sep_conv_pool` and the pool of each band: `make(b, lines, next,
-/// fresh, conv)` writes conv lines `lines` of image b (`oh` x `ow` x `n` an image) into `conv`;
-/// `next`: the lines the band after it makes (empty after a run's last band); `fresh`: the first
-/// band of a run.
+/// fresh, writes, conv)` writes conv lines `lines` of image b (`oh` x `ow` x `n` an image) into
+/// `conv`; `next`: the lines the band after it makes (empty after a run's last band); `fresh`:
+/// the first band of a run; `writes`: the pool lines stored right after (to prefetch).
 #[allow(clippy::too_many_arguments)]
 fn pool_runs(images: usize, (oh, ow, n): (usize, usize, usize), (k, stride, padding): (usize, usize, Padding), bufs: &Buffers, residual: Option<Residual>, threads: usize, make: impl Fn(usize, Range<usize>, Range<usize>, bool, Fetch, &mut [f32]) + Sync) -> Activations {
     let p = PoolShape::new(k, stride, padding, oh, ow);

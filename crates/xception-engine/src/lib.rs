@@ -281,23 +281,6 @@ pub struct StepTime {
     pub bytes: u64,
 }
 
-/// Multiply-adds of a shortcut projection made in the step that made `out` (0 for a residual
-/// made before).
-fn shortcut_macs(r: kernels::Residual, out: &Activations) -> u64 {
-    match r {
-        kernels::Residual::Ready(_) => 0,
-        kernels::Residual::Project(d, _) => (out.data.len() * d.cin) as u64,
-    }
-}
-
-/// How a step's profile line names what it adds.
-fn residual_name(r: kernels::Residual) -> &'static str {
-    match r {
-        kernels::Residual::Ready(_) => "residual",
-        kernels::Residual::Project(..) => "shortcut 1x1",
-    }
-}
-
 /// Bytes of an activation tensor.
 fn bytes_of(values: usize) -> u64 {
     (values * std::mem::size_of::<f32>()) as u64
@@ -780,15 +763,15 @@ impl Engine {
             [Step::Sep(pre), Step::Sep(s), Step::MaxPool { k, stride, padding }] => {
                 let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, Some(pre), s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
-                let cost = (kernels::chain_macs(x, pre, s) + shortcut_macs(residual, &out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + pre.weight_bytes() + s.weight_bytes());
-                self.profile_step(started, "separable convs + max pool", cost, || format!("separable {}->{}, {}->{} + max pool + {}, pooled to {}x{}", pre.channels, pre.pw.n, s.channels, s.pw.n, residual_name(residual), out.h, out.w));
+                let cost = (kernels::chain_macs(x, pre, s) + residual.macs(&out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + pre.weight_bytes() + s.weight_bytes());
+                self.profile_step(started, "separable convs + max pool", cost, || format!("separable {}->{}, {}->{} + max pool + {}, pooled to {}x{}", pre.channels, pre.pw.n, s.channels, s.pw.n, residual.name(), out.h, out.w));
                 out
             }
             [Step::Sep(s), Step::MaxPool { k, stride, padding }] if kernels::pool_fusion_pays((x.h, x.w), s, self.threads) => {
                 let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, None, s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
-                let cost = (kernels::sep_conv_macs(x, s) + shortcut_macs(residual, &out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + s.weight_bytes());
-                self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + {}, pooled to {}x{}", s.channels, s.pw.n, residual_name(residual), out.h, out.w));
+                let cost = (kernels::sep_conv_macs(x, s) + residual.macs(&out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + s.weight_bytes());
+                self.profile_step(started, "separable conv + max pool", cost, || format!("separable {}->{} + max pool + {}, pooled to {}x{}", s.channels, s.pw.n, residual.name(), out.h, out.w));
                 out
             }
             [sep @ Step::Sep(_), pool @ Step::MaxPool { .. }] => {
@@ -830,7 +813,7 @@ impl Engine {
             _ => ("max pool", 0, 0),
         };
         let bytes = bytes_of(x.data.len() + out.data.len() + residual.map_or(0, |r| r.reads())) + weights;
-        let macs = macs + residual.map_or(0, |r| shortcut_macs(r, &out));
+        let macs = macs + residual.map_or(0, |r| r.macs(&out));
         self.profile_step(started, kind, (macs, bytes), || {
             let what = match step {
                 Step::Dense(d) => format!("dense {}x{} {}->{}", d.k, d.k, d.cin, d.cout),
@@ -838,7 +821,7 @@ impl Engine {
                 _ => "max pool".into(),
             };
             match residual {
-                Some(r) => format!("{what} + {}", residual_name(r)),
+                Some(r) => format!("{what} + {}", r.name()),
                 None => what,
             }
         });
