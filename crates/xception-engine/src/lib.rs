@@ -28,6 +28,7 @@ mod kernels;
 #[doc(hidden)]
 pub mod packed;
 mod peak;
+mod polling;
 
 pub use kernels::align_corners_taps;
 pub use peak::{measured_bandwidth_gbs, measured_peak_gflops};
@@ -298,6 +299,9 @@ pub struct Engine {
     threads: usize,
     /// XCEPTION_ENGINE_PROFILE=1: print each step's time to stderr.
     profile: bool,
+    /// Whether idle workers poll for tasks through a single-image pass (`polling`); not if
+    /// XCEPTION_ENGINE_NO_SPIN is set.
+    spin: bool,
     /// While `forward_traced` runs: each step's time, kept.
     trace: Mutex<Option<Vec<StepTime>>>,
     /// Activation memory reused across layers and passes.
@@ -586,8 +590,9 @@ impl Engine {
             .build()
             .map_err(|e| Error::Config(format!("engine: cannot start {threads} threads: {e}")))?;
         let profile = std::env::var("XCEPTION_ENGINE_PROFILE").is_ok_and(|v| v == "1");
+        let spin = std::env::var_os("XCEPTION_ENGINE_NO_SPIN").is_none();
         keep_freed_memory();
-        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, trace: Mutex::new(None), bufs: Buffers::new(threads), precision })
+        Ok(Engine { net: net.clone(), stem, blocks, tail, head, seg, pool, threads, profile, spin, trace: Mutex::new(None), bufs: Buffers::new(threads), precision })
     }
 
     pub fn precision(&self) -> Precision {
@@ -624,7 +629,7 @@ impl Engine {
         let per = h * w * 3;
         let image = |i: usize| self.forward_batch(&input[i * per..][..per], 1, h, w, taps);
         if n < 2 || self.threads < 2 {
-            return Ok(concat((0..n).map(image).collect::<Result<Vec<_>>>()?));
+            return self.polling(|| Ok(concat((0..n).map(image).collect::<Result<Vec<_>>>()?)));
         }
         let next = AtomicUsize::new(0);
         let done: Vec<Mutex<Option<Result<EngineOutput>>>> = (0..n).map(|_| Mutex::new(None)).collect();
@@ -638,6 +643,16 @@ impl Engine {
         });
         let outs = done.into_iter().map(|d| d.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every image ran")).collect::<Result<Vec<_>>>()?;
         Ok(concat(outs))
+    }
+
+    /// `f` on the engine's threads, with the idle ones polling for tasks while it runs
+    /// (`polling::run`) unless XCEPTION_ENGINE_NO_SPIN is set.
+    fn polling<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.spin && self.threads > 1 {
+            polling::run(&self.pool, f)
+        } else {
+            self.pool.install(f)
+        }
     }
 
     fn forward_batch(&self, input: &[f32], n: usize, h: usize, w: usize, want_taps: bool) -> Result<EngineOutput> {
