@@ -193,7 +193,13 @@ pub fn round_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut
 /// tiles read (`lhs_len`), from a 64-byte boundary, zero past the m rows (the caller writes the
 /// rows).
 pub fn lhs_buffer(buf: &mut Vec<u16>, m: usize, ld16: usize, k: usize) -> &mut [u16] {
-    let a16 = aligned(buf, lhs_len(m, ld16, k));
+    lhs_buffer_rows(buf, m, 0..m, ld16, k)
+}
+
+/// `lhs_buffer` for m rows of which the tiles multiply only `rows`: long enough for the whole
+/// tiles read from rows.start on.
+pub fn lhs_buffer_rows(buf: &mut Vec<u16>, m: usize, rows: Range<usize>, ld16: usize, k: usize) -> &mut [u16] {
+    let a16 = aligned(buf, lhs_len(m, ld16, k).max(rows.start * ld16 + lhs_len(rows.len(), ld16, k)));
     a16[m * ld16..].fill(0);
     a16
 }
