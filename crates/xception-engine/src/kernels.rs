@@ -4,7 +4,7 @@
 //! (`packed`) band by band; the `gemm` crate for the classifier head and the portable path.
 
 use crate::packed::{gemm_rows, Epilogue, Fetch, PackedB, SharedOut, MR};
-use crate::{Activations, DenseConv, SepConv};
+use crate::{stealing, Activations, DenseConv, SepConv};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -201,43 +201,40 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     // alternations; AVX2 1%) and xception65 13% (AVX-512; AVX2 within the noise). The exit flow's
     // larger weights (3-6 MB fp32) are shared out by panels instead, so each core streams only its
     // half (1.5-3.7% faster than a band per worker there, bf16).
-    if rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
-        // One band per worker, split at a row, not a line: the line the split falls in is made by
-        // both workers, each multiplying its own rows of it. The middle flow (19 lines of 19) had
-        // bands of 190 and 171 rows, the faster worker waiting 10% of the step; now 180 and 181.
-        // Measured (xception, 299, two threads, per-step medians, three alternations): the middle
-        // flow's separable convs 1.37-1.43 -> 1.30-1.31 ms, the pass's steps 64.8-66.8 -> 63.2-64.0.
-        return (0..threads).into_par_iter().for_each(|i| {
-            let (r0, r1) = (i * rows / threads, (i + 1) * rows / threads);
-            if r0 == r1 {
-                return;
-            }
-            let (l0, l1) = (r0 / per_line, r1.div_ceil(per_line));
-            let first = r0 - l0 * per_line;
-            // SAFETY: each worker owns its output rows [r0, r1).
-            unsafe { band_rows(l0..l1, first..first + (r1 - r0), per_line, fill, fill16, b, shared.offset(r0 * n), epi_at(r0)) }
-        });
-    }
-    let size = if lines >= 4 * threads && rows >= SMALL_ROWS { band_lines(lines, per_line, threads) } else { 0 };
-    if size > 0 {
-        // SAFETY: each band owns its output rows [row0, row0 + its rows).
-        return bands(lines, per_line, size, |l0, l1, row0| {
+    // One band per worker, split at a row, not a line: the line the split falls in is made by
+    // both workers, each multiplying its own rows of it. The middle flow (19 lines of 19) had
+    // bands of 190 and 171 rows, the faster worker waiting 10% of the step; now 180 and 181.
+    // Measured (xception, 299, two threads, per-step medians, three alternations): the middle
+    // flow's separable convs 1.37-1.43 -> 1.30-1.31 ms, the pass's steps 64.8-66.8 -> 63.2-64.0.
+    let size = if lines >= 4 * threads && rows >= SMALL_ROWS {
+        let size = band_lines(lines, per_line, threads) * per_line;
+        (size, stealing::MIN_BAND.min(size))
+    } else if rows < SMALL_ROWS && k * n <= SMALL_WEIGHTS {
+        (rows.div_ceil(threads), rows.div_ceil(threads))
+    } else {
+        (0, 0)
+    };
+    if size.0 > 0 {
+        // The lines a band of rows reads, and its rows among theirs.
+        let span = |r: &Range<usize>| (r.start / per_line..r.end.div_ceil(per_line), r.start % per_line..r.start % per_line + r.len());
+        return stealing::bands(rows, per_line, size, threads, |now, next| {
             // The band after this one, which this worker most likely makes next: its input is
             // fetched into L2 while this band's product runs, instead of line by line as the
             // next fill reads it (the fills of the 147x147 layers read ~3 GB/s a core). The
             // four 147x147 and 74x74 separable convs: 14.9 -> 13.8 ms (sums of per-step
             // medians, two threads, AVX-512; 5 of 7 alternations faster, 2 even); with AVX2
             // 22.0 -> 18.7 ms (3 alternations, the pass 3% faster); one thread 27.7 -> 26.5.
-            let next = l1..(2 * l1 - l0).min(lines);
             let ahead = match reads {
-                Some(reads) if !next.is_empty() => Fetch::of(reads(next.clone())),
+                Some(reads) if !next.is_empty() => Fetch::of(reads(span(&next).0)),
                 _ => Fetch::NONE,
             };
             // And its output rows, whose first stores would miss otherwise: the 74x74 and 37x37
             // products 2.06 -> 1.95 and 2.62 -> 2.48 ms (means of four alternations of per-step
             // medians; the 256->256 even).
-            let writes = Fetch::output(shared, next.start * per_line * n, next.len() * per_line * n);
-            unsafe { band_product(l0..l1, per_line, fill, fill16, b, shared.offset(row0 * n), Epilogue { ahead, writes, ..epi_at(row0) }) }
+            let writes = Fetch::output(shared, next.start * n, next.len() * n);
+            let (lines, local) = span(&now);
+            // SAFETY: each band owns its output rows `now`.
+            unsafe { band_rows(lines, local, per_line, fill, fill16, b, shared.offset(now.start * n), Epilogue { ahead, writes, ..epi_at(now.start) }) }
         });
     }
     // Every row made first, then the product shared out. The parallel work below runs only leaf
@@ -303,15 +300,6 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
 /// Lines per band for a large product: about BAND_ROWS rows, at least four bands per worker.
 fn band_lines(lines: usize, per_line: usize, threads: usize) -> usize {
     BAND_ROWS.div_ceil(per_line).clamp(1, lines / (4 * threads))
-}
-
-/// Runs `band(l0, l1, row0)` over bands of `size` whole lines, in parallel; `row0` is the band's
-/// first row.
-fn bands(lines: usize, per_line: usize, size: usize, band: impl Fn(usize, usize, usize) + Sync) {
-    (0..lines.div_ceil(size)).into_par_iter().for_each(|i| {
-        let (l0, l1) = (i * size, ((i + 1) * size).min(lines));
-        band(l0, l1, l0 * per_line);
-    });
 }
 
 /// How a product of `rows` rows is shared out: (rows per task, column tasks), see `share_out`;

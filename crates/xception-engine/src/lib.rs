@@ -29,6 +29,7 @@ mod kernels;
 pub mod packed;
 mod peak;
 mod polling;
+mod stealing;
 
 pub use kernels::align_corners_taps;
 pub use peak::{measured_bandwidth_gbs, measured_peak_gflops};
