@@ -385,6 +385,10 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     let (pt, oh) = out_size(d.padding, x.h, d.k, d.stride, d.dilation);
     let (pl, ow) = out_size(d.padding, x.w, d.k, d.stride, d.dilation);
     let mut out = bufs.take(x.n * oh * ow * d.cout);
+    if let Some(w) = &d.winograd {
+        w.conv(x, (pt, oh), (pl, ow), d.relu, &mut out);
+        return Activations { n: x.n, h: oh, w: ow, c: d.cout, data: out };
+    }
     // Without im2col where there are lines enough to share out and the weights stay in a core's
     // cache (each task multiplies its lines by all the weights); small layers (the exit flow's
     // 10x10) and large weights (block 12's 728x1024 shortcut: 3 MB streamed once per line from
@@ -635,13 +639,13 @@ fn dw_line16<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize
 /// with AVX2: their nine tap weights held in registers for a run of output pixels, each output
 /// vector accumulated in a register and stored once. One generic line serves both widths.
 #[cfg(target_arch = "x86_64")]
-mod dw3 {
+pub(crate) mod dw3 {
     use super::*;
     use std::arch::x86_64::*;
 
     /// The vector operations of one SIMD width. Every method is inlined into the
     /// target-feature functions below, where the intrinsics compile to single instructions.
-    trait Vector: Copy {
+    pub(crate) trait Vector: Copy {
         const LANES: usize;
         /// Pixels per register-blocked run (at most 8; their accumulators, nine weights and
         /// a loaded vector fit the registers).
@@ -655,8 +659,11 @@ mod dw3 {
         /// operation besides the load).
         unsafe fn load_full(p: *const f32) -> Self;
         unsafe fn store(m: Self::Mask, p: *mut f32, v: Self);
+        /// Stores a whole vector.
+        unsafe fn store_full(p: *mut f32, v: Self);
         unsafe fn zero() -> Self;
         unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn sub(a: Self, b: Self) -> Self;
         unsafe fn mul(a: Self, b: Self) -> Self;
         unsafe fn max(a: Self, b: Self) -> Self;
         /// a * b + c, one rounding.
@@ -688,8 +695,16 @@ mod dw3 {
             _mm512_setzero_ps()
         }
         #[inline(always)]
+        unsafe fn store_full(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
             _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
         }
         #[inline(always)]
         unsafe fn mul(a: __m512, b: __m512) -> __m512 {
@@ -708,7 +723,7 @@ mod dw3 {
     /// AVX2 has no mask registers: the count of valid lanes, and VMASKMOV's mask for a ragged
     /// vector (VMASKMOV is slow on some AVX2 cores, so whole vectors use plain moves).
     #[derive(Clone, Copy)]
-    struct Lanes8 {
+    pub(crate) struct Lanes8 {
         valid: usize,
         mask: __m256i,
     }
@@ -747,8 +762,16 @@ mod dw3 {
             _mm256_setzero_ps()
         }
         #[inline(always)]
+        unsafe fn store_full(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
         }
         #[inline(always)]
         unsafe fn mul(a: __m256, b: __m256) -> __m256 {
@@ -1657,7 +1680,7 @@ mod tests {
                 }
                 // The shortcut projection (1x1, stride 2) made in the pool: the same values as made
                 // before, in both the fused and the plain pool.
-                let d = DenseConv { k: 1, stride: 2, dilation: 1, padding: Padding::TfSame, cin: c, cout, weight: PackedB::with_precision(&weights(c * cout, 11), &weights(cout, 12), c, cout, precision), kernel_rows: Vec::new(), relu: false };
+                let d = DenseConv { k: 1, stride: 2, dilation: 1, padding: Padding::TfSame, cin: c, cout, weight: PackedB::with_precision(&weights(c * cout, 11), &weights(cout, 12), c, cout, precision), kernel_rows: Vec::new(), winograd: None, relu: false };
                 let skip = dense_conv(&x, &d, 2, &bufs);
                 let want = max_pool(&conv, 3, 2, padding, &bufs, Some(Residual::Ready(&skip.data)));
                 assert!(max_pool(&conv, 3, 2, padding, &bufs, Some(Residual::Project(&d, &x))).data == want.data, "{precision:?} {h}x{w}: projection in the pool differs");

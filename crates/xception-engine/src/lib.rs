@@ -30,6 +30,7 @@ pub mod packed;
 mod peak;
 mod polling;
 mod stealing;
+mod winograd;
 
 pub use kernels::align_corners_taps;
 pub use peak::{measured_bandwidth_gbs, measured_peak_gflops};
@@ -94,6 +95,9 @@ struct DenseConv {
     /// first, for running without im2col (`DenseConv::direct_rows`); empty for 1x1 and dilated
     /// convs.
     kernel_rows: Vec<PackedB>,
+    /// For 3x3 convs of stride 1 with channels enough (the stem's second), the weights for
+    /// Winograd's algorithm, which then runs the conv (fp32 only; see `winograd`).
+    winograd: Option<winograd::Winograd>,
     relu: bool,
 }
 
@@ -439,6 +443,7 @@ impl Compiler<'_> {
                         } else {
                             Vec::new()
                         },
+                        winograd: (k == 3 && c.stride == 1 && c.dilation == 1 && self.precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout)),
                         relu,
                     }));
                     i += used;
