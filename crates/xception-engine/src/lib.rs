@@ -1024,15 +1024,18 @@ fn keep_freed_memory() {
 
 /// Stacks per-image outputs along the batch.
 fn concat(parts: Vec<EngineOutput>) -> EngineOutput {
+    // One image's output as it is: copying it (xception's 10x10x2048 features, value by value)
+    // took ~0.4 ms of a 62 ms pass.
+    if parts.len() == 1 {
+        return parts.into_iter().next().expect("one part");
+    }
     let stack = |acts: Vec<&Activations>| {
         let first = acts[0];
-        Activations {
-            n: acts.iter().map(|a| a.n).sum(),
-            h: first.h,
-            w: first.w,
-            c: first.c,
-            data: acts.iter().flat_map(|a| a.data.iter().copied()).collect(),
+        let mut data = Vec::with_capacity(acts.iter().map(|a| a.data.len()).sum());
+        for a in &acts {
+            data.extend_from_slice(&a.data);
         }
+        Activations { n: acts.iter().map(|a| a.n).sum(), h: first.h, w: first.w, c: first.c, data }
     };
     let taps = (0..parts[0].taps.len()).map(|t| stack(parts.iter().map(|p| &p.taps[t]).collect())).collect();
     EngineOutput {
