@@ -201,11 +201,13 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     // alternations; AVX2 1%) and xception65 13% (AVX-512; AVX2 within the noise). The exit flow's
     // larger weights (3-6 MB fp32) are shared out by panels instead, so each core streams only its
     // half (1.5-3.7% faster than a band per worker there, bf16).
-    // One band per worker, split at a row, not a line: the line the split falls in is made by
-    // both workers, each multiplying its own rows of it. The middle flow (19 lines of 19) had
+    // Either way the rows go to the workers evenly to the row (`stealing`): a small product's
+    // one band per worker is split at a row, not a line (the line the split falls in is made by
+    // both workers, each multiplying its own rows of it). The middle flow (19 lines of 19) had
     // bands of 190 and 171 rows, the faster worker waiting 10% of the step; now 180 and 181.
     // Measured (xception, 299, two threads, per-step medians, three alternations): the middle
     // flow's separable convs 1.37-1.43 -> 1.30-1.31 ms, the pass's steps 64.8-66.8 -> 63.2-64.0.
+    // (size, least) of the bands, see `stealing::bands`.
     let size = if lines >= 4 * threads && rows >= SMALL_ROWS {
         let size = band_lines(lines, per_line, threads) * per_line;
         (size, stealing::MIN_BAND.min(size))

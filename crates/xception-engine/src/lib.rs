@@ -631,6 +631,9 @@ impl Engine {
         if input.len() != n * h * w * 3 {
             return Err(Error::Shape(format!("engine: input of {} values is not {n}x{h}x{w}x3", input.len())));
         }
+        if n == 0 {
+            return Err(Error::Shape("engine: an empty batch (no images)".into()));
+        }
         self.net.check_input_size(h, w)?;
         let per = h * w * 3;
         let image = |i: usize| self.forward_batch(&input[i * per..][..per], 1, h, w, taps);

@@ -15,6 +15,7 @@
 //! 5.27-5.52 ms, the 74x74 128->256 1.65-1.72 -> 1.57-1.60; xception65's pass 104.4 ->
 //! 102.4-102.9 ms (two alternations).
 
+use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,7 +32,7 @@ pub(crate) fn bands(rows: usize, per_line: usize, (size, least): (usize, usize),
     let workers = workers.clamp(1, rows.max(1));
     let ranges: Vec<AtomicU64> = (0..workers).map(|w| AtomicU64::new(pack(w * rows / workers, (w + 1) * rows / workers))).collect();
     let take = Take { per_line: per_line.max(1), size: size.max(1), least: least.clamp(1, size.max(1)) };
-    rayon::iter::ParallelIterator::for_each(rayon::iter::IntoParallelIterator::into_par_iter(0..workers), |w| loop {
+    (0..workers).into_par_iter().for_each(|w| loop {
         if let Some((now, next)) = take.front(&ranges[w]) {
             band(now, next);
         } else if !take.steal(&ranges, w) {

@@ -45,7 +45,7 @@ pub(crate) const MIN_CHANNELS: usize = 16;
 /// that fill the transforms' vectors, a CPU with AVX2 or AVX-512 (the transforms' SIMD), and
 /// XCEPTION_ENGINE_NO_WINOGRAD not set.
 pub(crate) fn available(cin: usize, cout: usize) -> bool {
-    cin >= MIN_CHANNELS && cin % LANES == 0 && cout % LANES == 0 && cfg!(target_arch = "x86_64") && crate::packed::kernel() != Kernel::Portable && std::env::var_os("XCEPTION_ENGINE_NO_WINOGRAD").is_none()
+    cin >= MIN_CHANNELS && cin.is_multiple_of(LANES) && cout.is_multiple_of(LANES) && cfg!(target_arch = "x86_64") && crate::packed::kernel() != Kernel::Portable && std::env::var_os("XCEPTION_ENGINE_NO_WINOGRAD").is_none()
 }
 
 impl Winograd {
@@ -53,7 +53,7 @@ impl Winograd {
     /// layout, BatchNorm folded), and its bias.
     pub(crate) fn new(weight: &[f32], bias: &[f32], cin: usize, cout: usize) -> Winograd {
         assert_eq!(weight.len(), 9 * cin * cout, "winograd: 3x3 weights of {cin} -> {cout} channels");
-        assert!(cin % LANES == 0 && cout % LANES == 0, "winograd: {cin} -> {cout} channels, not multiples of {LANES}");
+        assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(LANES), "winograd: {cin} -> {cout} channels, not multiples of {LANES}");
         // U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
         let g_rows = |g: [f32; 3]| [g[0], 0.5 * (g[0] + g[1] + g[2]), 0.5 * (g[0] - g[1] + g[2]), g[2]];
         let mut u = vec![vec![0f32; cin * cout]; 16];
@@ -149,7 +149,7 @@ mod transforms {
     #[inline(always)]
     unsafe fn input_in<V: Vector>(x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
         let c = x.c;
-        assert!(v.len() >= 16 * tiles * c && c % V::LANES == 0);
+        assert!(v.len() >= 16 * tiles * c && c.is_multiple_of(V::LANES));
         let v = v.as_mut_ptr();
         let line = |iy: isize| (iy >= 0 && (iy as usize) < x.h).then(|| x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c].as_ptr());
         let lines: [Option<*const f32>; 4] = std::array::from_fn(|i| line(iy0 + i as isize));
@@ -193,7 +193,7 @@ mod transforms {
     #[allow(clippy::too_many_arguments)]
     unsafe fn output_in<V: Vector>(m: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
         let n = cout;
-        assert!(m.len() >= 16 * tiles * n && bias.len() >= n && n % V::LANES == 0 && ow <= 2 * tiles && lines.iter().all(|l| l.len() >= ow * n));
+        assert!(m.len() >= 16 * tiles * n && bias.len() >= n && n.is_multiple_of(V::LANES) && ow <= 2 * tiles && lines.iter().all(|l| l.len() >= ow * n));
         for tile in 0..tiles {
             let cols = (ow - 2 * tile).min(2);
             let mut cb = 0;

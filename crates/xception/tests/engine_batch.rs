@@ -49,3 +49,13 @@ fn every_thread_count_gives_the_same_bits() {
         }
     }
 }
+
+/// A batch of no images is an error naming it, not a panic.
+#[test]
+fn an_empty_batch_is_an_error() {
+    let net = Network::build(&ModelConfig::from_name("xception").unwrap()).unwrap();
+    let weights = xception::weights::deterministic(&net);
+    let engine = Engine::new(&net, &weights, 2).unwrap();
+    let err = engine.forward(&[], 0, 96, 96).err().expect("an empty batch fails");
+    assert!(err.to_string().contains("empty batch"), "{err}");
+}
