@@ -8,8 +8,11 @@
 //! innermost, AVX-512 register tiles when the CPU has them) feeds the pointwise GEMM band by band
 //! through a cache-resident buffer, and the GEMM adds the bias, the block's residual and ReLU as
 //! it stores. Dense convs need no im2col: each kernel row's product reads the input lines in
-//! place and accumulates in the output. Activations are NHWC float32 in buffers reused across
-//! layers; a batch runs as one stream of whole images per thread.
+//! place and accumulates in the output; the stem's 3x3 32->64 conv runs by Winograd's F(2x2, 3x3)
+//! instead (`winograd`). Activations are NHWC float32 in buffers reused across layers; a batch
+//! runs as one stream of whole images per thread. The rows of every banded product go to the
+//! threads evenly to the row, with work stealing at the end (`stealing`), and through a
+//! single-image pass the idle thread polls for tasks instead of sleeping (`polling`).
 //!
 //! Where an entry-flow block's outputs are large, its last separable conv is pooled band by band
 //! as it is made, the first block's two separable convs run as one banded chain (neither output
