@@ -59,3 +59,28 @@ fn an_empty_batch_is_an_error() {
     let err = engine.forward(&[], 0, 96, 96).err().expect("an empty batch fails");
     assert!(err.to_string().contains("empty batch"), "{err}");
 }
+
+/// Several threads calling one engine at once (its workers poll for tasks during a pass, and a
+/// poller may pick up another caller's pass): every call finishes with its own image's output.
+#[test]
+fn concurrent_callers_each_get_their_own_output() {
+    let net = Network::build(&ModelConfig::from_name("xception41").unwrap()).unwrap();
+    let weights = xception::weights::deterministic(&net);
+    let engine = Engine::new(&net, &weights, 2).unwrap();
+    let (h, w) = (64, 64);
+    let image = |seed: usize| -> Vec<f32> { (0..h * w * 3).map(|i| (((i + seed) * 7919) % 255) as f32 / 127.5 - 1.0).collect() };
+    let alone: Vec<Vec<f32>> = (0..3).map(|s| engine.forward(&image(s), 1, h, w).unwrap().features.data).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|s| {
+                let (engine, input) = (&engine, image(s));
+                scope.spawn(move || (0..4).map(|_| engine.forward(&input, 1, h, w).unwrap().features.data).collect::<Vec<_>>())
+            })
+            .collect();
+        for (s, handle) in handles.into_iter().enumerate() {
+            for out in handle.join().unwrap() {
+                assert_eq!(out, alone[s], "caller {s}");
+            }
+        }
+    });
+}
