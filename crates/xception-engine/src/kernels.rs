@@ -239,24 +239,34 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
             unsafe { band_rows(lines, local, per_line, fill, fill16, b, shared.offset(now.start * n), Epilogue { ahead, writes, ..epi_at(now.start) }) }
         });
     }
-    // Every row made first, then the product shared out. The parallel work below runs only leaf
-    // tasks (line fills, GEMM tiles), none of which comes back here, so this thread's scratch
-    // stays borrowed once.
+    // Every row made first, then the product shared out, in this thread's scratch (`taken`: the
+    // parallel work runs meanwhile).
     #[cfg(target_arch = "x86_64")]
     if let (Some(b16), Some(fill16), true) = (b.bf16(), fill16, bf16) {
         let ld16 = crate::amx::lhs_stride(k, k);
-        return SCRATCH16.with_borrow_mut(|buf| {
+        return taken(&SCRATCH16, |buf| {
             let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k);
             a16[..rows * ld16].par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
             share_out16(a16, ld16, b, b16, rows, shared, &epi_at, threads);
         });
     }
-    SCRATCH.with_borrow_mut(|scratch| {
+    taken(&SCRATCH, |scratch| {
         scratch.resize(scratch.len().max(rows * k), 0.0);
         let made = &mut scratch[..rows * k];
         made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
         share_out(made, b, rows, k, n, shared, &epi_at, threads);
     });
+}
+
+/// `f` on this thread's buffer in `key`, taken out of it meanwhile, for work that runs parallel
+/// tasks: a thread waiting on them runs other tasks, and with one engine called from several
+/// threads those may be another caller's whole pass, which then finds the slot empty and makes
+/// a buffer of its own (a second borrow of the RefCell would panic).
+fn taken<T: Default, R>(key: &'static std::thread::LocalKey<RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+    let mut buf = key.take();
+    let r = f(&mut buf);
+    key.set(buf);
+    r
 }
 
 /// Lines `lines` of a `Lhs::Lines` operand made in this thread's band buffer (in bf16, by
@@ -332,7 +342,7 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     #[cfg(target_arch = "x86_64")]
     if let Some(b16) = b.bf16() {
         // Rounded to bf16 once here, not by every task (a panel task reads every row).
-        return SCRATCH16.with_borrow_mut(|buf| {
+        return taken(&SCRATCH16, |buf| {
             let ld16 = crate::amx::lhs_stride(k, k);
             let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k);
             a16[..rows * ld16].par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
