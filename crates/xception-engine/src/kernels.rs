@@ -1054,7 +1054,7 @@ pub(crate) mod dw3 {
         // The three input lines the taps read (None: in the padding).
         let lines: [Option<*const f32>; 3] = std::array::from_fn(|ky| {
             let iy = (oy * st + ky * d) as isize - pt as isize;
-            (iy >= 0 && (iy as usize) < x.h).then(|| x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c].as_ptr())
+            x.line(b, iy).map(<[f32]>::as_ptr)
         });
         let zero = V::zero();
         let dw = s.dw.as_ptr();

@@ -95,8 +95,8 @@ struct DenseConv {
     /// (k*k*cin, cout), rows in (ky, kx, ci) order, with the bias.
     weight: PackedB,
     /// For k > 1, the same weights split by kernel row, (k*cin, cout) each, the bias with the
-    /// first, for running without im2col (`DenseConv::direct_rows`); empty for 1x1 and dilated
-    /// convs.
+    /// first, for running without im2col (`DenseConv::direct_rows`); empty for 1x1, dilated and
+    /// Winograd convs.
     kernel_rows: Vec<PackedB>,
     /// For 3x3 convs of stride 1 with channels enough (the stem's second), the weights for
     /// Winograd's algorithm, which then runs the conv (fp32 only; see `winograd`).
@@ -220,6 +220,12 @@ pub struct Activations {
 }
 
 impl Activations {
+    /// Line `iy` of image `b` (w x c values), or None for a line outside the image (in a conv's
+    /// padding).
+    pub(crate) fn line(&self, b: usize, iy: isize) -> Option<&[f32]> {
+        (iy >= 0 && (iy as usize) < self.h).then(|| &self.data[(b * self.h + iy as usize) * self.w * self.c..][..self.w * self.c])
+    }
+
     /// The same values in NCHW order.
     pub fn to_nchw(&self) -> Vec<f32> {
         let (n, h, w, c) = (self.n, self.h, self.w, self.c);
@@ -432,6 +438,7 @@ impl Compiler<'_> {
                     if relu {
                         used += 1;
                     }
+                    let winograd = (k == 3 && c.stride == 1 && c.dilation == 1 && self.precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout));
                     steps.push(Step::Dense(DenseConv {
                         k,
                         stride: c.stride,
@@ -440,13 +447,14 @@ impl Compiler<'_> {
                         cin,
                         cout,
                         weight: self.pack(&weight, &bias, k * k * cin, cout),
-                        kernel_rows: if k > 1 && c.dilation == 1 {
+                        // Not for a conv Winograd's algorithm runs.
+                        kernel_rows: if k > 1 && c.dilation == 1 && winograd.is_none() {
                             let zero = vec![0f32; cout];
                             weight.chunks(k * cin * cout).enumerate().map(|(ky, w)| self.pack(w, if ky == 0 { &bias } else { &zero }, k * cin, cout)).collect()
                         } else {
                             Vec::new()
                         },
-                        winograd: (k == 3 && c.stride == 1 && c.dilation == 1 && self.precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout)),
+                        winograd,
                         relu,
                     }));
                     i += used;

@@ -151,8 +151,7 @@ mod transforms {
         let c = x.c;
         assert!(v.len() >= 16 * tiles * c && c.is_multiple_of(V::LANES));
         let v = v.as_mut_ptr();
-        let line = |iy: isize| (iy >= 0 && (iy as usize) < x.h).then(|| x.data[(b * x.h + iy as usize) * x.w * c..][..x.w * c].as_ptr());
-        let lines: [Option<*const f32>; 4] = std::array::from_fn(|i| line(iy0 + i as isize));
+        let lines: [Option<*const f32>; 4] = std::array::from_fn(|i| x.line(b, iy0 + i as isize).map(<[f32]>::as_ptr));
         for tile in 0..tiles {
             let ix0 = 2 * tile as isize - pl as isize;
             let mut cb = 0;
