@@ -495,10 +495,9 @@ fn direct_conv(x: &Activations, d: &DenseConv, kernel_rows: &[PackedB], (pt, oh)
                 // And that line's output, whose first stores would miss otherwise. Each kernel
                 // row's product fetches a share of both.
                 let written = if next < lines { Fetch::output(shared, next * ow * n, ow * n) } else { Fetch::NONE };
-                let (share, share_out) = (ahead.len().div_ceil(d.k), written.len().div_ceil(d.k));
                 for (ky, rows) in kernel_rows.iter().enumerate() {
                     let a = if padded { &window[ky * wp * c..][..wp * c] } else { line_of(b, oy * d.stride + ky) };
-                    let (ahead, writes) = (ahead.part(ky * share, (ky + 1) * share), written.part(ky * share_out, (ky + 1) * share_out));
+                    let (ahead, writes) = (ahead.share(ky, d.k), written.share(ky, d.k));
                     let epi = Epilogue { residual: None, relu: d.relu && ky + 1 == d.k, accumulate: ky > 0, ahead, writes };
                     // SAFETY: this task owns output line `line` (ow rows of n values).
                     unsafe { gemm_rows(ow, a, d.stride * c, rows, 0..rows.panels(), shared.offset(line * ow * n), n, epi) };

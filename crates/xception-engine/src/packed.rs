@@ -182,9 +182,11 @@ impl<'a> Fetch<'a> {
         self.len == 0
     }
 
-    /// Values [start, end) of this run (clipped to it).
-    pub fn part(self, start: usize, end: usize) -> Fetch<'a> {
-        let (start, end) = (start.min(self.len), end.min(self.len));
+    /// Share `i` of `parts` equal shares of this run (the last one shorter), for `parts`
+    /// products that fetch it between them.
+    pub fn share(self, i: usize, parts: usize) -> Fetch<'a> {
+        let size = self.len.div_ceil(parts);
+        let (start, end) = ((i * size).min(self.len), ((i + 1) * size).min(self.len));
         Fetch { from: self.from.wrapping_add(start), len: end.saturating_sub(start), _values: std::marker::PhantomData }
     }
 }

@@ -108,9 +108,8 @@ impl Winograd {
                 } else {
                     (Fetch::NONE, Fetch::NONE)
                 };
-                let (sa, sw) = (ahead.len().div_ceil(16), writes.len().div_ceil(16));
                 for (p, u) in self.u.iter().enumerate() {
-                    let epi = Epilogue { ahead: ahead.part(p * sa, (p + 1) * sa), writes: writes.part(p * sw, (p + 1) * sw), ..Epilogue::PLAIN };
+                    let epi = Epilogue { ahead: ahead.share(p, 16), writes: writes.share(p, 16), ..Epilogue::PLAIN };
                     // SAFETY: `m` is this thread's own buffer.
                     unsafe { gemm_rows(tiles, &v[p * tiles * cin..], cin, u, 0..u.panels(), SharedOut::new(&mut m[p * tiles * cout..][..tiles * cout]), cout, epi) };
                 }
