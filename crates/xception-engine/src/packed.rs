@@ -2,8 +2,8 @@
 //! shortcut projections, the im2col'd dense convs) multiplies activation rows (pixels x
 //! channels, read in place) by a weight matrix packed once at load time into 32-column panels.
 //!
-//! With AVX-512 a 12x32 register-tile micro-kernel runs it, with AVX2 (no AVX-512) a 6x16 one
-//! over half a panel at a time; both apply the bias, the residual add and ReLU as the tile is
+//! With AVX-512 a 12x32 register-tile micro-kernel runs it (its k loop in assembly), with AVX2
+//! (no AVX-512) a 6x16 one over half a panel at a time; both apply the bias, the residual add and ReLU as the tile is
 //! stored, so each output value is written once. On other CPUs each panel goes through the
 //! `gemm` crate and the epilogue runs as a second pass over the tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
@@ -384,7 +384,7 @@ impl Bursts {
     #[inline(always)]
     pub fn new(ahead: Ahead, extra: Ahead, k: usize) -> Bursts {
         let bursts = (ahead.lines + extra.lines).div_ceil(Self::BURST).max(1);
-        Bursts { streams: [ahead, extra], chunk: ((k / bursts) & !1).max(2) }
+        Bursts { streams: [ahead, extra], chunk: ((k / bursts) & !3).max(4) }
     }
 
     /// Issues the next burst; returns where the k loop's next chunk ends (`k` after the last).
@@ -580,8 +580,94 @@ pub(crate) mod avx512 {
         prefetch_write(p.add(124));
     }
 
+    /// One k step of the assembly k loop (`k_loop`) on the rows listed: two loads of B (byte
+    /// offsets `$b0`, `$b1` from `{b}`), then per row a broadcast of its A value (byte offset
+    /// `$da` from the row's address) and two FMAs into its accumulator registers.
+    macro_rules! k_step {
+        ($da:literal, $b0:literal, $b1:literal; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+            concat!(
+                "vmovups zmm24, [{b} + ", $b0, "]\n",
+                "vmovups zmm25, [{b} + ", $b1, "]\n",
+                $(
+                    "vbroadcastss zmm26, dword ptr [", $base, $within, " + ", $da, "]\n",
+                    "vfmadd231ps ", $lo, ", zmm24, zmm26\n",
+                    "vfmadd231ps ", $hi, ", zmm25, zmm26\n",
+                )*
+            )
+        };
+    }
+
+    /// `$iters` x 4 k steps of the micro-kernel on the rows listed, in assembly: rows go in
+    /// groups of three, row 3g + j read at `{a<g>} + j * lda` (an x86 address with no
+    /// arithmetic of its own), and the four group pointers and B's move once per four steps.
+    /// Compiled from intrinsics, the same loop spent issue slots on address arithmetic (a chain
+    /// of adds per row) and ran a 12x256x32 tile on cache-resident data at 164-167 GFLOP/s on
+    /// one core against 182-183 here: 77% and 86% of the measured FMA peak (~213). 86% is the
+    /// ceiling here for FMAs fed by loads at all: the same loop with the loads of B or the
+    /// broadcasts removed ran at 204 and 196, with neither at 215, and 14x32, 8x48 and 9x48
+    /// tiles also stopped at 182. One thread, best of 15 (2026-12-07): 180x728x728 160 -> 172
+    /// GFLOP/s, 361x728x728 163 -> 169, 1369x256x728 138 -> 154, 100x1536x2048 145 -> 151,
+    /// 294x128x128 156 -> 165. The whole pass gained only ~1% (two threads 61.1 -> 60.6 ms,
+    /// six alternations; one thread 117.8 -> 116.7): there the weights come from L3 or memory
+    /// and the products wait on them as much as on the FMAs.
+    macro_rules! k_loop {
+        ($acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+            std::arch::asm!(
+                // (Mentions the row stride for kernels of one row, which never read it.)
+                "/* lda bytes {s} */",
+                "2:",
+                k_step!(0, 0, 64; $(($base $within $lo $hi $li $hi_i))*),
+                k_step!(4, 128, 192; $(($base $within $lo $hi $li $hi_i))*),
+                k_step!(8, 256, 320; $(($base $within $lo $hi $li $hi_i))*),
+                k_step!(12, 384, 448; $(($base $within $lo $hi $li $hi_i))*),
+                "add {a0}, 16",
+                "add {a1}, 16",
+                "add {a2}, 16",
+                "add {a3}, 16",
+                "add {b}, 512",
+                "dec {n}",
+                "jnz 2b",
+                a0 = inout(reg) $a => _,
+                a1 = inout(reg) $a.wrapping_add(3 * $lda) => _,
+                a2 = inout(reg) $a.wrapping_add(6 * $lda) => _,
+                a3 = inout(reg) $a.wrapping_add(9 * $lda) => _,
+                s = in(reg) $lda * 4,
+                b = inout(reg) $b => _,
+                n = inout(reg) $iters => _,
+                $(inout($lo) $acc[$li], inout($hi) $acc[$hi_i],)*
+                out("zmm24") _,
+                out("zmm25") _,
+                out("zmm26") _,
+                options(nostack, readonly),
+            )
+        };
+    }
+
+    /// The k loop on the first R rows of a tile (`acc` holds row r's accumulators at 2r, 2r+1).
+    macro_rules! k_loop_rows {
+        ($rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr) => {
+            k_loop_rows!(@prefix $rows, $acc, $a, $lda, $b, $iters; []; [
+                ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
+                ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
+                ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
+                ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
+                [1 2 3 4 5 6 7 8 9 10 11 12])
+        };
+        // One match arm per row count, each running the loop on the rows so far.
+        (@prefix $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($done:tt)*]; [$next:tt $($rest:tt)*]; [$count:literal $($counts:literal)*]) => {
+            if $rows == $count {
+                k_loop!($acc, $a, $lda, $b, $iters; $($done)* $next)
+            } else {
+                k_loop_rows!(@prefix $rows, $acc, $a, $lda, $b, $iters; [$($done)* $next]; [$($rest)*]; [$($counts)*])
+            }
+        };
+        (@prefix $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($done:tt)*]; []; []) => {
+            unreachable!("tile rows")
+        };
+    }
+
     /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
-    /// broadcast of A per row and two loads of B per k step.
+    /// broadcast of A per row and two loads of B per k step, four steps at a time in `k_loop`.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
@@ -603,39 +689,34 @@ pub(crate) mod avx512 {
                 _mm_prefetch::<_MM_HINT_T0>(rr.add(124));
             }
         }
-        let mut lo = [zero; R];
-        let mut hi = [zero; R];
+        // Row r's accumulators are acc[2r] (columns 0..16) and acc[2r + 1] (16..32), the
+        // registers zmm(2r) and zmm(2r + 1) in the assembly loop; those past R go unused.
+        let mut acc = [zero; 24];
         match step.start {
             Start::Bias(bias) => {
                 let (b0, b1) = (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)));
-                lo = [b0; R];
-                hi = [b1; R];
+                for r in 0..R {
+                    acc[2 * r] = b0;
+                    acc[2 * r + 1] = b1;
+                }
             }
             Start::Partial => {
                 for r in 0..R {
-                    lo[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
-                    hi[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
+                    acc[2 * r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                    acc[2 * r + 1] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
                 }
             }
         }
-        // Two k steps per iteration: each row's address is formed once for two broadcasts
-        // (address arithmetic competes with the FMAs for execution ports).
+        // Four k steps per round of the assembly loop, in chunks between prefetch bursts.
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
-        while p + 2 <= k {
+        while p + 4 <= k {
             let end = bursts.issue(p, k);
-            while p + 2 <= end {
-                let bp = b.add(p * 32);
-                let bs = [(_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16))), (_mm512_loadu_ps(bp.add(32)), _mm512_loadu_ps(bp.add(48)))];
-                for r in 0..R {
-                    let ar = a.add(r * lda + p);
-                    for (u, &(b0, b1)) in bs.iter().enumerate() {
-                        let av = _mm512_set1_ps(*ar.add(u));
-                        lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
-                        hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
-                    }
-                }
-                p += 2;
+            let rounds = (end - p) / 4;
+            if rounds > 0 {
+                let (ap, bp) = (a.add(p), b.add(p * 32));
+                k_loop_rows!(R, acc, ap, lda, bp, rounds);
+                p += 4 * rounds;
             }
         }
         while p < k {
@@ -643,14 +724,14 @@ pub(crate) mod avx512 {
             let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
             for r in 0..R {
                 let av = _mm512_set1_ps(*a.add(r * lda + p));
-                lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
-                hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+                acc[2 * r] = _mm512_fmadd_ps(av, b0, acc[2 * r]);
+                acc[2 * r + 1] = _mm512_fmadd_ps(av, b1, acc[2 * r + 1]);
             }
             p += 1;
         }
         for r in 0..R {
             let residual = step.residual.map(|(rp, ldr)| rp.add(r * ldr));
-            finish_row(lo[r], hi[r], residual, step.relu, (m0, m1), c.add(r * ldc));
+            finish_row(acc[2 * r], acc[2 * r + 1], residual, step.relu, (m0, m1), c.add(r * ldc));
         }
     }
 }
@@ -823,6 +904,29 @@ mod tests {
             all.push(Kernel::Avx512);
         }
         all
+    }
+
+    /// Every tile height (1 to 24 rows: each row count of a register tile, alone and beside
+    /// another) at depths of every remainder mod 4 (the assembly loop takes four k steps at a
+    /// time), with the residual and ReLU.
+    #[test]
+    fn every_tile_height_and_depth_remainder() {
+        for k in [4, 29, 34, 63] {
+            for m in 1..=24 {
+                let n = 40;
+                let (a, w, bias, res) = (values(m * k, 6), values(k * n, 7), values(n, 8), values(m * n, 9));
+                let b = PackedB::new(&w, &bias, k, n);
+                let want = naive(m, k, n, &a, k, &w, &bias, Some(&res), true);
+                for simd in kernels() {
+                    let mut got = vec![0f32; m * n];
+                    let epi = Epilogue { residual: Some((&res[..], n)), relu: true, ..Epilogue::PLAIN };
+                    unsafe { gemm_rows_on(simd, m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut got), n, epi) };
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{simd:?} ({m}x{k}x{n}) [{i}] {g} vs {e}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
