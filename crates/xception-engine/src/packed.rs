@@ -2,8 +2,8 @@
 //! shortcut projections, the im2col'd dense convs) multiplies activation rows (pixels x
 //! channels, read in place) by a weight matrix packed once at load time into 32-column panels.
 //!
-//! With AVX-512 a 12x32 register-tile micro-kernel runs it (its k loop in assembly), with AVX2
-//! (no AVX-512) a 6x16 one over half a panel at a time; both apply the bias, the residual add and ReLU as the tile is
+//! With AVX-512 a 12x32 register-tile micro-kernel runs it, with AVX2 (no AVX-512) a 6x16 one
+//! over half a panel at a time (their k loops in assembly, `k_loop`); both apply the bias, the residual add and ReLU as the tile is
 //! stored, so each output value is written once. On other CPUs each panel goes through the
 //! `gemm` crate and the epilogue runs as a second pass over the tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
@@ -373,7 +373,7 @@ pub(crate) struct Bursts {
     /// The two streams, fetched one after the other: the next panel's weights, then the
     /// caller's next values.
     streams: [Ahead; 2],
-    /// k steps per chunk (even: the kernels take two k steps per iteration).
+    /// k steps per chunk (a multiple of four: the kernels take four k steps a round).
     chunk: usize,
 }
 
@@ -536,6 +536,96 @@ macro_rules! by_rows {
     }};
 }
 
+/// One k step of the micro-kernels' assembly k loop (`k_loop`): two loads of B into `$bv`,
+/// `$bw` (byte offsets `$b0`, `$b1` from `{b}`), then per row a broadcast of its A value (byte
+/// offset `$da` from the row's address) into `$bc` and two FMAs into its accumulators.
+#[cfg(target_arch = "x86_64")]
+macro_rules! k_step {
+    ($bv:tt $bw:tt $bc:tt; $da:tt $b0:tt $b1:tt; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+        concat!(
+            "vmovups ", $bv, ", [{b} + ", $b0, "]\n",
+            "vmovups ", $bw, ", [{b} + ", $b1, "]\n",
+            $(
+                "vbroadcastss ", $bc, ", dword ptr [", $base, $within, " + ", $da, "]\n",
+                "vfmadd231ps ", $lo, ", ", $bv, ", ", $bc, "\n",
+                "vfmadd231ps ", $hi, ", ", $bw, ", ", $bc, "\n",
+            )*
+        )
+    };
+}
+
+/// `$iters` rounds of four k steps of a micro-kernel on the rows listed, in assembly (the
+/// AVX-512 and AVX2 kernels: registers `$bv $bw $bc` for B and the broadcast, the four steps'
+/// offsets as in `k_step`; B's rows are a packed panel, 128 bytes, apart). Rows go in groups of
+/// three, row 3g + j read at `{a<g>} + j * lda` (an x86 address with no arithmetic of its
+/// own); the four group pointers and B's move once a round.
+///
+/// Compiled from intrinsics, the same loops spent issue slots on address arithmetic (a chain of
+/// adds per row). AVX-512, one core, a 12x256x32 tile on cache-resident data: 164-167 GFLOP/s
+/// against 182-183 here, 77% and 86% of the measured FMA peak (~213). 86% is the ceiling here
+/// for FMAs fed by loads at all: with the loads of B or the broadcasts removed the loop ran at
+/// 204 and 196, with neither at 215, and 14x32, 8x48 and 9x48 tiles also stopped at 182. AVX2,
+/// a 6x16 tile: 102 GFLOP/s (91% of the AVX2 peak) against 113 (100%).
+///
+/// Whole products, one thread, best of 15 (2026-12-07), AVX-512: 180x728x728 160 -> 172
+/// GFLOP/s, 361x728x728 163 -> 169, 1369x256x728 138 -> 154, 100x1536x2048 145 -> 151,
+/// 294x128x128 156 -> 165; AVX2: 101 -> 107, 100 -> 106, 99 -> 100, 96 -> 101, 102 -> 106.
+/// Whole passes gain less, 1-2% (xception, two threads, alternated: AVX-512 61.1 -> 60.6 ms,
+/// AVX2 97.3 -> 95.7), as there the weights come from L3 or memory: a chain of 24 361x728x728
+/// products with weights of their own runs ~5% slower than one product repeated.
+#[cfg(target_arch = "x86_64")]
+macro_rules! k_loop {
+    ($bv:tt $bw:tt $bc:tt; ($($s0:tt)*) ($($s1:tt)*) ($($s2:tt)*) ($($s3:tt)*); $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+        std::arch::asm!(
+            // (Mentions the row stride for tiles of one row, which never read it.)
+            "/* lda bytes {s} */",
+            "2:",
+            k_step!($bv $bw $bc; $($s0)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($bv $bw $bc; $($s1)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($bv $bw $bc; $($s2)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($bv $bw $bc; $($s3)*; $(($base $within $lo $hi $li $hi_i))*),
+            "add {a0}, 16",
+            "add {a1}, 16",
+            "add {a2}, 16",
+            "add {a3}, 16",
+            "add {b}, 512",
+            "dec {n}",
+            "jnz 2b",
+            a0 = inout(reg) $a => _,
+            a1 = inout(reg) $a.wrapping_add(3 * $lda) => _,
+            a2 = inout(reg) $a.wrapping_add(6 * $lda) => _,
+            a3 = inout(reg) $a.wrapping_add(9 * $lda) => _,
+            s = in(reg) $lda * 4,
+            b = inout(reg) $b => _,
+            n = inout(reg) $iters => _,
+            $(inout($lo) $acc[$li], inout($hi) $acc[$hi_i],)*
+            out($bv) _,
+            out($bw) _,
+            out($bc) _,
+            options(nostack, readonly),
+        )
+    };
+}
+
+/// `k_loop` on the first `$rows` rows of the table (`$acc` holds row r's accumulators at 2r and
+/// 2r + 1): one branch per row count, each with the rows so far (`$counts` numbers them).
+#[cfg(target_arch = "x86_64")]
+macro_rules! k_loop_rows {
+    ($regs:tt $steps:tt; $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($table:tt)*]; [$($counts:tt)*]) => {
+        k_loop_rows!(@prefix $regs $steps; $rows, $acc, $a, $lda, $b, $iters; []; [$($table)*]; [$($counts)*])
+    };
+    (@prefix ($($regs:tt)*) ($($steps:tt)*); $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($done:tt)*]; [$next:tt $($rest:tt)*]; [$count:tt $($counts:tt)*]) => {
+        if $rows == $count {
+            k_loop!($($regs)*; $($steps)*; $acc, $a, $lda, $b, $iters; $($done)* $next)
+        } else {
+            k_loop_rows!(@prefix ($($regs)*) ($($steps)*); $rows, $acc, $a, $lda, $b, $iters; [$($done)* $next]; [$($rest)*]; [$($counts)*])
+        }
+    };
+    (@prefix $regs:tt $steps:tt; $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($done:tt)*]; []; []) => {
+        unreachable!("tile rows")
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile};
@@ -578,92 +668,6 @@ pub(crate) mod avx512 {
         prefetch_write(p);
         prefetch_write(p.add(64));
         prefetch_write(p.add(124));
-    }
-
-    /// One k step of the assembly k loop (`k_loop`) on the rows listed: two loads of B (byte
-    /// offsets `$b0`, `$b1` from `{b}`), then per row a broadcast of its A value (byte offset
-    /// `$da` from the row's address) and two FMAs into its accumulator registers.
-    macro_rules! k_step {
-        ($da:literal, $b0:literal, $b1:literal; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
-            concat!(
-                "vmovups zmm24, [{b} + ", $b0, "]\n",
-                "vmovups zmm25, [{b} + ", $b1, "]\n",
-                $(
-                    "vbroadcastss zmm26, dword ptr [", $base, $within, " + ", $da, "]\n",
-                    "vfmadd231ps ", $lo, ", zmm24, zmm26\n",
-                    "vfmadd231ps ", $hi, ", zmm25, zmm26\n",
-                )*
-            )
-        };
-    }
-
-    /// `$iters` x 4 k steps of the micro-kernel on the rows listed, in assembly: rows go in
-    /// groups of three, row 3g + j read at `{a<g>} + j * lda` (an x86 address with no
-    /// arithmetic of its own), and the four group pointers and B's move once per four steps.
-    /// Compiled from intrinsics, the same loop spent issue slots on address arithmetic (a chain
-    /// of adds per row) and ran a 12x256x32 tile on cache-resident data at 164-167 GFLOP/s on
-    /// one core against 182-183 here: 77% and 86% of the measured FMA peak (~213). 86% is the
-    /// ceiling here for FMAs fed by loads at all: the same loop with the loads of B or the
-    /// broadcasts removed ran at 204 and 196, with neither at 215, and 14x32, 8x48 and 9x48
-    /// tiles also stopped at 182. One thread, best of 15 (2026-12-07): 180x728x728 160 -> 172
-    /// GFLOP/s, 361x728x728 163 -> 169, 1369x256x728 138 -> 154, 100x1536x2048 145 -> 151,
-    /// 294x128x128 156 -> 165. The whole pass gained only ~1% (two threads 61.1 -> 60.6 ms,
-    /// six alternations; one thread 117.8 -> 116.7): there the weights come from L3 or memory
-    /// and the products wait on them as much as on the FMAs.
-    macro_rules! k_loop {
-        ($acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
-            std::arch::asm!(
-                // (Mentions the row stride for kernels of one row, which never read it.)
-                "/* lda bytes {s} */",
-                "2:",
-                k_step!(0, 0, 64; $(($base $within $lo $hi $li $hi_i))*),
-                k_step!(4, 128, 192; $(($base $within $lo $hi $li $hi_i))*),
-                k_step!(8, 256, 320; $(($base $within $lo $hi $li $hi_i))*),
-                k_step!(12, 384, 448; $(($base $within $lo $hi $li $hi_i))*),
-                "add {a0}, 16",
-                "add {a1}, 16",
-                "add {a2}, 16",
-                "add {a3}, 16",
-                "add {b}, 512",
-                "dec {n}",
-                "jnz 2b",
-                a0 = inout(reg) $a => _,
-                a1 = inout(reg) $a.wrapping_add(3 * $lda) => _,
-                a2 = inout(reg) $a.wrapping_add(6 * $lda) => _,
-                a3 = inout(reg) $a.wrapping_add(9 * $lda) => _,
-                s = in(reg) $lda * 4,
-                b = inout(reg) $b => _,
-                n = inout(reg) $iters => _,
-                $(inout($lo) $acc[$li], inout($hi) $acc[$hi_i],)*
-                out("zmm24") _,
-                out("zmm25") _,
-                out("zmm26") _,
-                options(nostack, readonly),
-            )
-        };
-    }
-
-    /// The k loop on the first R rows of a tile (`acc` holds row r's accumulators at 2r, 2r+1).
-    macro_rules! k_loop_rows {
-        ($rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr) => {
-            k_loop_rows!(@prefix $rows, $acc, $a, $lda, $b, $iters; []; [
-                ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
-                ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
-                ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
-                ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
-                [1 2 3 4 5 6 7 8 9 10 11 12])
-        };
-        // One match arm per row count, each running the loop on the rows so far.
-        (@prefix $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($done:tt)*]; [$next:tt $($rest:tt)*]; [$count:literal $($counts:literal)*]) => {
-            if $rows == $count {
-                k_loop!($acc, $a, $lda, $b, $iters; $($done)* $next)
-            } else {
-                k_loop_rows!(@prefix $rows, $acc, $a, $lda, $b, $iters; [$($done)* $next]; [$($rest)*]; [$($counts)*])
-            }
-        };
-        (@prefix $rows:expr, $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; [$($done:tt)*]; []; []) => {
-            unreachable!("tile rows")
-        };
     }
 
     /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
@@ -715,7 +719,12 @@ pub(crate) mod avx512 {
             let rounds = (end - p) / 4;
             if rounds > 0 {
                 let (ap, bp) = (a.add(p), b.add(p * 32));
-                k_loop_rows!(R, acc, ap, lda, bp, rounds);
+                k_loop_rows!(("zmm24" "zmm25" "zmm26") ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, ap, lda, bp, rounds; [
+                    ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
+                    ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
+                    ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
+                    ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
+                    [1 2 3 4 5 6 7 8 9 10 11 12]);
                 p += 4 * rounds;
             }
         }
@@ -807,51 +816,53 @@ pub(crate) mod avx2 {
             }
         }
         let zero = _mm256_setzero_ps();
-        let mut lo = [zero; R];
-        let mut hi = [zero; R];
+        // Row r's accumulators are acc[2r] (columns 0..8) and acc[2r + 1] (8..16), the
+        // registers ymm(2r) and ymm(2r + 1) in the assembly loop; those past R go unused.
+        let mut acc = [zero; 12];
         match step.start {
             // The bias is padded to whole panels.
             Start::Bias(bias) => {
-                lo = [_mm256_loadu_ps(bias); R];
-                hi = [_mm256_loadu_ps(bias.add(8)); R];
+                let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+                for r in 0..R {
+                    acc[2 * r] = b0;
+                    acc[2 * r + 1] = b1;
+                }
             }
             Start::Partial => {
                 for r in 0..R {
-                    lo[r] = load(c.add(r * ldc), n0, m0);
-                    hi[r] = load(c.add(r * ldc + 8), n1, m1);
+                    acc[2 * r] = load(c.add(r * ldc), n0, m0);
+                    acc[2 * r + 1] = load(c.add(r * ldc + 8), n1, m1);
                 }
             }
         }
-        // Two k steps per iteration, as in the AVX-512 kernel: each row's address is formed once
-        // for two broadcasts.
+        // Four k steps per round of the assembly loop (`k_loop`), in chunks between prefetch
+        // bursts.
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
-        while p + 2 <= k {
+        while p + 4 <= k {
             let end = bursts.issue(p, k);
-            while p + 2 <= end {
-                for u in 0..2 {
-                    let bp = b.add((p + u) * super::NR);
-                    let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
-                    for r in 0..R {
-                        let av = _mm256_broadcast_ss(&*a.add(r * lda + p).add(u));
-                        lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
-                        hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
-                    }
-                }
-                p += 2;
+            let rounds = (end - p) / 4;
+            if rounds > 0 {
+                let (ap, bp) = (a.add(p), b.add(p * super::NR));
+                k_loop_rows!(("ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, ap, lda, bp, rounds; [
+                    ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
+                    ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
+                    [1 2 3 4 5 6]);
+                p += 4 * rounds;
             }
         }
-        if p < k {
+        while p < k {
             let bp = b.add(p * super::NR);
             let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
             for r in 0..R {
                 let av = _mm256_broadcast_ss(&*a.add(r * lda + p));
-                lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
-                hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+                acc[2 * r] = _mm256_fmadd_ps(av, b0, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(av, b1, acc[2 * r + 1]);
             }
+            p += 1;
         }
         for r in 0..R {
-            let (mut v0, mut v1) = (lo[r], hi[r]);
+            let (mut v0, mut v1) = (acc[2 * r], acc[2 * r + 1]);
             if let Some((rp, ldr)) = step.residual {
                 let rr = rp.add(r * ldr);
                 v0 = _mm256_add_ps(v0, load(rr, n0, m0));
