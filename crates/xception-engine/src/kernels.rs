@@ -157,6 +157,8 @@ const BAND_ROWS: usize = 192;
 const ROW_CHUNK: usize = 96;
 /// Products of fewer rows than this are small (the middle and exit flows at 299).
 const SMALL_ROWS: usize = 1024;
+/// Panels a worker from which a small product's tasks take all its rows (`split`).
+const WHOLE_ROW_PANELS: usize = 8;
 /// Weight matrices of at most this many values (1.5 MB in bf16, 3 MB in fp32: the middle flow's
 /// 728x728 and block 12's 728x1024, not the exit's 1024x1536) are read whole by every worker of
 /// a small product (`matmul`).
@@ -317,9 +319,19 @@ fn band_lines(lines: usize, per_line: usize, threads: usize) -> usize {
 /// How a product of `rows` rows is shared out: (rows per task, column tasks), see `share_out`;
 /// row chunks are whole `granule`s of rows (the micro-kernel's row tiles; BAND_ROWS and
 /// ROW_CHUNK are whole fp32 and AMX tiles).
-fn split(rows: usize, panels: usize, threads: usize, granule: usize) -> (usize, usize) {
+///
+/// With `whole_rows`, a small product of many panels (the exit flow's, at least WHOLE_ROW_PANELS
+/// a worker) goes a panel a task, all rows in one: each panel's weights pass through one row
+/// tile after the other on one core, and half as many tasks start. Measured in whole passes
+/// with AVX-512 (xception, two threads, three alternations of per-step timers around the
+/// products): the 10x10 1024->1536 product 1.28 -> 1.14 ms, 1536->2048 2.43 -> 2.22 (medians).
+/// With AVX2 it was even or slower (3.44 -> 3.50 ms), and in bf16 the pass slower (24.2-25.1 ->
+/// 25.5-25.8 ms), so those keep the halves.
+fn split(rows: usize, panels: usize, threads: usize, granule: usize, whole_rows: bool) -> (usize, usize) {
     if rows >= SMALL_ROWS {
         (ROW_CHUNK, 1)
+    } else if whole_rows && panels >= WHOLE_ROW_PANELS * threads {
+        (rows, panels)
     } else if panels < threads {
         (BAND_ROWS.min(rows.div_ceil(threads).next_multiple_of(granule)).min(rows).max(1), 1)
     } else {
@@ -331,7 +343,7 @@ fn split(rows: usize, panels: usize, threads: usize, granule: usize) -> (usize, 
 /// over every panel (a chunk's rows stay in L2 while the weights stream past). Small ones (the
 /// exit flow, the shortcut projections, the classifier): the panels shared out, so each worker
 /// streams only part of the weights (a row split would stream all of them once per chunk); each
-/// panel's rows in one chunk per worker, the tasks in panel order, so a worker takes runs of
+/// panel's rows in one chunk per worker (or, see `split`, all in one), the tasks in panel order, so a worker takes runs of
 /// whole panels and only the last panels are split between workers (the work left when the
 /// first worker runs out is half a panel, not a whole one: the pass measured ~2% faster at two
 /// threads, AVX-512 and AVX2, alternating, when the middle flow still came through here). Tasks
@@ -358,7 +370,7 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     // separable 37x37 5.9-6.3 ms against 6.3-6.5.
     let all = b.panels();
     // SAFETY: each task owns its rows x panels of the output.
-    shared_tasks(rows, all, threads, MR, |row0, m, ps| unsafe {
+    shared_tasks(rows, all, threads, (MR, crate::packed::has_avx512()), |row0, m, ps| unsafe {
         let ahead = if ps.len() == all { Fetch::of(&a[((row0 + m) * k).min(rows * k)..((row0 + 2 * m) * k).min(rows * k)]) } else { Fetch::NONE };
         gemm_rows(m, &a[row0 * k..], k, b, ps, shared.offset(row0 * n), n, Epilogue { ahead, ..epi_at(row0) })
     });
@@ -366,8 +378,8 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
 
 /// Runs `task(row0, rows, panels)` over the pieces `split` cuts a product of `rows` rows into,
 /// in parallel, taken as workers free up; a panel's row chunks are consecutive tasks.
-fn shared_tasks(rows: usize, panels: usize, threads: usize, granule: usize, task: impl Fn(usize, usize, Range<usize>) + Sync) {
-    let (chunk, col_chunks) = split(rows, panels, threads, granule);
+fn shared_tasks(rows: usize, panels: usize, threads: usize, (granule, whole_rows): (usize, bool), task: impl Fn(usize, usize, Range<usize>) + Sync) {
+    let (chunk, col_chunks) = split(rows, panels, threads, granule, whole_rows);
     let per = panels.div_ceil(col_chunks);
     let row_chunks = rows.div_ceil(chunk);
     (0..row_chunks * col_chunks).into_par_iter().for_each(|t| {
@@ -384,7 +396,7 @@ fn shared_tasks(rows: usize, panels: usize, threads: usize, granule: usize, task
 fn share_out16<'e>(a16: &[u16], ld16: usize, b: &PackedB, b16: &crate::amx::PackedBf16, rows: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
     let (k, n) = (b.k, b.n);
     // SAFETY: each task owns its rows x panels of the output.
-    shared_tasks(rows, b.panels(), threads, crate::amx::T, |row0, m, ps| unsafe {
+    shared_tasks(rows, b.panels(), threads, (crate::amx::T, false), |row0, m, ps| unsafe {
         crate::amx::gemm_rows(m, &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0))
     });
 }
