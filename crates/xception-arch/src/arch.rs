@@ -756,7 +756,7 @@ fn build_aligned(config: &ModelConfig) -> Network {
         // timm decides on a projection after the stride adjustment (aligned_xception.md section 5).
         let needs_projection = !no_skip && (outs[2] != in_ch || stride != 1);
         // The last module of the non-pre-act nets puts its ReLUs inside the separable convs.
-        let start_with_relu = !(i == last && !preact);
+        let start_with_relu = i != last || preact;
 
         let mut pre = Vec::new();
         let mut body = Vec::new();

@@ -882,6 +882,7 @@ pub(crate) mod avx2 {
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)]
     fn naive(m: usize, k: usize, n: usize, a: &[f32], lda: usize, w: &[f32], bias: &[f32], res: Option<&[f32]>, relu: bool) -> Vec<f32> {
         let mut out = vec![0f32; m * n];
         for i in 0..m {
