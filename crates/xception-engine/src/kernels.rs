@@ -343,12 +343,13 @@ fn split(rows: usize, panels: usize, threads: usize, granule: usize, whole_rows:
 /// over every panel (a chunk's rows stay in L2 while the weights stream past). Small ones (the
 /// exit flow, the shortcut projections, the classifier): the panels shared out, so each worker
 /// streams only part of the weights (a row split would stream all of them once per chunk); each
-/// panel's rows in one chunk per worker (or, see `split`, all in one), the tasks in panel order, so a worker takes runs of
-/// whole panels and only the last panels are split between workers (the work left when the
-/// first worker runs out is half a panel, not a whole one: the pass measured ~2% faster at two
-/// threads, AVX-512 and AVX2, alternating, when the middle flow still came through here). Tasks
-/// are taken as workers free up: on this VM one core runs the same GEMM ~30% slower than the
-/// other, and a static half each would leave the fast one waiting.
+/// panel's rows in one chunk per worker (or, see `split`, all in one), the tasks in panel
+/// order, so a worker takes runs of whole panels and only the last panels are split between
+/// workers (the work left when the first worker runs out is half a panel, not a whole one: the
+/// pass measured ~2% faster at two threads, AVX-512 and AVX2, alternating, when the middle flow
+/// still came through here). Tasks are taken as workers free up: on this VM one core runs the
+/// same GEMM ~30% slower than the other, and a static half each would leave the fast one
+/// waiting.
 #[allow(clippy::too_many_arguments)]
 fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
     #[cfg(target_arch = "x86_64")]
