@@ -3,9 +3,10 @@
 //! channels, read in place) by a weight matrix packed once at load time into 32-column panels.
 //!
 //! With AVX-512 a 12x32 register-tile micro-kernel runs it, with AVX2 (no AVX-512) a 6x16 one
-//! over half a panel at a time (their k loops in assembly, `k_loop`); both apply the bias, the residual add and ReLU as the tile is
-//! stored, so each output value is written once. On other CPUs each panel goes through the
-//! `gemm` crate and the epilogue runs as a second pass over the tile.
+//! over half a panel at a time (their k loops in assembly, `k_loop`); both apply the bias, the
+//! residual add and ReLU as the tile is stored, so each output value is written once. On other
+//! CPUs each panel goes through the `gemm` crate and the epilogue runs as a second pass over the
+//! tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
 //! product with the same epilogue.
 
@@ -387,9 +388,20 @@ impl Bursts {
         Bursts { streams: [ahead, extra], chunk: ((k / bursts) & !3).max(4) }
     }
 
+    /// Issues the next burst for the k loop at step `p` of `k` (with a round of four steps
+    /// left: p + 4 <= k); returns how many rounds the loop's next chunk runs, at least one
+    /// (chunks are whole rounds; after the last burst, all the rounds left).
+    #[inline(always)]
+    pub unsafe fn rounds(&mut self, p: usize, k: usize) -> usize {
+        let rounds = (self.issue(p, k) - p) / 4;
+        // A count of zero would run the assembly loop (dec, jnz) 2^64 times.
+        assert!(rounds > 0, "k loop: no round left at {p} of {k}");
+        rounds
+    }
+
     /// Issues the next burst; returns where the k loop's next chunk ends (`k` after the last).
     #[inline(always)]
-    pub unsafe fn issue(&mut self, p: usize, k: usize) -> usize {
+    unsafe fn issue(&mut self, p: usize, k: usize) -> usize {
         let s = if self.streams[0].lines > 0 { &mut self.streams[0] } else { &mut self.streams[1] };
         let n = s.lines.min(Self::BURST);
         for i in 0..n {
@@ -715,18 +727,15 @@ pub(crate) mod avx512 {
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         while p + 4 <= k {
-            let end = bursts.issue(p, k);
-            let rounds = (end - p) / 4;
-            if rounds > 0 {
-                let (ap, bp) = (a.add(p), b.add(p * 32));
-                k_loop_rows!(("zmm24" "zmm25" "zmm26") ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, ap, lda, bp, rounds; [
-                    ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
-                    ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
-                    ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
-                    ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
-                    [1 2 3 4 5 6 7 8 9 10 11 12]);
-                p += 4 * rounds;
-            }
+            let rounds = bursts.rounds(p, k);
+            let (ap, bp) = (a.add(p), b.add(p * 32));
+            k_loop_rows!(("zmm24" "zmm25" "zmm26") ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, ap, lda, bp, rounds; [
+                ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
+                ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
+                ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
+                ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
+                [1 2 3 4 5 6 7 8 9 10 11 12]);
+            p += 4 * rounds;
         }
         while p < k {
             let bp = b.add(p * 32);
@@ -840,16 +849,13 @@ pub(crate) mod avx2 {
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         while p + 4 <= k {
-            let end = bursts.issue(p, k);
-            let rounds = (end - p) / 4;
-            if rounds > 0 {
-                let (ap, bp) = (a.add(p), b.add(p * super::NR));
-                k_loop_rows!(("ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, ap, lda, bp, rounds; [
-                    ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
-                    ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
-                    [1 2 3 4 5 6]);
-                p += 4 * rounds;
-            }
+            let rounds = bursts.rounds(p, k);
+            let (ap, bp) = (a.add(p), b.add(p * super::NR));
+            k_loop_rows!(("ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, ap, lda, bp, rounds; [
+                ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
+                ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
+                [1 2 3 4 5 6]);
+            p += 4 * rounds;
         }
         while p < k {
             let bp = b.add(p * super::NR);
