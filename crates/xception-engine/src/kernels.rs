@@ -46,7 +46,7 @@ pub fn gemm(m: usize, n: usize, k: usize, lhs: &[f32], lda: usize, rhs: &[f32], 
     }
 }
 
-fn out_size(p: Padding, n: usize, k: usize, s: usize, d: usize) -> (usize, usize) {
+pub(crate) fn out_size(p: Padding, n: usize, k: usize, s: usize, d: usize) -> (usize, usize) {
     let (before, _, out) = p.resolve(n, k, s, d);
     (before, out)
 }
@@ -150,7 +150,7 @@ pub type Fill<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 pub type Fill16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
 /// GEMM rows produced in bands at least this large keep the micro-kernel's row tiles full.
-const BAND_ROWS: usize = 192;
+pub(crate) const BAND_ROWS: usize = 192;
 /// Rows per task when a large product is shared out by rows (eight micro-kernel tiles): small
 /// enough that the faster core can take more of them (measured 0.8% faster than 192 on the
 /// whole network), large enough that the weights streamed per task stay amortised.
@@ -264,7 +264,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
 /// tasks: a thread waiting on them runs other tasks, and with one engine called from several
 /// threads those may be another caller's whole pass, which then finds the slot empty and makes
 /// a buffer of its own (a second borrow of the RefCell would panic).
-fn taken<T: Default, R>(key: &'static std::thread::LocalKey<RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+pub(crate) fn taken<T: Default, R>(key: &'static std::thread::LocalKey<RefCell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
     let mut buf = key.take();
     let r = f(&mut buf);
     key.set(buf);
@@ -277,7 +277,7 @@ fn taken<T: Default, R>(key: &'static std::thread::LocalKey<RefCell<T>>, f: impl
 ///
 /// # Safety
 /// No other thread may touch the band's rows of `out` meanwhile.
-unsafe fn band_product(lines: Range<usize>, per_line: usize, fill: &Fill<'_>, fill16: Option<&Fill16<'_>>, b: &PackedB, out: SharedOut, epi: Epilogue) {
+pub(crate) unsafe fn band_product(lines: Range<usize>, per_line: usize, fill: &Fill<'_>, fill16: Option<&Fill16<'_>>, b: &PackedB, out: SharedOut, epi: Epilogue) {
     let rows = 0..lines.len() * per_line;
     band_rows(lines, rows, per_line, fill, fill16, b, out, epi)
 }
@@ -1169,7 +1169,7 @@ type DwLines<'a, 'f> = (usize, usize, &'f Fill<'a>, Option<&'f Fill16<'a>>);
 /// Calls `f((oh, ow, fill, fill16))` with the depthwise output's size and `fill(line, out)`,
 /// which writes one output line (input transform and folded norm included) with the kernel for
 /// this conv's input transform; `fill16` the same in bf16 for a bf16 product (AVX-512 3x3).
-fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwLines) -> R) -> R {
+pub(crate) fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwLines) -> R) -> R {
     fn lines<L: Load, R>(x: &Activations, s: &SepConv, load: L, f: impl FnOnce(DwLines) -> R) -> R {
         let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
         let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
@@ -1226,7 +1226,7 @@ pub fn sep_conv(x: &Activations, s: &SepConv, threads: usize, bufs: &Buffers, re
 
 /// The input lines the depthwise conv of output lines `lines` (image-major, `oh` per image)
 /// reads, as one slice (of the first image the range touches).
-fn input_lines<'x>(x: &'x Activations, s: &SepConv, oh: usize, lines: Range<usize>) -> &'x [f32] {
+pub(crate) fn input_lines<'x>(x: &'x Activations, s: &SepConv, oh: usize, lines: Range<usize>) -> &'x [f32] {
     let (pt, _) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
     let (b, oy0) = (lines.start / oh, lines.start % oh);
     let oy1 = (lines.end - b * oh).min(oh);
@@ -1530,7 +1530,7 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
 /// `want`, which starts no earlier: the lines both cover move to the front, and the buffer grows
 /// to fit `want`. Returns how many lines it kept (the first ones of `want`); the others are the
 /// caller's to make.
-fn slide(buf: &mut Vec<f32>, held: &mut Range<usize>, want: Range<usize>, line: usize) -> usize {
+pub(crate) fn slide(buf: &mut Vec<f32>, held: &mut Range<usize>, want: Range<usize>, line: usize) -> usize {
     let kept = if held.contains(&want.start) { held.end.min(want.end) - want.start } else { 0 };
     if kept > 0 {
         let from = (want.start - held.start) * line;

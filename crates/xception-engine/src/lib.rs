@@ -27,6 +27,7 @@ pub mod align;
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
 pub mod amx;
+mod chain;
 mod kernels;
 #[doc(hidden)]
 pub mod packed;
@@ -721,6 +722,10 @@ impl Engine {
             // where both convs' outputs are large: neither goes to memory.
             [Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if kernels::chain_pays(&input, pre, s, self.threads) => 3,
             [.., Step::Sep(_), Step::MaxPool { .. }] => 2,
+            // A body of separable convs alone (the aligned Xceptions' blocks) in one go where
+            // the outputs before the last are large.
+            // Feature taps between them are passed over unless wanted.
+            body if !(taps.want_taps && body.iter().any(|s| matches!(s, Step::Tap { .. }))) && seps(body).is_some_and(|c| chain::chain_pays(&c, (input.h, input.w), self.threads)) => body.len(),
             [.., last] if fuses(last) => 1,
             _ => 0,
         };
@@ -744,6 +749,12 @@ impl Engine {
         // identity shortcut is the input itself and neither needs a copy of it.
         let (partial, skip) = match &b.shortcut {
             ShortcutPlan::None => (self.run(body, input, taps), None),
+            // A body made whole by `produce_end` (a chain) reads the input that is its shortcut.
+            ShortcutPlan::Identity if body.is_empty() && !last.is_empty() => {
+                let out = self.produce_end(last, &input, kernels::Residual::Ready(&input.data));
+                self.bufs.give(input.data);
+                return out;
+            }
             ShortcutPlan::Identity => (self.run_from(body, &input, taps), Some(input)),
             ShortcutPlan::Project(steps) => {
                 let skip = self.run_from(steps, &input, taps);
@@ -816,7 +827,16 @@ impl Engine {
                 out
             }
             [step] => self.produce(step, x, Some(residual)),
-            _ => unreachable!("produce_end: one step, one or two separable convs and a max pool"),
+            steps if let Some(convs) = seps(steps) => {
+                let kernels::Residual::Ready(ready) = residual else { unreachable!("engine: a shortcut projection is made in a pool only") };
+                let started = self.step_start();
+                let out = chain::sep_chain(x, &convs, Some(ready), &self.bufs, self.threads);
+                let macs = chain::chain_macs(x, &convs) + residual.macs(&out);
+                let weights: u64 = convs.iter().map(|s| s.weight_bytes()).sum();
+                self.profile_step(started, "separable conv chain", (macs, bytes_of(x.data.len() + out.data.len() + residual.reads()) + weights), || format!("{} separable convs {}->{} + {}, to {}x{}", convs.len(), convs[0].channels, out.c, residual.name(), out.h, out.w));
+                out
+            }
+            _ => unreachable!("produce_end: one step, separable convs, or one or two separable convs and a max pool"),
         }
     }
 
@@ -1008,6 +1028,18 @@ impl Engine {
         let moved = !matches!(step, Step::Tap { .. }) || taps.want_taps;
         self.profile_step(started, what, (0, if moved { 2 * bytes_of(x.data.len()) } else { 0 }), || what.into());
     }
+}
+
+/// The separable convs `steps` are, if they are nothing else but feature taps.
+fn seps(steps: &[Step]) -> Option<Vec<&SepConv>> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Sep(s) => Some(Some(s)),
+            Step::Tap { .. } => None,
+            _ => Some(None),
+        })
+        .collect()
 }
 
 /// `threads`, or every core for 0.

@@ -139,6 +139,11 @@ fn check_variant(variant: &str) {
                 compare(&format!("tap{i}"), vec![t.n, t.c, t.h, t.w], t.to_nchw());
             }
         }
+        // Without the taps, which the layers between them then need not keep (the aligned
+        // Xceptions' first block at 299 runs as one chain of separable convs).
+        let bare = engine.forward_with(&input, batch, h, w, false).unwrap();
+        compare("features", vec![n, f.c, f.h, f.w], bare.features.to_nchw());
+        compare("logits", vec![n, out.logits.as_ref().unwrap().len() / n], bare.logits.unwrap());
         eprintln!("{}: engine {}", case.file, report.join(", "));
 
         // The opt-in bf16 engine (AMX machines only): the same references, bf16's tolerance.
