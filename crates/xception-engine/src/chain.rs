@@ -97,32 +97,33 @@ pub fn sep_chain(x: &Activations, convs: &[&SepConv], residual: Option<&[f32]>, 
     let band = (BAND_ROWS / 2).div_ceil(ow).max(1);
     let run_len = oh.div_ceil(threads.div_ceil(x.n)).max(1);
     let runs = oh.div_ceil(run_len);
-    with_depthwise(x, convs[0], |(_, _, fill, fill16)| {
-        let chain = Chain { x, convs, sizes: &sizes, first: (fill, fill16) };
+    with_chain(x, convs, |chain| {
         (0..x.n * runs).into_par_iter().for_each(|t| {
             let (b, run) = (t / runs, t % runs);
-            taken(&HELD, |held| {
-                held.resize_with(convs.len() - 1, Held::default);
-                held.iter_mut().for_each(|h| h.lines = 0..0);
-                let end = ((run + 1) * run_len).min(oh);
-                for o0 in (run * run_len..end).step_by(band) {
-                    let o1 = (o0 + band).min(end);
-                    let row0 = (b * oh + o0) * ow;
-                    // The output lines of the next band, whose first stores would miss otherwise.
-                    let next = o1..(2 * o1 - o0).min(end);
-                    let writes = Fetch::output(shared, (b * oh + next.start) * ow * n, next.len() * ow * n);
-                    let epi = Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu: last.out_relu, writes, ..Epilogue::PLAIN };
-                    // SAFETY: this task alone writes output lines [o0, o1) of image b.
-                    unsafe { chain.make(convs.len() - 1, b, o0..o1, held, shared.offset(row0 * n), epi) };
-                }
-            });
+            let (start, end) = (run * run_len, ((run + 1) * run_len).min(oh));
+            for o0 in (start..end).step_by(band) {
+                let o1 = (o0 + band).min(end);
+                let row0 = (b * oh + o0) * ow;
+                // The output lines of the next band, whose first stores would miss otherwise.
+                let next = o1..(2 * o1 - o0).min(end);
+                let writes = Fetch::output(shared, (b * oh + next.start) * ow * n, next.len() * ow * n);
+                let epi = Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu: last.out_relu, writes, ..Epilogue::PLAIN };
+                // SAFETY: this task alone writes output lines [o0, o1) of image b.
+                unsafe { chain.make_fresh(o0 == start, b, o0..o1, shared.offset(row0 * n), epi) };
+            }
         });
     });
     Activations { n: x.n, h: oh, w: ow, c: n, data: out }
 }
 
-/// One `sep_chain` and the first conv's line makers on the block input.
-struct Chain<'c, 'f, 'a> {
+/// Calls `f` with the chain of `convs` on `x`.
+pub(crate) fn with_chain<R>(x: &Activations, convs: &[&SepConv], f: impl FnOnce(&Chain) -> R) -> R {
+    let sizes = sizes(convs, (x.h, x.w));
+    with_depthwise(x, convs[0], |(_, _, fill, fill16)| f(&Chain { x, convs, sizes: &sizes, first: (fill, fill16) }))
+}
+
+/// Separable convs one after the other on `x`, with the first one's line makers.
+pub(crate) struct Chain<'c, 'f, 'a> {
     x: &'c Activations,
     convs: &'c [&'c SepConv],
     /// Each conv's output (h, w).
@@ -131,6 +132,23 @@ struct Chain<'c, 'f, 'a> {
 }
 
 impl Chain<'_, '_, '_> {
+    /// Output lines `lines` of the last conv for image `b` into `dst` with `epi`, from the lines
+    /// of the convs before that this worker holds, and those it makes; `fresh`: a new run of
+    /// lines (of any image), for which the lines held count for nothing. Lines of a run come in
+    /// order.
+    ///
+    /// # Safety
+    /// No other thread may touch the lines' rows of `dst` meanwhile.
+    pub(crate) unsafe fn make_fresh(&self, fresh: bool, b: usize, lines: Range<usize>, dst: SharedOut, epi: Epilogue) {
+        taken(&HELD, |held| {
+            held.resize_with(self.convs.len() - 1, Held::default);
+            if fresh {
+                held.iter_mut().for_each(|h| h.lines = 0..0);
+            }
+            self.make(self.convs.len() - 1, b, lines, held, dst, epi)
+        })
+    }
+
     /// Output lines `lines` of conv `j` for image `b` into `dst` with `epi`, from the lines of
     /// conv j - 1 they read, made into `held[j - 1]` as needed (`held`: the convs' below j).
     ///
@@ -180,7 +198,7 @@ pub fn chain_macs(x: &Activations, convs: &[&SepConv]) -> u64 {
 }
 
 /// The output (h, w) of each of `convs` one after the other on an input of `h` x `w`.
-fn sizes(convs: &[&SepConv], (mut h, mut w): (usize, usize)) -> Vec<(usize, usize)> {
+pub(crate) fn sizes(convs: &[&SepConv], (mut h, mut w): (usize, usize)) -> Vec<(usize, usize)> {
     convs
         .iter()
         .map(|s| {

@@ -1473,7 +1473,8 @@ const POOL_RUNS_PER_WORKER: usize = 2;
 /// order.
 ///
 /// With `pre` (see `chain_pays`), `s` runs on the output of the separable conv `pre` on `x`,
-/// itself made band by band into a second cache-resident buffer as `s` needs its lines: neither
+/// itself made band by band into a second cache-resident buffer as `s` needs its lines (a
+/// `chain::Chain` of the two): neither
 /// full-resolution output goes to memory (the first entry-flow block: 22 MB written and read
 /// less). The same values as `max_pool(sep_conv(sep_conv(x, pre), s))`.
 #[allow(clippy::too_many_arguments)]
@@ -1491,37 +1492,12 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
             })
         });
     };
-    with_depthwise(x, pre, |(oh, ow, fill, fill16)| {
-        let line = ow * pre.pw.n;
-        let reads = |lines: Range<usize>| input_lines(x, pre, oh, lines);
-        pool_runs(x.n, (oh, ow, s.pw.n), pool, bufs, residual, threads, |b, lines, next, fresh, writes, conv| {
-            CHAIN.with_borrow_mut(|(mid, held)| {
-                if fresh {
-                    *held = 0..0;
-                }
-                // The lines of pre's output the conv lines read (3x3, stride 1: one above and one
-                // below); those made for the band before move to the front of the buffer.
-                let want = lines.start.saturating_sub(1)..(lines.end + 1).min(oh);
-                let kept = slide(mid, held, want.clone(), line);
-                if want.start + kept < want.end {
-                    // The input of the lines the next band adds is fetched into L2 meanwhile.
-                    let after = want.end..(next.end + 1).min(oh).max(want.end);
-                    let ahead = if after.is_empty() { Fetch::NONE } else { Fetch::of(reads(b * oh + after.start..b * oh + after.end)) };
-                    let made = b * oh + want.start + kept..b * oh + want.end;
-                    // SAFETY: `mid` is this thread's own buffer.
-                    unsafe { band_product(made, ow, fill, fill16, &pre.pw, SharedOut::new(&mut mid[kept * line..want.len() * line]), epi(pre.out_relu, ahead, Fetch::NONE)) };
-                }
-                // `s` on the held lines as an image of their own: its line i is pre's line
-                // want.start + i, and the conv lines read no line outside it but the image's own
-                // padding (above the first line and below the last).
-                let view = Activations { n: 1, h: want.len(), w: ow, c: pre.pw.n, data: std::mem::take(mid) };
-                with_depthwise(&view, s, |(_, _, fill, fill16)| {
-                    let local = lines.start - want.start..lines.end - want.start;
-                    // SAFETY: `conv` is this task's own buffer.
-                    unsafe { band_product(local, ow, fill, fill16, &s.pw, SharedOut::new(conv), epi(s.out_relu, Fetch::NONE, writes)) };
-                });
-                *mid = view.data;
-            })
+    let convs = [pre, s];
+    let (oh, ow) = crate::chain::sizes(&convs, (x.h, x.w))[1];
+    crate::chain::with_chain(x, &convs, |chain| {
+        pool_runs(x.n, (oh, ow, s.pw.n), pool, bufs, residual, threads, |b, lines, _, fresh, writes, conv| {
+            // SAFETY: `conv` is this task's own buffer.
+            unsafe { chain.make_fresh(fresh, b, lines, SharedOut::new(conv), epi(s.out_relu, Fetch::NONE, writes)) };
         })
     })
 }
@@ -1539,11 +1515,6 @@ pub(crate) fn slide(buf: &mut Vec<f32>, held: &mut Range<usize>, want: Range<usi
     buf.resize(buf.len().max(want.len() * line), 0.0);
     *held = want;
     kept
-}
-
-thread_local! {
-    /// `sep_conv_pool`'s chain: the lines of the first conv's output a worker holds, and which.
-    static CHAIN: RefCell<(Vec<f32>, Range<usize>)> = const { RefCell::new((Vec::new(), 0..0)) };
 }
 
 /// Whether `sep_conv_pool` pays for the separable conv `pre` on `x` followed by `s` and the max
