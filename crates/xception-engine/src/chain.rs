@@ -90,11 +90,14 @@ pub fn sep_chain(x: &Activations, convs: &[&SepConv], residual: Option<&[f32]>, 
         assert_eq!(r.len(), out.len(), "chain: residual shape");
     }
     let shared = SharedOut::new(&mut out);
-    // Output lines per band: about half of BAND_ROWS rows (at 299, 150 wide, a band of 1 or 2
-    // lines 6.0-6.2 ms against 6.4-6.6 for 3, 7.1-7.3 for 5). Each worker makes one run of
-    // lines (batches: whole images), since the intermediate lines two runs share are made by
-    // both: two runs a worker measured 6.0-6.6 ms against 5.7-6.4.
-    let band = (BAND_ROWS / 2).div_ceil(ow).max(1);
+    // Output lines per band: about a quarter of BAND_ROWS rows, since every conv's held lines
+    // and band of depthwise rows must stay in L2 beside the weights. At 299, xception65's
+    // first block (75 lines of 75) measured 6.0-6.6 ms (mean 6.3) with bands of one line
+    // against 6.2-7.2 (mean 6.8) with two, 6.4-6.6 for 3 and 7.1-7.3 for 5 (fp32, five
+    // alternations); in bf16 within the noise. Each worker makes one run of lines (batches:
+    // whole images), since the intermediate lines two runs share are made by both: two runs a
+    // worker measured 6.0-6.6 ms against 5.7-6.4.
+    let band = (BAND_ROWS / 4).div_ceil(ow).max(1);
     let run_len = oh.div_ceil(threads.div_ceil(x.n)).max(1);
     let runs = oh.div_ceil(run_len);
     with_chain(x, convs, |chain| {
@@ -289,3 +292,4 @@ mod tests {
         assert!(!chain_pays(&[&wide, &c], (150, 150), 2));
     }
 }
+
