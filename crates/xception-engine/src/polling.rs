@@ -9,6 +9,15 @@
 //! 0.3-4.8% faster, its step times summing 3-4% less; xception65 3%.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A poller that has run no task for this long returns, and its worker sleeps as usual until
+/// the next pass. Without it a pass could hang: rayon runs other jobs while a join waits, so a
+/// worker may start its poller nested inside a task it took, above a join whose other half the
+/// pass still waits on; that poller would spin on, never finding the work beneath it. Seen in
+/// a whole-network benchmark that never ended, and in `nested_tasks_never_hang` (a hang within
+/// 12,000 passes); with the limit that case costs the pass this long once.
+const IDLE_LIMIT: Duration = Duration::from_millis(1);
 
 /// `f` on `pool`, every other worker of the pool running tasks as they appear, from any
 /// worker's queue, and spinning between them until `f` returns (or panics: the panic reaches the
@@ -24,8 +33,13 @@ pub(crate) fn run<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Sen
                 if Some(at.index()) == caller {
                     return;
                 }
+                let mut busy = Instant::now();
                 while !done.load(Ordering::Acquire) {
-                    if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                        busy = Instant::now();
+                    } else if busy.elapsed() > IDLE_LIMIT {
+                        return;
+                    } else {
                         std::hint::spin_loop();
                     }
                 }
@@ -86,5 +100,30 @@ mod tests {
         let message = caught.expect_err("the panic goes through");
         assert!(message.downcast_ref::<String>().is_some_and(|m| m.contains("task 40 failed")));
         assert_eq!(run(&pool, || (0..64).into_par_iter().count()), 64);
+    }
+
+    /// Passes whose tasks nest joins in uneven parallel loops end, in the time they take:
+    /// before `IDLE_LIMIT` this hung within 12,000 passes (a poller started inside a task a
+    /// worker took, spinning above work the pass waited on).
+    #[test]
+    fn nested_tasks_never_hang() {
+        let (sent, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = pool(2);
+            for i in 0..30_000usize {
+                let n: usize = run(&pool, || {
+                    (0..8usize)
+                        .into_par_iter()
+                        .map(|j| {
+                            let (a, b) = rayon::join(|| (0..64usize).into_par_iter().map(|k| k * j).sum::<usize>(), || (0..(j * 37 + i) % 50).sum::<usize>());
+                            a + b
+                        })
+                        .sum()
+                });
+                std::hint::black_box(n);
+            }
+            sent.send(()).unwrap();
+        });
+        finished.recv_timeout(std::time::Duration::from_secs(120)).expect("30,000 passes within two minutes (a pass hung)");
     }
 }
