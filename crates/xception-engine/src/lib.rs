@@ -17,7 +17,9 @@
 //! Where an entry-flow block's outputs are large, its last separable conv is pooled band by band
 //! as it is made, the first block's two separable convs run as one banded chain (neither output
 //! goes to memory), and the block's 1x1 shortcut projection is made in its pool a line at a time
-//! (`kernels::sep_conv_pool`, `kernels::Residual`).
+//! (`kernels::sep_conv_pool`, `kernels::Residual`). The aligned Xceptions' blocks have no pool:
+//! where their intermediate outputs are large (the first block at 299), the block's separable
+//! convs run as one banded chain instead, the shortcut added as the last one stores (`chain`).
 //!
 //! `Precision::Bf16` (opt-in, CPUs with AMX) packs the weights in bf16 for AMX tiles instead and
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
