@@ -51,7 +51,7 @@ fn window(s: &SepConv, h: usize, out: &Range<usize>) -> Range<usize> {
     start..end
 }
 
-/// Whether `sep_chain` can run `convs` on an input of `h` x `w`, and pays: every conv pads the
+/// Whether `sep_chain` can run `convs` on an input of `input` (h, w), and pays: every conv pads the
 /// same whatever the height, none is dilated, and every output but the last is large and, in
 /// fp32, narrow. Measured (xception65, two threads, per-step medians, AVX-512), chained against
 /// each conv in turn:
@@ -93,8 +93,8 @@ pub fn sep_chain(x: &Activations, convs: &[&SepConv], residual: Option<&[f32]>, 
     // Output lines per band: about a quarter of BAND_ROWS rows, since every conv's held lines
     // and band of depthwise rows must stay in L2 beside the weights. At 299, xception65's
     // first block (75 lines of 75) measured 6.0-6.6 ms (mean 6.3) with bands of one line
-    // against 6.2-7.2 (mean 6.8) with two, 6.4-6.6 for 3 and 7.1-7.3 for 5 (fp32, five
-    // alternations); in bf16 within the noise. Each worker makes one run of lines (batches:
+    // against 6.2-7.2 (mean 6.8) with two (fp32, five alternations; with two runs a worker,
+    // 6.4-6.6 for three and 7.1-7.3 for five); in bf16 within the noise. Each worker makes one run of lines (batches:
     // whole images), since the intermediate lines two runs share are made by both: two runs a
     // worker measured 6.0-6.6 ms against 5.7-6.4.
     let band = (BAND_ROWS / 4).div_ceil(ow).max(1);

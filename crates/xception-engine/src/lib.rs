@@ -725,8 +725,8 @@ impl Engine {
             [Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if kernels::chain_pays(&input, pre, s, self.threads) => 3,
             [.., Step::Sep(_), Step::MaxPool { .. }] => 2,
             // A body of separable convs alone (the aligned Xceptions' blocks) in one go where
-            // the outputs before the last are large.
-            // Feature taps between them are passed over unless wanted.
+            // the outputs before the last are large; feature taps between them are passed over
+            // unless wanted.
             body if !(taps.want_taps && body.iter().any(|s| matches!(s, Step::Tap { .. }))) && seps(body).is_some_and(|c| chain::chain_pays(&c, (input.h, input.w), self.threads)) => body.len(),
             [.., last] if fuses(last) => 1,
             _ => 0,
