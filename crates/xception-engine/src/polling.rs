@@ -21,7 +21,7 @@ const IDLE_LIMIT: Duration = Duration::from_millis(1);
 
 /// `f` on `pool`, every other worker of the pool running tasks as they appear, from any
 /// worker's queue, and spinning between them until `f` returns (or panics: the panic reaches the
-/// caller once the pollers have stopped).
+/// caller once the pollers have stopped), or until it has found no task for IDLE_LIMIT.
 pub(crate) fn run<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R {
     pool.install(|| {
         let done = AtomicBool::new(false);
