@@ -43,10 +43,11 @@ def ort_block(node, model):
     """The block of an ONNX Runtime node, from the timm module path in its name (None: unnamed,
     e.g. a layout reorder, which belongs with the node before it)."""
     if model == "xception65":
+        _, first, count = MODELS[model]
         m = re.search(r"/blocks/blocks\.(\d+)/", node)
         if m:
             b = int(m.group(1))
-            return "tail" if b >= 20 else f"block{b}"
+            return "tail" if b >= first + count else f"block{b}"
         if node.startswith("/stem/"):
             return "stem"
         if node.startswith(("/act/", "/head/")):

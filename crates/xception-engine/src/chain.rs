@@ -11,7 +11,7 @@
 //! values), and it pads only where the whole image does, which takes a padding the same for
 //! every image height (`fixed_top`).
 
-use crate::kernels::{band_product, input_lines, out_size, slide, taken, with_depthwise, Buffers, BAND_ROWS};
+use crate::kernels::{band_product, input_lines, out_size, sep_pixel_macs, slide, taken, with_depthwise, Buffers, BAND_ROWS};
 use crate::packed::{Epilogue, Fetch, SharedOut};
 use crate::{Activations, SepConv};
 use rayon::prelude::*;
@@ -82,25 +82,24 @@ const LARGE_BF16: usize = 1 << 20;
 /// output) added as the last one stores. The same values as `sep_conv` on each in turn: the
 /// same sums in the same order.
 pub fn sep_chain(x: &Activations, convs: &[&SepConv], residual: Option<&[f32]>, bufs: &Buffers, threads: usize) -> Activations {
-    let sizes = sizes(convs, (x.h, x.w));
     let last = convs[convs.len() - 1];
-    let ((oh, ow), n) = (sizes[sizes.len() - 1], last.pw.n);
-    let mut out = bufs.take(x.n * oh * ow * n);
-    if let Some(r) = residual {
-        assert_eq!(r.len(), out.len(), "chain: residual shape");
-    }
-    let shared = SharedOut::new(&mut out);
-    // Output lines per band: about a quarter of BAND_ROWS rows, since every conv's held lines
-    // and band of depthwise rows must stay in L2 beside the weights. At 299, xception65's
-    // first block (75 lines of 75) measured 6.0-6.6 ms (mean 6.3) with bands of one line
-    // against 6.2-7.2 (mean 6.8) with two (fp32, five alternations; with two runs a worker,
-    // 6.4-6.6 for three and 7.1-7.3 for five); in bf16 within the noise. Each worker makes one run of lines (batches:
-    // whole images), since the intermediate lines two runs share are made by both: two runs a
-    // worker measured 6.0-6.6 ms against 5.7-6.4.
-    let band = (BAND_ROWS / 4).div_ceil(ow).max(1);
-    let run_len = oh.div_ceil(threads.div_ceil(x.n)).max(1);
-    let runs = oh.div_ceil(run_len);
     with_chain(x, convs, |chain| {
+        let ((oh, ow), n) = (chain.output(), last.pw.n);
+        let mut out = bufs.take(x.n * oh * ow * n);
+        if let Some(r) = residual {
+            assert_eq!(r.len(), out.len(), "chain: residual shape");
+        }
+        let shared = SharedOut::new(&mut out);
+        // Output lines per band: about a quarter of BAND_ROWS rows, since every conv's held
+        // lines and band of depthwise rows must stay in L2 beside the weights. At 299,
+        // xception65's first block (75 lines of 75) measured 6.0-6.6 ms (mean 6.3) with bands of
+        // one line against 6.2-7.2 (mean 6.8) with two (fp32, five alternations; with two runs a
+        // worker, 6.4-6.6 for three and 7.1-7.3 for five); in bf16 within the noise. Each worker
+        // makes one run of lines (batches: whole images), since the intermediate lines two runs
+        // share are made by both: two runs a worker measured 6.0-6.6 ms against 5.7-6.4.
+        let band = (BAND_ROWS / 4).div_ceil(ow).max(1);
+        let run_len = oh.div_ceil(threads.div_ceil(x.n)).max(1);
+        let runs = oh.div_ceil(run_len);
         (0..x.n * runs).into_par_iter().for_each(|t| {
             let (b, run) = (t / runs, t % runs);
             let (start, end) = (run * run_len, ((run + 1) * run_len).min(oh));
@@ -108,15 +107,20 @@ pub fn sep_chain(x: &Activations, convs: &[&SepConv], residual: Option<&[f32]>, 
                 let o1 = (o0 + band).min(end);
                 let row0 = (b * oh + o0) * ow;
                 // The output lines of the next band, whose first stores would miss otherwise.
-                let next = o1..(2 * o1 - o0).min(end);
+                let next = following(&(o0..o1), end);
                 let writes = Fetch::output(shared, (b * oh + next.start) * ow * n, next.len() * ow * n);
                 let epi = Epilogue { residual: residual.map(|r| (&r[row0 * n..], n)), relu: last.out_relu, writes, ..Epilogue::PLAIN };
                 // SAFETY: this task alone writes output lines [o0, o1) of image b.
                 unsafe { chain.make_fresh(o0 == start, b, o0..o1, shared.offset(row0 * n), epi) };
             }
         });
-    });
-    Activations { n: x.n, h: oh, w: ow, c: n, data: out }
+        Activations { n: x.n, h: oh, w: ow, c: n, data: out }
+    })
+}
+
+/// As many lines as `lines` right after them, up to `end`: those made next.
+fn following(lines: &Range<usize>, end: usize) -> Range<usize> {
+    lines.end..(2 * lines.end - lines.start).min(end)
 }
 
 /// Calls `f` with the chain of `convs` on `x`.
@@ -135,6 +139,11 @@ pub(crate) struct Chain<'c, 'f, 'a> {
 }
 
 impl Chain<'_, '_, '_> {
+    /// The last conv's output (h, w).
+    pub(crate) fn output(&self) -> (usize, usize) {
+        self.sizes[self.sizes.len() - 1]
+    }
+
     /// Output lines `lines` of the last conv for image `b` into `dst` with `epi`, from the lines
     /// of the convs before that this worker holds, and those it makes; `fresh`: a new run of
     /// lines (of any image), for which the lines held count for nothing. Lines of a run come in
@@ -164,7 +173,7 @@ impl Chain<'_, '_, '_> {
             let (fill, fill16) = self.first;
             // The input of the lines it makes next is fetched into L2 meanwhile (it comes from
             // memory, as in `matmul`'s bands).
-            let next = lines.end..(2 * lines.end - lines.start).min(oh);
+            let next = following(&lines, oh);
             let ahead = if next.is_empty() { Fetch::NONE } else { Fetch::of(input_lines(self.x, s, oh, b * oh + next.start..b * oh + next.end)) };
             return band_product(b * oh + lines.start..b * oh + lines.end, ow, fill, fill16, &s.pw, dst, Epilogue { ahead, ..epi });
         }
@@ -196,12 +205,11 @@ impl Chain<'_, '_, '_> {
 
 /// Multiply-adds of `convs` one after the other on `x`.
 pub fn chain_macs(x: &Activations, convs: &[&SepConv]) -> u64 {
-    let inputs = std::iter::once((x.h, x.w)).chain(sizes(convs, (x.h, x.w)));
-    convs.iter().zip(inputs).map(|(s, (h, w))| crate::kernels::sep_conv_macs(&Activations { h, w, data: Vec::new(), ..*x }, s)).sum()
+    convs.iter().zip(sizes(convs, (x.h, x.w))).map(|(s, (h, w))| (x.n * h * w * sep_pixel_macs(s)) as u64).sum()
 }
 
 /// The output (h, w) of each of `convs` one after the other on an input of `h` x `w`.
-pub(crate) fn sizes(convs: &[&SepConv], (mut h, mut w): (usize, usize)) -> Vec<(usize, usize)> {
+fn sizes(convs: &[&SepConv], (mut h, mut w): (usize, usize)) -> Vec<(usize, usize)> {
     convs
         .iter()
         .map(|s| {

@@ -1197,19 +1197,13 @@ fn sep_pixels(x: &Activations, s: &SepConv) -> usize {
 }
 
 /// Multiply-adds of one output pixel of the separable conv `s`: its depthwise and pointwise parts.
-fn sep_pixel_macs(s: &SepConv) -> usize {
+pub(crate) fn sep_pixel_macs(s: &SepConv) -> usize {
     s.channels * (s.k * s.k + s.pw.n)
 }
 
 /// Multiply-adds of the separable conv `s` on `x`.
 pub fn sep_conv_macs(x: &Activations, s: &SepConv) -> u64 {
     (sep_pixels(x, s) * sep_pixel_macs(s)) as u64
-}
-
-/// Multiply-adds of the separable conv `pre` on `x` and of `s` on its output (`chain_pays`: `s`
-/// keeps the size).
-pub fn chain_macs(x: &Activations, pre: &SepConv, s: &SepConv) -> u64 {
-    (sep_pixels(x, pre) * (sep_pixel_macs(pre) + sep_pixel_macs(s))) as u64
 }
 
 /// A separable conv: the depthwise conv feeds the pointwise GEMM band by band (see `matmul`).
@@ -1472,11 +1466,11 @@ const POOL_RUNS_PER_WORKER: usize = 2;
 /// own). Every output value is the same as `max_pool(sep_conv(..))`'s: the same sums in the same
 /// order.
 ///
-/// With `pre` (see `chain_pays`), `s` runs on the output of the separable conv `pre` on `x`,
-/// itself made band by band into a second cache-resident buffer as `s` needs its lines (a
-/// `chain::Chain` of the two): neither
-/// full-resolution output goes to memory (the first entry-flow block: 22 MB written and read
-/// less). The same values as `max_pool(sep_conv(sep_conv(x, pre), s))`.
+/// With `pre` (see `pool_chain_pays`), `s` runs on the output of the separable conv `pre` on
+/// `x`, itself made band by band into a second cache-resident buffer as `s` needs its lines (a
+/// `chain::Chain` of the two): neither full-resolution output goes to memory (the first
+/// entry-flow block: 22 MB written and read less). The same values as
+/// `max_pool(sep_conv(sep_conv(x, pre), s))`.
 #[allow(clippy::too_many_arguments)]
 pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: (usize, usize, Padding), bufs: &Buffers, residual: Option<Residual>, threads: usize) -> Activations {
     fn epi<'a>(relu: bool, ahead: Fetch<'a>, writes: Fetch<'a>) -> Epilogue<'a> {
@@ -1492,9 +1486,8 @@ pub fn sep_conv_pool(x: &Activations, pre: Option<&SepConv>, s: &SepConv, pool: 
             })
         });
     };
-    let convs = [pre, s];
-    let (oh, ow) = crate::chain::sizes(&convs, (x.h, x.w))[1];
-    crate::chain::with_chain(x, &convs, |chain| {
+    crate::chain::with_chain(x, &[pre, s], |chain| {
+        let (oh, ow) = chain.output();
         pool_runs(x.n, (oh, ow, s.pw.n), pool, bufs, residual, threads, |b, lines, _, fresh, writes, conv| {
             // SAFETY: `conv` is this task's own buffer.
             unsafe { chain.make_fresh(fresh, b, lines, SharedOut::new(conv), epi(s.out_relu, Fetch::NONE, writes)) };
@@ -1524,7 +1517,7 @@ pub(crate) fn slide(buf: &mut Vec<f32>, held: &mut Range<usize>, want: Range<usi
 /// alternations): 6.6-6.8 ms against 7.4-7.8 for the first conv alone and then the fused conv +
 /// pool; bf16 (four alternations) 3.7-3.8 against 5.6-6.2; batch 8 even in fp32, 203-229 ms
 /// against 229-237 in bf16.
-pub fn chain_pays(x: &Activations, pre: &SepConv, s: &SepConv, threads: usize) -> bool {
+pub fn pool_chain_pays(x: &Activations, pre: &SepConv, s: &SepConv, threads: usize) -> bool {
     let (_, oh) = out_size(pre.padding, x.h, pre.k, pre.stride, pre.dilation);
     let (_, ow) = out_size(pre.padding, x.w, pre.k, pre.stride, pre.dilation);
     let slides = |n: usize| out_size(s.padding, n, s.k, s.stride, s.dilation) == (1, n);

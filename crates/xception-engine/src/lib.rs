@@ -722,7 +722,7 @@ impl Engine {
             _ if matches!(b.shortcut, ShortcutPlan::None) => 0,
             // A body of two separable convs and the pool (the first entry-flow block) in one go
             // where both convs' outputs are large: neither goes to memory.
-            [Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if kernels::chain_pays(&input, pre, s, self.threads) => 3,
+            [Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if kernels::pool_chain_pays(&input, pre, s, self.threads) => 3,
             [.., Step::Sep(_), Step::MaxPool { .. }] => 2,
             // A body of separable convs alone (the aligned Xceptions' blocks) in one go where
             // the outputs before the last are large; feature taps between them are passed over
@@ -805,13 +805,13 @@ impl Engine {
     /// The last steps of a block with its shortcut `residual` added as they store: one step
     /// (`produce`), or a separable conv and the max pool after it, made band by band in one go
     /// where its output is large (`kernels::sep_conv_pool`), or two separable convs and the pool
-    /// where `kernels::chain_pays` (`block` checks).
+    /// where `kernels::pool_chain_pays` (`block` checks).
     fn produce_end(&self, last: &[Step], x: &Activations, residual: kernels::Residual) -> Activations {
         match last {
             [Step::Sep(pre), Step::Sep(s), Step::MaxPool { k, stride, padding }] => {
                 let started = self.step_start();
                 let out = kernels::sep_conv_pool(x, Some(pre), s, (*k, *stride, *padding), &self.bufs, Some(residual), self.threads);
-                let cost = (kernels::chain_macs(x, pre, s) + residual.macs(&out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + pre.weight_bytes() + s.weight_bytes());
+                let cost = (chain::chain_macs(x, &[pre, s]) + residual.macs(&out), bytes_of(x.data.len() + out.data.len() + residual.reads()) + pre.weight_bytes() + s.weight_bytes());
                 self.profile_step(started, "separable convs + max pool", cost, || format!("separable {}->{}, {}->{} + max pool + {}, pooled to {}x{}", pre.channels, pre.pw.n, s.channels, s.pw.n, residual.name(), out.h, out.w));
                 out
             }
