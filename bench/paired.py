@@ -8,6 +8,7 @@ peers.py times every contender once per round; this spends the whole budget on t
 fp32 bar is about, which is what it takes to read a 5-10% difference on this VM.
 
 Usage: bench/paired.py [--models xception,xception65] [--alternations 6] [--passes 20] [--threads 2]
+                       [--precision f32|bf16x3|bf16]
 Needs the built `xception` binary and the Python tools of peers.py (torch, timm, onnxruntime).
 For the AVX2 comparison run it as `XCEPTION_ENGINE_NO_AVX512=1 LD_PRELOAD=<libcpuid_avx2.so>
 python bench/paired.py` (see bench/cpuid_avx2.c; peers.py --isa avx2 builds the library).
@@ -28,13 +29,14 @@ def main():
     ap.add_argument("--alternations", type=int, default=6)
     ap.add_argument("--passes", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="f32", help="our engine's: f32, bf16x3 or bf16 (ONNX Runtime runs fp32)")
     args = ap.parse_args()
 
     import timm
     import torch
     torch.set_num_threads(args.threads)
     print(f"commit {commit()}, {time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads, batch 1, 299x299, "
-          f"{args.alternations} alternations of {args.passes} passes each")
+          f"{args.alternations} alternations of {args.passes} passes each, ours in {args.precision}")
     for model in args.models.split(","):
         m = timm.create_model(TIMM_NAME[model], pretrained=False).eval()
         x = torch.randn(1, 3, 299, 299)
@@ -43,7 +45,7 @@ def main():
         sess.run(None, {"x": xn})
         ratios = []
         for i in range(args.alternations):
-            t_ours = ours(model, 1, args.threads, 299, runs=args.passes) * 1e3
+            t_ours = ours(model, 1, args.threads, 299, args.precision, runs=args.passes) * 1e3
             times = []
             for _ in range(args.passes):
                 t = time.perf_counter()

@@ -98,7 +98,7 @@ struct SegmentArgs {
     #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
     backend: String,
     /// The engine's arithmetic (see `classify --precision`).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
@@ -137,7 +137,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// The engine's arithmetic (see `classify --precision`).
-    #[arg(long, value_parser = ["f32", "bf16"])]
+    #[arg(long, value_parser = PRECISIONS)]
     precision: Option<String>,
     /// Most requests batched into one forward pass (1: no batching).
     #[arg(long, default_value_t = 8)]
@@ -185,7 +185,7 @@ struct BenchArgs {
     #[arg(long, default_value = DEFAULT_BACKEND, value_parser = ["engine", "burn"])]
     backend: String,
     /// The engine's arithmetic (see `classify --precision`).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     /// Time the engine's depthwise and pointwise kernels alone at the entry, middle and exit
     /// flow shapes instead of the whole network.
@@ -260,9 +260,10 @@ struct ModelArgs {
     /// CPU threads for the engine (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// The engine's arithmetic: f32, or bf16 (the convs' products on AMX tiles with bf16
-    /// operands and fp32 sums: faster, ~3 significant digits; needs an Intel Xeon with AMX).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    /// The engine's arithmetic: f32; bf16 (the convs' products on AMX tiles with bf16 operands
+    /// and fp32 sums: faster, ~3 significant digits; needs an Intel Xeon with AMX); or bf16x3
+    /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits).
+    #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.
     #[arg(required = true)]
@@ -519,12 +520,15 @@ fn flops_per_cycle() -> f64 {
     }
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB.
+/// The names `--precision` takes (`Precision::parse`).
+const PRECISIONS: [&str; 3] = ["f32", "bf16", "bf16x3"];
+
 /// `--precision`, already restricted by clap to the names `Precision::parse` knows.
 fn parse_precision(s: &str) -> xception::Precision {
-    xception::Precision::parse(s).expect("clap allows only f32 and bf16")
+    xception::Precision::parse(s).expect("clap allows only the PRECISIONS")
 }
 
+/// Peak resident memory of this process (VmHWM), in MiB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
@@ -535,6 +539,7 @@ fn peak_rss_mb() -> Option<f64> {
 fn kernels_name(args: &BenchArgs) -> &'static str {
     match (args.train, args.backend.as_str(), args.precision.as_str()) {
         (false, "engine", "bf16") => "amx-bf16",
+        (false, "engine", "bf16x3") => "amx-bf16x3",
         (false, "engine", _) => xception::engine::simd_kernels(),
         _ => "burn",
     }

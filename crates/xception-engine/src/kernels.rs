@@ -245,9 +245,9 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     // parallel work runs meanwhile).
     #[cfg(target_arch = "x86_64")]
     if let (Some(b16), Some(fill16), true) = (b.bf16(), fill16, bf16) {
-        let ld16 = crate::amx::lhs_stride(k, k);
+        let ld16 = crate::amx::lhs_stride(k, k, b16.pieces());
         return taken(&SCRATCH16, |buf| {
-            let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k);
+            let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k, b16.pieces());
             a16[..rows * ld16].par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
             share_out16(a16, ld16, b, b16, rows, shared, &epi_at, threads);
         });
@@ -293,9 +293,9 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
     debug_assert!(rows.end <= made);
     #[cfg(target_arch = "x86_64")]
     if let (Some(b16), Some(fill16)) = (b.bf16(), fill16) {
-        let ld16 = crate::amx::lhs_stride(k, k);
+        let ld16 = crate::amx::lhs_stride(k, k, b16.pieces());
         return BAND16.with_borrow_mut(|buf| {
-            let a16 = crate::amx::lhs_buffer_rows(buf, made, rows.clone(), ld16, k);
+            let a16 = crate::amx::lhs_buffer_rows(buf, made, rows.clone(), ld16, k, b16.pieces());
             for (l, chunk) in lines.zip(a16.chunks_mut(per_line * ld16)) {
                 fill16(l, chunk);
             }
@@ -356,10 +356,11 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     if let Some(b16) = b.bf16() {
         // Rounded to bf16 once here, not by every task (a panel task reads every row).
         return taken(&SCRATCH16, |buf| {
-            let ld16 = crate::amx::lhs_stride(k, k);
-            let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k);
+            let pieces = b16.pieces();
+            let ld16 = crate::amx::lhs_stride(k, k, pieces);
+            let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k, pieces);
             a16[..rows * ld16].par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
-                crate::amx::round_rows(&a[i * 64 * k..], k, k, 0..d.len() / ld16, d, ld16);
+                crate::amx::round_rows(&a[i * 64 * k..], k, k, 0..d.len() / ld16, d, ld16, pieces);
             });
             share_out16(a16, ld16, b, b16, rows, shared, epi_at, threads);
         });
@@ -628,7 +629,7 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
         match crate::packed::kernel() {
             // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
             Kernel::Avx512 if s.k == 3 => {
-                return unsafe { dw3::avx512::<false>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), s.channels) };
+                return unsafe { dw3::avx512::<false>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), (s.channels, 0)) };
             }
             // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
             Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, b, oy, ow, pt, pl, out) },
@@ -647,15 +648,23 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
 }
 
 /// One output line of the 3x3 depthwise conv in bf16 (AVX-512 machines; bf16 products need AMX,
-/// which comes with it): each pixel's channels at `stride` values apart, zeros after them.
+/// which comes with it): each pixel's channels at `stride` values apart, zeros after them; with
+/// `lo` (bf16x3) split in two (`amx::split_bf16`), the lo values `lo` after the hi values.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn dw_line16<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [u16], stride: usize) {
-    assert!(s.k == 3 && crate::packed::has_avx512() && stride >= s.channels, "bf16 depthwise: 3x3 on AVX-512 only");
+fn dw_line16<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [u16], (stride, lo): (usize, Option<usize>)) {
+    let c = s.channels;
+    assert!(s.k == 3 && crate::packed::has_avx512() && stride >= lo.map_or(c, |lo| lo + c), "bf16 depthwise: 3x3 on AVX-512 only");
     // SAFETY: the CPU has AVX-512F and FMA (checked above).
-    unsafe { dw3::avx512::<true>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), stride) };
+    unsafe { dw3::avx512::<true>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), (stride, lo.unwrap_or(0))) };
     for px in out.chunks_mut(stride).take(ow) {
-        px[s.channels..].fill(0);
+        match lo {
+            None => px[c..].fill(0),
+            Some(lo) => {
+                px[c..lo].fill(0);
+                px[lo + c..].fill(0);
+            }
+        }
     }
 }
 
@@ -825,10 +834,11 @@ pub(crate) mod dw3 {
     }
 
     /// One output line with AVX-512 for the load transform `t`: out holds `len` values (f32,
-    /// or bf16 with `BF16`), pixels `stride` values apart.
+    /// or bf16 with `BF16`), pixels `stride` values apart; with `BF16` and `lo` > 0 each value
+    /// split in two (`amx::split_bf16`), the lo values `lo` after the hi values.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx512<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: *mut u8, len: usize, stride: usize) {
-        by_transform!(t, on_avx512, BF16; x, s, b, oy, ow, pt, pl, out, len, stride)
+    pub unsafe fn avx512<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: *mut u8, len: usize, (stride, lo): (usize, usize)) {
+        by_transform!(t, on_avx512, BF16; x, s, b, oy, ow, pt, pl, out, len, stride, lo)
     }
 
     /// One output line of a max pool (+ `residual`), a vector of channels at a time: the
@@ -893,17 +903,27 @@ pub(crate) mod dw3 {
         out: *mut u8,
         len: usize,
         stride: usize,
+        lo: usize,
     ) {
+        assert!(lo == 0 || (BF16 && lo >= s.channels && stride >= lo + s.channels && (ow == 0 || len >= (ow - 1) * stride + lo + s.channels)));
+        // Round to nearest even on the bits (AVX-512F only: vpmovdw narrows and stores), NaN
+        // kept quiet, as amx::to_bf16; the bf16 as 32-bit lanes.
+        let round = |v: __m512| {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40))
+        };
         let store = |at: usize, m: __mmask16, v: __m512| {
             if BF16 {
-                // Round to nearest even on the bits (AVX-512F only: vpmovdw narrows and stores),
-                // NaN kept quiet, as amx::to_bf16.
-                let bits = _mm512_castps_si512(v);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                let h = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+                let h = round(v);
                 _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at).cast(), m, h);
+                if lo > 0 {
+                    // What the hi value leaves over, rounded in turn (amx::split_bf16).
+                    let left = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)));
+                    _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at + lo).cast(), m, round(left));
+                }
             } else {
                 _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
             }
@@ -1175,9 +1195,11 @@ pub(crate) fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwL
         let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
         let fill = |line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out);
         #[cfg(target_arch = "x86_64")]
-        if s.pw.is_bf16() && s.k == 3 && crate::packed::has_avx512() {
-            let stride = crate::amx::lhs_stride(s.channels, s.channels);
-            let fill16 = move |line: usize, out: &mut [u16]| dw_line16(x, s, load, line / oh, line % oh, ow, pt, pl, out, stride);
+        if let (Some(b16), 3, true) = (s.pw.bf16(), s.k, crate::packed::has_avx512()) {
+            let stride = crate::amx::lhs_stride(s.channels, s.channels, b16.pieces());
+            // In two pieces a pixel's lo values follow its hi values.
+            let lo = (b16.pieces() > 1).then_some(stride / 2);
+            let fill16 = move |line: usize, out: &mut [u16]| dw_line16(x, s, load, line / oh, line % oh, ow, pt, pl, out, (stride, lo));
             return f((oh, ow, &fill, Some(&fill16)));
         }
         f((oh, ow, &fill, None))
@@ -1748,7 +1770,7 @@ mod tests {
                             kernels.push(("avx2", got));
                             if avx512 {
                                 let mut got = vec![f32::NAN; ow * c];
-                                unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), c) };
+                                unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), (c, 0)) };
                                 kernels.push(("avx512", got));
                             }
                             for (name, got) in kernels {
@@ -1768,8 +1790,9 @@ mod tests {
     }
 
     /// The bf16 depthwise output (what a bf16 product multiplies) is the f32 output rounded to
-    /// nearest even, value for value, with zeros in each pixel's padding; for every load
-    /// transform, strides 1 and 2, dilation 2, both padding rules, ragged channel counts.
+    /// nearest even, value for value, with zeros in each pixel's padding; in bf16x3 the f32
+    /// output split in two (`amx::split_bf16`), the lo values after the hi values; for every
+    /// load transform, strides 1 and 2, dilation 2, both padding rules, ragged channel counts.
     #[test]
     fn bf16_depthwise_is_the_rounded_f32_depthwise() {
         if !crate::amx::available() {
@@ -1780,12 +1803,15 @@ mod tests {
             let (h, w) = (9, 11);
             let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
             let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
-            for (in_affine, in_relu) in [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)] {
-                let pw = PackedB::with_precision(&weights(c * 8, 5), &[0.0; 8], c, 8, Precision::Bf16);
+            let transforms = || [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)];
+            for ((in_affine, in_relu), precision) in transforms().into_iter().map(|t| (t, Precision::Bf16)).chain(transforms().into_iter().map(|t| (t, Precision::Bf16x3))) {
+                let pieces = precision.pieces();
+                let pw = PackedB::with_precision(&weights(c * 8, 5), &[0.0; 8], c, 8, precision);
                 let s = SepConv { stride, dilation, padding, in_affine, in_relu, dw_bias: Some(weights(c, 4)), ..SepConv::relu_3x3(weights(9 * c, 3), pw) };
                 with_depthwise(&x, &s, |(oh, ow, fill, fill16)| {
                     let fill16 = fill16.expect("a bf16 depthwise on this machine");
-                    let stride16 = crate::amx::lhs_stride(c, c);
+                    let stride16 = crate::amx::lhs_stride(c, c, pieces);
+                    let lo = stride16 / 2;
                     for line in 0..oh {
                         let mut f = vec![0f32; ow * c];
                         fill(line, &mut f);
@@ -1793,8 +1819,13 @@ mod tests {
                         fill16(line, &mut h);
                         for px in 0..ow {
                             for ch in 0..stride16 {
-                                let want = if ch < c { crate::amx::to_bf16(f[px * c + ch]) } else { 0 };
-                                assert_eq!(h[px * stride16 + ch], want, "c {c} stride {stride} dilation {dilation}: line {line} pixel {px} channel {ch}");
+                                let want = match (pieces, ch) {
+                                    (1, ch) if ch < c => crate::amx::to_bf16(f[px * c + ch]),
+                                    (2, ch) if ch < c => crate::amx::split_bf16(f[px * c + ch]).0,
+                                    (2, ch) if ch >= lo && ch < lo + c => crate::amx::split_bf16(f[px * c + ch - lo]).1,
+                                    _ => 0,
+                                };
+                                assert_eq!(h[px * stride16 + ch], want, "{precision:?} c {c} stride {stride} dilation {dilation}: line {line} pixel {px} channel {ch}");
                             }
                         }
                     }

@@ -23,7 +23,9 @@
 //!
 //! `Precision::Bf16` (opt-in, CPUs with AMX) packs the weights in bf16 for AMX tiles instead and
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
-//! (`amx`); the pool fusion then reaches the second entry-flow block too.
+//! (`amx`); the pool fusion then reaches the second entry-flow block too. `Precision::Bf16x3`
+//! splits both operands into two bf16 pieces each and runs three tile products for one (16
+//! significant bits instead of 8).
 
 pub mod align;
 #[cfg(target_arch = "x86_64")]
@@ -46,10 +48,11 @@ pub use packed::Precision;
 
 /// An error where `precision` cannot run on this machine.
 fn check_precision(precision: Precision) -> Result<()> {
-    if precision == Precision::Bf16 && !bf16_available() {
-        return Err(Error::Config(
-            "engine: bf16 precision needs AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later), AVX-512 and Linux 5.16+, which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32".into(),
-        ));
+    if precision != Precision::F32 && !bf16_available() {
+        return Err(Error::Config(format!(
+            "engine: {} precision needs AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later), AVX-512 and Linux 5.16+, which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32",
+            precision.name()
+        )));
     }
     Ok(())
 }
@@ -65,7 +68,8 @@ pub fn simd_kernels() -> &'static str {
     }
 }
 
-/// Whether `Precision::Bf16` runs here (AMX bf16 tiles granted by the kernel).
+/// Whether `Precision::Bf16` and `Precision::Bf16x3` run here (AMX bf16 tiles granted by the
+/// kernel).
 pub fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return amx::available();

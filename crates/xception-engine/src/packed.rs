@@ -26,6 +26,11 @@ pub enum Precision {
     /// The products' operands rounded to bfloat16, sums in fp32, on AMX tiles (`amx`); the
     /// depthwise convs, norms, pools and the classifier stay fp32.
     Bf16,
+    /// As `Bf16`, but each fp32 operand split into two bf16 values (hi + lo, 16 significant
+    /// bits) and multiplied as hi x hi + hi x lo + lo x hi: three tile products for one, each
+    /// product within 2^-16 of fp32's (what PyTorch's `set_float32_matmul_precision("high")`
+    /// describes as treating a float32 as the sum of two bfloat16 numbers).
+    Bf16x3,
 }
 
 impl Precision {
@@ -33,6 +38,7 @@ impl Precision {
         match s {
             "f32" | "fp32" => Some(Precision::F32),
             "bf16" => Some(Precision::Bf16),
+            "bf16x3" => Some(Precision::Bf16x3),
             _ => None,
         }
     }
@@ -41,6 +47,16 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Bf16x3 => "bf16x3",
+        }
+    }
+
+    /// bf16 pieces per fp32 operand of a product (0: the product is fp32).
+    pub fn pieces(self) -> usize {
+        match self {
+            Precision::F32 => 0,
+            Precision::Bf16 => 1,
+            Precision::Bf16x3 => 2,
         }
     }
 }
@@ -73,8 +89,8 @@ impl PackedB {
         let mut padded = bias.to_vec();
         padded.resize(panels * NR, 0.0);
         #[cfg(target_arch = "x86_64")]
-        if precision == Precision::Bf16 {
-            return PackedB { k, n, data: Vec::new(), bf16: Some(crate::amx::PackedBf16::new(weight, k, n)), bias: padded };
+        if precision.pieces() > 0 {
+            return PackedB { k, n, data: Vec::new(), bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
         }
         assert_eq!(precision, Precision::F32, "bf16 products need x86-64 AMX");
         let mut data = vec![0f32; panels * k * NR];
@@ -112,9 +128,13 @@ impl PackedB {
         &self.bias
     }
 
-    /// Bytes of the weights and bias as the products read them (bf16 weights: two a value).
+    /// Bytes of the weights and bias as the products read them (bf16 weights: two a value, six
+    /// in bf16x3's three products).
     pub fn bytes(&self) -> u64 {
-        let per_weight = if self.is_bf16() { 2 } else { 4 };
+        #[cfg(target_arch = "x86_64")]
+        let per_weight = self.bf16.as_ref().map_or(4, |b| 2 * crate::amx::products(b.pieces()).len());
+        #[cfg(not(target_arch = "x86_64"))]
+        let per_weight = 4;
         (self.k * self.n * per_weight + self.n * 4) as u64
     }
 

@@ -14,6 +14,9 @@ use xception::weights::{deterministic, TensorMap};
 use xception::Engine;
 
 const TOLERANCE: f32 = 1e-4;
+/// The bf16x3 engine (two bf16 pieces an operand) on these random weights: measured 2.3e-4 to
+/// 6.0e-4 of the logits' scale (2026-12-07), against 9-21% for bf16 alone.
+const BF16X3_TOLERANCE: f32 = 2e-3;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/deeplab")
@@ -29,9 +32,9 @@ struct Case {
     classes: usize,
 }
 
-/// (engine error, burn error, bf16 engine error where this machine runs bf16), each relative to
-/// the reference logits' scale.
-fn run_case(case: &Case) -> (f32, f32, Option<f32>) {
+/// (engine error, burn error, bf16 and bf16x3 engine errors where this machine runs bf16), each
+/// relative to the reference logits' scale.
+fn run_case(case: &Case) -> (f32, f32, Option<(f32, f32)>) {
     let config = Segmentation::config(Variant::parse(&case.backbone).unwrap(), case.classes, case.output_stride).unwrap();
     let net = Network::build(&config).unwrap();
     let mut weights = deterministic(&net);
@@ -58,8 +61,11 @@ fn run_case(case: &Case) -> (f32, f32, Option<f32>) {
     assert_eq!(logits.shape, vec![n, case.classes, h, w]);
     let engine_err = relative_error(&seg.to_nchw(), &logits);
     let bf16_err = xception::engine::bf16_available().then(|| {
-        let engine = Engine::with_precision(&net, &weights, 0, xception::Precision::Bf16).unwrap();
-        relative_error(&engine.forward(&x, n, h, w).unwrap().segmentation.unwrap().to_nchw(), &logits)
+        let err = |precision| {
+            let engine = Engine::with_precision(&net, &weights, 0, precision).unwrap();
+            relative_error(&engine.forward(&x, n, h, w).unwrap().segmentation.unwrap().to_nchw(), &logits)
+        };
+        (err(xception::Precision::Bf16), err(xception::Precision::Bf16x3))
     });
 
     // The burn modules (the path that trains, and runs on GPUs) on the same weights and input.
@@ -79,12 +85,13 @@ fn deeplab_matches_the_pytorch_reference() {
     let (mut worst_engine, mut worst_burn) = (0f32, 0f32);
     for case in &cases {
         let (engine, burn, bf16) = run_case(case);
-        eprintln!("{}: logits max |diff| / scale: engine {engine:.2e}, burn {burn:.2e}, bf16 engine {}", case.file, bf16.map_or("not run (no AMX)".into(), |e| format!("{e:.2e}")));
+        eprintln!("{}: logits max |diff| / scale: engine {engine:.2e}, burn {burn:.2e}, bf16 and bf16x3 engines {}", case.file, bf16.map_or("not run (no AMX)".into(), |(e, e3)| format!("{e:.2e}, {e3:.2e}")));
         // bf16 (the engine's opt-in precision) on these random weights drifts further than on
         // the classifiers' fixtures (see timm_conformance's BF16_TOLERANCE): measured 9-21% of
         // the logits' scale (the classes of random weights are near ties, so a per-pixel class
         // check means little here). A broken path is off by its whole scale.
-        assert!(bf16.is_none_or(|e| e <= 0.35), "{} bf16 engine: {bf16:?} of the logits' scale", case.file);
+        // bf16x3 (two bf16 pieces an operand): measured (see BF16X3_TOLERANCE).
+        assert!(bf16.is_none_or(|(e, e3)| e <= 0.35 && e3 <= BF16X3_TOLERANCE), "{} bf16 and bf16x3 engines: {bf16:?} of the logits' scale", case.file);
         assert!(engine <= TOLERANCE, "{} engine: {engine:e}", case.file);
         assert!(burn <= TOLERANCE, "{} burn: {burn:e}", case.file);
         worst_engine = worst_engine.max(engine);

@@ -4,7 +4,7 @@ use xception::{Engine, ModelConfig, Network, Precision};
 
 #[test]
 fn a_batch_gives_each_image_exactly_what_it_gets_alone() {
-    let precisions = if xception::engine::bf16_available() { vec![Precision::F32, Precision::Bf16] } else { vec![Precision::F32] };
+    let precisions = if xception::engine::bf16_available() { vec![Precision::F32, Precision::Bf16, Precision::Bf16x3] } else { vec![Precision::F32] };
     for (model, precision) in ["xception", "xception41"].into_iter().flat_map(|m| precisions.iter().map(move |&p| (m, p))) {
         let net = Network::build(&ModelConfig::from_name(model).unwrap()).unwrap();
         let weights = xception::weights::deterministic(&net);
