@@ -128,11 +128,11 @@ impl PackedB {
         &self.bias
     }
 
-    /// Bytes of the weights and bias as the products read them (bf16 weights: two a value, six
-    /// in bf16x3's three products).
+    /// Bytes of the weights and bias as the products read them (bf16 weights: two a value, four
+    /// in bf16x3's two pieces).
     pub fn bytes(&self) -> u64 {
         #[cfg(target_arch = "x86_64")]
-        let per_weight = self.bf16.as_ref().map_or(4, |b| 2 * crate::amx::products(b.pieces()).len());
+        let per_weight = self.bf16.as_ref().map_or(4, |b| 2 * b.pieces());
         #[cfg(not(target_arch = "x86_64"))]
         let per_weight = 4;
         (self.k * self.n * per_weight + self.n * 4) as u64
