@@ -5,9 +5,10 @@
 //! (depthwise output, input lines) is rounded as it is multiplied. Rounding is to nearest, ties
 //! to even (what PyTorch, TensorFlow and oneDNN do), so each operand keeps 8 significant bits;
 //! sums, bias, residual and ReLU stay fp32. In two pieces (`Precision::Bf16x3`) each operand is
-//! also split into hi + lo (`split_bf16`, 16 bits) and a product runs as three (`products`): each
-//! weight panel holds its hi pieces, then its lo pieces; each row of A its hi values, then its lo
-//! values.
+//! also split into hi + lo (`split_bf16`, 16 bits) and a product runs as three, hi x hi + hi x lo
+//! + lo x hi (`block_steps_split`; the lo x lo term left out is below the split's own error, 2^-16
+//! of the product): each weight panel holds its hi pieces, then its lo pieces; each row of A its
+//! hi values, then its lo values.
 //!
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands a
 //! process the 8 KiB of tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and each
@@ -118,18 +119,6 @@ pub fn split_into(src: &[f32], hi: &mut [u16], lo: &mut [u16]) {
             }
         },
     )
-}
-
-/// The products a bf16 GEMM of `pieces` pieces per fp32 operand runs, as (piece of A, piece of
-/// the weights) pairs. One piece: the bf16 product. Two
-/// (`Precision::Bf16x3`): hi x hi + hi x lo + lo x hi; the lo x lo term left out is below the
-/// pieces' own error (2^-16 of the product).
-pub fn products(pieces: usize) -> &'static [(usize, usize)] {
-    match pieces {
-        1 => &[(0, 0)],
-        2 => &[(0, 0), (0, 1), (1, 0)],
-        _ => unreachable!("bf16 operands come in one or two pieces"),
-    }
 }
 
 /// A (k x n) weight matrix in bf16, packed for the tiles: per 32-column panel and per 32-deep
@@ -382,17 +371,13 @@ unsafe fn block(a: *const u16, lda: usize, (b, steps, pieces): (*const u16, usiz
         // twice. Measured, xception65's bf16x3 pass at 299 (step sums, three alternations):
         // 58.4-59.8 ms, against 70.4-71.6 with only hi x hi and hi x lo sharing a pass and
         // 74.7-75.9 product by product.
-        debug_assert_eq!(products(2), &[(0, 0), (0, 1), (1, 0)]);
         if two {
             block_steps_split((a, a.add(piece_len)), lda, (b, b.add(panel_piece)), steps, (prefetch, prefetch.add(panel_piece)));
         } else {
             block_steps_split16((a, a.add(piece_len)), lda, (b, b.add(panel_piece)), steps);
         }
     } else {
-        for &(a_piece, b_piece) in products(pieces) {
-            let at = b_piece * panel_piece;
-            block_steps(a.add(a_piece * piece_len), lda, b.add(at), steps, two, prefetch.add(at));
-        }
+        block_steps(a, lda, b, steps, two, prefetch);
     }
     asm!(
         "tilestored [{c} + {sc}*1], tmm0",
