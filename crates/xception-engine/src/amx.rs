@@ -149,7 +149,11 @@ impl PackedBf16 {
         let mut data = vec![0u16; panels * depth * KT * NP + 32];
         let start = data.as_ptr().align_offset(64);
         let packed = &mut data[start..];
-        let piece = |v: f32, which: usize| if pieces == 1 { to_bf16(v) } else { [split_bf16(v).0, split_bf16(v).1][which] };
+        // The hi piece is the bf16 rounding itself (`split_bf16`), so one piece is the hi one.
+        let piece = |v: f32, which: usize| {
+            let (hi, lo) = split_bf16(v);
+            if which == 0 { hi } else { lo }
+        };
         for p in 0..panels {
             for which in 0..pieces {
                 for s in 0..steps {
