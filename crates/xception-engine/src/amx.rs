@@ -103,10 +103,13 @@ pub fn round_into(src: &[f32], dst: &mut [u16]) {
 
 /// `v` as the sum of two bf16 values: the nearest, and the nearest to what it leaves over
 /// (`Precision::Bf16x3`). Together they keep 16 significant bits: |v - hi - lo| <= 2^-16 |v|.
+/// Where hi is not finite (an infinity, NaN, or a value past bf16's largest) it stands alone and
+/// lo is zero: what it leaves over would be an infinity or NaN that turns the sum into NaN.
 #[inline(always)]
 pub fn split_bf16(v: f32) -> (u16, u16) {
     let hi = to_bf16(v);
-    (hi, to_bf16(v - from_bf16(hi)))
+    let lo = if from_bf16(hi).is_finite() { to_bf16(v - from_bf16(hi)) } else { 0 };
+    (hi, lo)
 }
 
 /// `hi[i] + lo[i]` = src[i] to 16 bits (`split_bf16`, vectorised).
@@ -586,6 +589,14 @@ mod tests {
         assert!(((from_bf16(hi) + from_bf16(lo)) as f64 - v as f64).abs() <= v.abs() as f64 / 65536.0);
         assert!(from_bf16(to_bf16(f32::from_bits(0x7fff_ffff))).is_nan());
         assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+        // Infinities (and what rounds to one) keep their value in two pieces: hi alone, lo zero,
+        // so hi + lo is not inf - inf.
+        for v in [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX] {
+            let (hi, lo) = split_bf16(v);
+            assert_eq!((from_bf16(hi), lo), (v.signum() * f32::INFINITY, 0), "{v}");
+        }
+        let (hi, lo) = split_bf16(f32::NAN);
+        assert!(from_bf16(hi).is_nan() && lo == 0);
     }
 
     /// Against an f64 product of the same bf16-rounded operands: what is left is only the order

@@ -920,9 +920,12 @@ pub(crate) mod dw3 {
                 let h = round(v);
                 _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at).cast(), m, h);
                 if lo > 0 {
-                    // What the hi value leaves over, rounded in turn (amx::split_bf16).
-                    let left = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)));
-                    _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at + lo).cast(), m, round(left));
+                    // What the hi value leaves over, rounded in turn, zero where hi is not finite
+                    // (amx::split_bf16).
+                    let hf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h));
+                    let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(hf), _mm512_set1_ps(f32::INFINITY));
+                    let left = _mm512_maskz_mov_epi32(finite, round(_mm512_sub_ps(v, hf)));
+                    _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at + lo).cast(), m, left);
                 }
             } else {
                 _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
@@ -1799,9 +1802,11 @@ mod tests {
             eprintln!("skipped: no AMX bf16 here");
             return;
         }
-        for &(c, stride, dilation, padding) in &[(40, 1, 1, Padding::Symmetric(1)), (16, 2, 1, Padding::TfSame), (70, 1, 2, Padding::Symmetric(2)), (33, 2, 1, Padding::Symmetric(1))] {
+        // The last case's input has values near f32::MAX, so some outputs are infinities or NaN.
+        for &(c, stride, dilation, padding, huge) in &[(40, 1, 1, Padding::Symmetric(1), false), (16, 2, 1, Padding::TfSame, false), (70, 1, 2, Padding::Symmetric(2), false), (33, 2, 1, Padding::Symmetric(1), false), (24, 1, 1, Padding::Symmetric(1), true)] {
             let (h, w) = (9, 11);
-            let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0).collect() };
+            let value = |i: usize| if huge && i % 37 == 0 { 3e38 * (1.0 - (i % 2) as f32 * 2.0) } else { ((i * 7919 % 1999) as f32 - 999.0) / 333.0 };
+            let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(value).collect() };
             let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
             let transforms = || [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)];
             for ((in_affine, in_relu), precision) in transforms().into_iter().map(|t| (t, Precision::Bf16)).chain(transforms().into_iter().map(|t| (t, Precision::Bf16x3))) {
@@ -1812,9 +1817,11 @@ mod tests {
                     let fill16 = fill16.expect("a bf16 depthwise on this machine");
                     let stride16 = crate::amx::lhs_stride(c, c, pieces);
                     let lo = stride16 / 2;
+                    let mut infinite = 0;
                     for line in 0..oh {
                         let mut f = vec![0f32; ow * c];
                         fill(line, &mut f);
+                        infinite += f.iter().filter(|v| v.is_infinite()).count();
                         let mut h = vec![7u16; ow * stride16];
                         fill16(line, &mut h);
                         for px in 0..ow {
@@ -1829,6 +1836,7 @@ mod tests {
                             }
                         }
                     }
+                    assert_eq!(huge, infinite > 0, "{precision:?} c {c}: infinite outputs");
                 });
             }
         }
