@@ -262,7 +262,9 @@ struct ModelArgs {
     threads: usize,
     /// The engine's arithmetic: f32; bf16 (the convs' products on AMX tiles with bf16 operands
     /// and fp32 sums: faster, ~3 significant digits; needs an Intel Xeon with AMX); or bf16x3
-    /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits).
+    /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits); or
+    /// int8 (the 1x1 convs' products on 8-bit operands, each weight column and activation row
+    /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX-512 VNNI).
     #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.
@@ -521,7 +523,7 @@ fn flops_per_cycle() -> f64 {
 }
 
 /// The names `--precision` takes (`Precision::parse`).
-const PRECISIONS: [&str; 3] = ["f32", "bf16", "bf16x3"];
+const PRECISIONS: [&str; 4] = ["f32", "bf16", "bf16x3", "int8"];
 
 /// `--precision`, already restricted by clap to the names `Precision::parse` knows.
 fn parse_precision(s: &str) -> xception::Precision {
@@ -540,6 +542,7 @@ fn kernels_name(args: &BenchArgs) -> &'static str {
     match (args.train, args.backend.as_str(), args.precision.as_str()) {
         (false, "engine", "bf16") => "amx-bf16",
         (false, "engine", "bf16x3") => "amx-bf16x3",
+        (false, "engine", "int8") => "avx512-vnni-int8",
         (false, "engine", _) => xception::engine::simd_kernels(),
         _ => "burn",
     }

@@ -206,16 +206,22 @@ fn user_errors_exit_1_with_a_clear_message() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `--precision bf16` and `bf16x3` run where the CPU has AMX (the numbers are checked in the
-/// conformance tests) and are refused with a clear message, exit 1, where it has not.
+/// `--precision bf16` and `bf16x3` run where the CPU has AMX, `int8` where it has AVX-512 VNNI
+/// (the numbers are checked in the conformance tests), and are refused with a clear message,
+/// exit 1, where it has not.
 #[test]
-fn bf16_precisions_run_or_are_refused_clearly() {
+fn reduced_precisions_run_or_are_refused_clearly() {
     let dir = workdir("bf16");
     let timm = timm_checkpoint(&dir, Variant::LegacyXception, 1000);
     let chelsea = images().join("chelsea.png");
-    for precision in ["bf16", "bf16x3"] {
+    for precision in ["bf16", "bf16x3", "int8"] {
+        let (available, needs, kernels) = if precision == "int8" {
+            (xception::engine::int8_available(), "VNNI", "avx512-vnni-int8".to_string())
+        } else {
+            (xception::engine::bf16_available(), "AMX", format!("amx-{precision}"))
+        };
         let out = run(&["classify", "--weights", s(&timm), "--size", "96", "--precision", precision, "--json", s(&chelsea)]);
-        if xception::engine::bf16_available() {
+        if available {
             assert!(out.status.success(), "{}", stderr(&out));
             let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(json["results"][0]["logits"].as_array().unwrap().len(), 1000);
@@ -223,16 +229,16 @@ fn bf16_precisions_run_or_are_refused_clearly() {
             assert!(bench.status.success(), "{}", stderr(&bench));
             let json: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
             assert_eq!(json["precision"], precision);
-            assert_eq!(json["kernels"], format!("amx-{precision}"));
+            assert_eq!(json["kernels"], kernels);
         } else {
             assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-            assert!(stderr(&out).contains("AMX") && stderr(&out).contains(precision), "{}", stderr(&out));
+            assert!(stderr(&out).contains(needs) && stderr(&out).contains(precision), "{}", stderr(&out));
         }
-        // Without AVX-512 (forced off here) there is no AMX path: refused, for the kernels alone too.
+        // Without AVX-512 (forced off here) neither runs: refused, for the kernels alone too.
         for args in [vec!["classify", "--weights", s(&timm), "--size", "96", "--precision", precision, s(&chelsea)], vec!["bench", "--ops", "--runs", "1", "--precision", precision]] {
             let out = bin().args(&args).env("XCEPTION_ENGINE_NO_AVX512", "1").output().unwrap();
             assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
-            assert!(stderr(&out).contains("AMX") && !stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains(needs) && !stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -1805,7 +1805,7 @@ mod tests {
         // The last case's input has values near f32::MAX, so some outputs are infinities or NaN.
         for &(c, stride, dilation, padding, huge) in &[(40, 1, 1, Padding::Symmetric(1), false), (16, 2, 1, Padding::TfSame, false), (70, 1, 2, Padding::Symmetric(2), false), (33, 2, 1, Padding::Symmetric(1), false), (24, 1, 1, Padding::Symmetric(1), true)] {
             let (h, w) = (9, 11);
-            let value = |i: usize| if huge && i % 37 == 0 { 3e38 * (1.0 - (i % 2) as f32 * 2.0) } else { ((i * 7919 % 1999) as f32 - 999.0) / 333.0 };
+            let value = |i: usize| if huge && i.is_multiple_of(37) { 3e38 * (1.0 - (i % 2) as f32 * 2.0) } else { ((i * 7919 % 1999) as f32 - 999.0) / 333.0 };
             let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(value).collect() };
             let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
             let transforms = || [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)];

@@ -25,13 +25,18 @@
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
 //! (`amx`); the pool fusion then reaches the second entry-flow block too. `Precision::Bf16x3`
 //! splits both operands into two bf16 pieces each and runs three tile products for one (16
-//! significant bits instead of 8).
+//! significant bits instead of 8). `Precision::Int8` (opt-in, CPUs with AVX-512 VNNI) runs the
+//! 1x1 convs' products on 8-bit operands with 32-bit integer sums, each weight column and each
+//! activation row with its own scale (`int8`); the dense k x k convs stay fp32.
 
 pub mod align;
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
 pub mod amx;
 mod chain;
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub mod int8;
 mod kernels;
 #[doc(hidden)]
 pub mod packed;
@@ -48,6 +53,14 @@ pub use packed::Precision;
 
 /// An error where `precision` cannot run on this machine.
 fn check_precision(precision: Precision) -> Result<()> {
+    if precision == Precision::Int8 {
+        if !int8_available() {
+            return Err(Error::Config(
+                "engine: int8 precision needs AVX-512 VNNI (Intel Xeon 2nd generation 'Cascade Lake' or later, AMD Zen 4 or later), which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32".into(),
+            ));
+        }
+        return Ok(());
+    }
     if precision != Precision::F32 && !bf16_available() {
         return Err(Error::Config(format!(
             "engine: {} precision needs AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later), AVX-512 and Linux 5.16+, which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32",
@@ -66,6 +79,14 @@ pub fn simd_kernels() -> &'static str {
         packed::Kernel::Avx2 => "avx2",
         packed::Kernel::Portable => "portable",
     }
+}
+
+/// Whether `Precision::Int8` runs here (AVX-512 VNNI, the AVX-512 kernels not disabled).
+pub fn int8_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return int8::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether `Precision::Bf16` and `Precision::Bf16x3` run here (AMX bf16 tiles granted by the
@@ -354,6 +375,17 @@ impl Compiler<'_> {
         PackedB::with_precision(weight, bias, k, n, self.precision)
     }
 
+    /// The precision of a dense conv with a `kernel` x `kernel` window: int8 only for 1x1 convs
+    /// (a k x k conv's rows overlap, and each product would quantize each input value k times;
+    /// the stem's convs are also where rounding costs the most).
+    fn dense_precision(&self, kernel: usize) -> Precision {
+        if self.precision == Precision::Int8 && kernel > 1 {
+            Precision::F32
+        } else {
+            self.precision
+        }
+    }
+
     fn affine(&self, n: &Norm) -> Result<Affine> {
         let c = n.channels;
         let g = self.tensor(format!("{}.weight", n.key), c)?;
@@ -445,7 +477,8 @@ impl Compiler<'_> {
                     if relu {
                         used += 1;
                     }
-                    let winograd = (k == 3 && c.stride == 1 && c.dilation == 1 && self.precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout));
+                    let precision = self.dense_precision(k);
+                    let winograd = (k == 3 && c.stride == 1 && c.dilation == 1 && precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout));
                     steps.push(Step::Dense(DenseConv {
                         k,
                         stride: c.stride,
@@ -453,11 +486,11 @@ impl Compiler<'_> {
                         padding: c.padding,
                         cin,
                         cout,
-                        weight: self.pack(&weight, &bias, k * k * cin, cout),
+                        weight: PackedB::with_precision(&weight, &bias, k * k * cin, cout, precision),
                         // Not for a conv Winograd's algorithm runs.
                         kernel_rows: if k > 1 && c.dilation == 1 && winograd.is_none() {
                             let zero = vec![0f32; cout];
-                            weight.chunks(k * cin * cout).enumerate().map(|(ky, w)| self.pack(w, if ky == 0 { &bias } else { &zero }, k * cin, cout)).collect()
+                            weight.chunks(k * cin * cout).enumerate().map(|(ky, w)| PackedB::with_precision(w, if ky == 0 { &bias } else { &zero }, k * cin, cout, precision)).collect()
                         } else {
                             Vec::new()
                         },

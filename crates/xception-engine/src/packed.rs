@@ -31,6 +31,11 @@ pub enum Precision {
     /// product within 2^-16 of fp32's (what PyTorch's `set_float32_matmul_precision("high")`
     /// describes as treating a float32 as the sum of two bfloat16 numbers).
     Bf16x3,
+    /// The 1x1 convs' products in int8 (`int8`): each weight column scaled to [-127, 127] once,
+    /// at load, each row of activations as it is multiplied (its own scale, from its largest
+    /// value), exact 32-bit integer sums (AVX-512 VNNI), then scaled back to fp32. The dense k x k
+    /// convs (the stem), depthwise convs, norms, pools and the classifier stay fp32.
+    Int8,
 }
 
 impl Precision {
@@ -39,6 +44,7 @@ impl Precision {
             "f32" | "fp32" => Some(Precision::F32),
             "bf16" => Some(Precision::Bf16),
             "bf16x3" => Some(Precision::Bf16x3),
+            "int8" => Some(Precision::Int8),
             _ => None,
         }
     }
@@ -48,13 +54,14 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
             Precision::Bf16x3 => "bf16x3",
+            Precision::Int8 => "int8",
         }
     }
 
-    /// bf16 pieces per fp32 operand of a product (0: the product is fp32).
+    /// bf16 pieces per fp32 operand of a product (0: the product is not bf16).
     pub fn pieces(self) -> usize {
         match self {
-            Precision::F32 => 0,
+            Precision::F32 | Precision::Int8 => 0,
             Precision::Bf16 => 1,
             Precision::Bf16x3 => 2,
         }
@@ -67,8 +74,13 @@ impl Precision {
 pub struct PackedB {
     pub k: usize,
     pub n: usize,
-    /// The fp32 panels (empty in bf16).
+    /// Rows of each panel: k in fp32, k's groups of four in int8.
+    steps: usize,
+    /// The fp32 panels (empty in bf16); in int8 each value holds four weights' bytes.
     data: Vec<f32>,
+    /// In int8, the columns' scales and sum corrections.
+    #[cfg(target_arch = "x86_64")]
+    int8: Option<crate::int8::Scales>,
     #[cfg(target_arch = "x86_64")]
     bf16: Option<crate::amx::PackedBf16>,
     /// `n` values, zero-padded to a whole panel.
@@ -90,9 +102,14 @@ impl PackedB {
         padded.resize(panels * NR, 0.0);
         #[cfg(target_arch = "x86_64")]
         if precision.pieces() > 0 {
-            return PackedB { k, n, data: Vec::new(), bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
+            return PackedB { k, n, steps: 0, data: Vec::new(), int8: None, bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
         }
-        assert_eq!(precision, Precision::F32, "bf16 products need x86-64 AMX");
+        #[cfg(target_arch = "x86_64")]
+        if precision == Precision::Int8 {
+            let (data, scales) = crate::int8::pack(weight, k, n);
+            return PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded };
+        }
+        assert_eq!(precision, Precision::F32, "bf16 and int8 products need x86-64");
         let mut data = vec![0f32; panels * k * NR];
         for p in 0..panels {
             let cols = (n - p * NR).min(NR);
@@ -103,7 +120,10 @@ impl PackedB {
         PackedB {
             k,
             n,
+            steps: k,
             data,
+            #[cfg(target_arch = "x86_64")]
+            int8: None,
             #[cfg(target_arch = "x86_64")]
             bf16: None,
             bias: padded,
@@ -118,6 +138,12 @@ impl PackedB {
         false
     }
 
+    /// The columns' scales, for an int8 matrix.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn int8(&self) -> Option<&crate::int8::Scales> {
+        self.int8.as_ref()
+    }
+
     /// The bf16 tile layout, for a bf16 matrix.
     #[cfg(target_arch = "x86_64")]
     pub fn bf16(&self) -> Option<&crate::amx::PackedBf16> {
@@ -129,10 +155,10 @@ impl PackedB {
     }
 
     /// Bytes of the weights and bias as the products read them (bf16 weights: two a value, four
-    /// in bf16x3's two pieces).
+    /// in bf16x3's two pieces; int8 one).
     pub fn bytes(&self) -> u64 {
         #[cfg(target_arch = "x86_64")]
-        let per_weight = self.bf16.as_ref().map_or(4, |b| 2 * b.pieces());
+        let per_weight = if self.int8.is_some() { 1 } else { self.bf16.as_ref().map_or(4, |b| 2 * b.pieces()) };
         #[cfg(not(target_arch = "x86_64"))]
         let per_weight = 4;
         (self.k * self.n * per_weight + self.n * 4) as u64
@@ -143,7 +169,7 @@ impl PackedB {
     }
 
     fn panel(&self, p: usize) -> &[f32] {
-        &self.data[p * self.k * NR..][..self.k * NR]
+        &self.data[p * self.steps * NR..][..self.steps * NR]
     }
 
     /// Valid columns of panel `p`.
@@ -307,6 +333,10 @@ unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usize, b: &Pack
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if b.int8.is_some() {
+        return crate::int8::gemm_rows_f32(m, a, lda, b, panels, out, ldc, epi);
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(b16) = &b.bf16 {
         return crate::amx::gemm_rows_f32(m, a, lda, b.k, b.n, b16, &b.bias, panels, out, ldc, epi);
     }
@@ -317,8 +347,8 @@ unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usize, b: &Pack
     }
     #[cfg(target_arch = "x86_64")]
     match kernel {
-        Kernel::Avx512 => return tiles(m, a, lda, b, panels, out, ldc, epi, (avx512::KC, MR, NR), |t| avx512::tile(t)),
-        Kernel::Avx2 => return tiles(m, a, lda, b, panels, out, ldc, epi, (avx2::KC, avx2::MR, avx2::NR), |t| avx2::tile(t)),
+        Kernel::Avx512 => return tiles(m, a, lda, b, panels, out, ldc, epi, (avx512::KC, MR, NR), None, |t| avx512::tile(t)),
+        Kernel::Avx2 => return tiles(m, a, lda, b, panels, out, ldc, epi, (avx2::KC, avx2::MR, avx2::NR), None, |t| avx2::tile(t)),
         Kernel::Portable => {}
     }
     // One tile of the panel's width: the product, then the epilogue as a second pass.
@@ -442,19 +472,22 @@ impl Bursts {
 /// (which stays in cache) before the next slice; the tiles' partial sums go back to the output
 /// between blocks, and the epilogue runs after the last one. A panel's tiles share out the
 /// prefetch of the next panel's block, and all the tiles that of `epi.ahead` (`Ahead`).
+/// In int8 (`row_scales`, the rows' scales) `a` holds the rows' bytes, four to a value, and the
+/// panels' steps are groups of four k; the sums stay in registers over all of k (one block).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue, (kc_max, mr, nr): (usize, usize, usize), tile: impl Fn(Tile)) {
-    let kc_even = b.k.div_ceil(b.k.div_ceil(kc_max));
+pub(crate) unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue, (kc_max, mr, nr): (usize, usize, usize), row_scales: Option<&[f32]>, tile: impl Fn(Tile)) {
+    let steps = b.steps;
+    let kc_even = steps.div_ceil(steps.div_ceil(kc_max));
     // The caller's next values, shared out between every tile of the product.
     let regions = [epi.ahead, epi.writes].map(|f| (f.from as *const i8, f.len() * 4 / 64));
     let extra_total = regions[0].1 + regions[1].1;
-    let extra_per_tile = extra_total.div_ceil(b.k.div_ceil(kc_even) * panels.len() * (NR / nr) * m.div_ceil(mr));
+    let extra_per_tile = extra_total.div_ceil(steps.div_ceil(kc_even) * panels.len() * (NR / nr) * m.div_ceil(mr));
     let mut extra_done = 0;
     let mut k0 = 0;
-    while k0 < b.k {
-        let kc = (b.k - k0).min(kc_even);
-        let (first, last) = (k0 == 0, k0 + kc == b.k);
+    while k0 < steps {
+        let kc = (steps - k0).min(kc_even);
+        let (first, last) = (k0 == 0, k0 + kc == steps);
         for p in panels.clone() {
             // The next panel's block: kc rows of NR values, two lines each; the last panel has none.
             let next = (p + 1 < b.panels()).then(|| b.panel(p + 1)[k0 * NR..].as_ptr() as *const i8);
@@ -486,9 +519,18 @@ unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usiz
                     let extra = Ahead { from: region.0.wrapping_add(at * 64), lines: extra_lines };
                     extra_done += extra_lines;
                     let step = Step {
-                        start: if first && !epi.accumulate { Start::Bias(b.bias[col..].as_ptr()) } else { Start::Partial },
+                        start: match (b.int8(), first && !epi.accumulate) {
+                            // int8 sums start from the columns' zero-point corrections.
+                            (Some(q), _) => Start::Bias(q.corr[col..].as_ptr()),
+                            (None, true) => Start::Bias(b.bias[col..].as_ptr()),
+                            (None, false) => Start::Partial,
+                        },
                         residual: if last { epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr)) } else { None },
                         relu: last && epi.relu,
+                        dequant: match (row_scales, b.int8()) {
+                            (Some(rows), Some(q)) => Some(Dequant { rows: rows[m0..].as_ptr(), cols: q.col[col..].as_ptr(), bias: (!epi.accumulate).then(|| b.bias[col..].as_ptr()) }),
+                            _ => None,
+                        },
                     };
                     let (a, c) = (a.as_ptr().add(m0 * lda + k0), out.ptr.add(m0 * ldc + col));
                     tile(Tile { rows, k: kc, a, lda, b: panel.as_ptr(), c, ldc, step, cols, ahead, extra });
@@ -534,6 +576,20 @@ pub(crate) struct Step {
     pub start: Start,
     pub residual: Option<(*const f32, usize)>,
     pub relu: bool,
+    /// An int8 tile's way back to fp32.
+    pub dequant: Option<Dequant>,
+}
+
+/// How an int8 tile's 32-bit integer sums become fp32 outputs: sum x its row's scale x its
+/// column's scale, + the bias (or, accumulating, + what the output holds).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Dequant {
+    /// The tile's first row's scale (one per row).
+    pub rows: *const f32,
+    /// The tile's first column's scale (padded to whole panels).
+    pub cols: *const f32,
+    pub bias: Option<*const f32>,
 }
 
 /// PREFETCHW: fetches the line for writing (exclusive), so the store finds it owned.
@@ -566,23 +622,45 @@ macro_rules! by_rows {
             _ => unreachable!("tile rows"),
         }
     }};
+    ($t:expr, $kernel:ident <$g:tt>, $($r:literal)*) => {{
+        let Tile { rows, k, a, lda, b, c, ldc, step, cols, ahead, extra } = $t;
+        match rows {
+            $($r => $kernel::<$r, $g>(k, a, lda, b, c, ldc, step, cols, ahead, extra),)*
+            _ => unreachable!("tile rows"),
+        }
+    }};
 }
 
 /// One k step of the micro-kernels' assembly k loop (`k_loop`): two loads of B into `$bv`,
 /// `$bw` (byte offsets `$b0`, `$b1` from `{b}`), then per row a broadcast of its A value (byte
-/// offset `$da` from the row's address) into `$bc` and two FMAs into its accumulators.
+/// offset `$da` from the row's address) into `$bc` and two multiply-adds into its accumulators
+/// (`mac`: `fma` fp32, `dot` int8).
 #[cfg(target_arch = "x86_64")]
 macro_rules! k_step {
-    ($bv:tt $bw:tt $bc:tt; $da:tt $b0:tt $b1:tt; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+    ($mac:tt $bv:tt $bw:tt $bc:tt; $da:tt $b0:tt $b1:tt; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
         concat!(
             "vmovups ", $bv, ", [{b} + ", $b0, "]\n",
             "vmovups ", $bw, ", [{b} + ", $b1, "]\n",
             $(
                 "vbroadcastss ", $bc, ", dword ptr [", $base, $within, " + ", $da, "]\n",
-                "vfmadd231ps ", $lo, ", ", $bv, ", ", $bc, "\n",
-                "vfmadd231ps ", $hi, ", ", $bw, ", ", $bc, "\n",
+                mac!($mac $lo $bv $bc),
+                mac!($mac $hi $bw $bc),
             )*
         )
+    };
+}
+
+/// One multiply-add of the micro-kernels' k loop into accumulator `$acc`, B's vector `$b`, A's
+/// broadcast `$a`: `fma`, fp32 (acc += a * b); `dot`, int8 (each 32-bit lane of acc += the dot
+/// product of its four unsigned bytes of a with its four signed bytes of b: VPDPBUSD, AVX-512
+/// VNNI).
+#[cfg(target_arch = "x86_64")]
+macro_rules! mac {
+    (fma $acc:tt $b:tt $a:tt) => {
+        concat!("vfmadd231ps ", $acc, ", ", $b, ", ", $a, "\n")
+    };
+    (dot $acc:tt $b:tt $a:tt) => {
+        concat!("vpdpbusd ", $acc, ", ", $a, ", ", $b, "\n")
     };
 }
 
@@ -607,15 +685,15 @@ macro_rules! k_step {
 /// products with weights of their own runs ~5% slower than one product repeated.
 #[cfg(target_arch = "x86_64")]
 macro_rules! k_loop {
-    ($bv:tt $bw:tt $bc:tt; ($($s0:tt)*) ($($s1:tt)*) ($($s2:tt)*) ($($s3:tt)*); $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+    ($mac:tt $bv:tt $bw:tt $bc:tt; ($($s0:tt)*) ($($s1:tt)*) ($($s2:tt)*) ($($s3:tt)*); $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
         std::arch::asm!(
             // (Mentions the row stride for tiles of one row, which never read it.)
             "/* lda bytes {s} */",
             "2:",
-            k_step!($bv $bw $bc; $($s0)*; $(($base $within $lo $hi $li $hi_i))*),
-            k_step!($bv $bw $bc; $($s1)*; $(($base $within $lo $hi $li $hi_i))*),
-            k_step!($bv $bw $bc; $($s2)*; $(($base $within $lo $hi $li $hi_i))*),
-            k_step!($bv $bw $bc; $($s3)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($mac $bv $bw $bc; $($s0)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($mac $bv $bw $bc; $($s1)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($mac $bv $bw $bc; $($s2)*; $(($base $within $lo $hi $li $hi_i))*),
+            k_step!($mac $bv $bw $bc; $($s3)*; $(($base $within $lo $hi $li $hi_i))*),
             "add {a0}, 16",
             "add {a1}, 16",
             "add {a2}, 16",
@@ -671,7 +749,11 @@ pub(crate) mod avx512 {
     /// One tile of 1..=MR rows by one panel.
     #[inline(always)]
     pub unsafe fn tile(t: Tile) {
-        by_rows!(t, kernel, 1 2 3 4 5 6 7 8 9 10 11 12)
+        if t.step.dequant.is_some() {
+            by_rows!(t, kernel<true>, 1 2 3 4 5 6 7 8 9 10 11 12)
+        } else {
+            by_rows!(t, kernel<false>, 1 2 3 4 5 6 7 8 9 10 11 12)
+        }
     }
 
     /// The end of one 32-value output row: + the residual row, ReLU, and the store, masked to
@@ -704,9 +786,12 @@ pub(crate) mod avx512 {
 
     /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
     /// broadcast of A per row and two loads of B per k step, four steps at a time in `k_loop`.
+    /// With INT8 the same loop on bytes (`int8`): a step is four k, A's broadcast four unsigned
+    /// bytes, B's vectors four signed bytes per column, VPDPBUSD for the FMA (so `k`, the
+    /// steps, is a multiple of four: no single steps); `step.dequant` scales the sums back.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
+    unsafe fn kernel<const R: usize, const INT8: bool>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
         let (m0, m1) = (super::lane_mask(cols), super::lane_mask(cols.saturating_sub(16)));
         let zero = _mm512_setzero_ps();
         // The tile's output (and residual) lines are fetched while the k loop runs: a store that
@@ -737,6 +822,7 @@ pub(crate) mod avx512 {
                 }
             }
             Start::Partial => {
+                debug_assert!(!INT8, "int8 sums run over all of k at once");
                 for r in 0..R {
                     acc[2 * r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
                     acc[2 * r + 1] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
@@ -744,17 +830,27 @@ pub(crate) mod avx512 {
             }
         }
         // Four k steps per round of the assembly loop, in chunks between prefetch bursts.
+        debug_assert!(!INT8 || k.is_multiple_of(4), "int8 steps come in fours");
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
+        macro_rules! rows_table {
+            ($mac:tt, $ap:ident, $bp:ident, $rounds:ident) => {
+                k_loop_rows!(($mac "zmm24" "zmm25" "zmm26") ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, $ap, lda, $bp, $rounds; [
+                    ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
+                    ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
+                    ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
+                    ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
+                    [1 2 3 4 5 6 7 8 9 10 11 12])
+            };
+        }
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * 32));
-            k_loop_rows!(("zmm24" "zmm25" "zmm26") ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, ap, lda, bp, rounds; [
-                ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
-                ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
-                ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
-                ("{a3}" "" "zmm18" "zmm19" 18 19) ("{a3}" " + {s}" "zmm20" "zmm21" 20 21) ("{a3}" " + {s}*2" "zmm22" "zmm23" 22 23)];
-                [1 2 3 4 5 6 7 8 9 10 11 12]);
+            if INT8 {
+                rows_table!(dot, ap, bp, rounds);
+            } else {
+                rows_table!(fma, ap, bp, rounds);
+            }
             p += 4 * rounds;
         }
         while p < k {
@@ -766,6 +862,19 @@ pub(crate) mod avx512 {
                 acc[2 * r + 1] = _mm512_fmadd_ps(av, b1, acc[2 * r + 1]);
             }
             p += 1;
+        }
+        if let (true, Some(dq)) = (INT8, step.dequant) {
+            // sum x row scale x column scale + bias (or + the output, accumulating).
+            let (s0, s1) = (_mm512_loadu_ps(dq.cols), _mm512_loadu_ps(dq.cols.add(16)));
+            for r in 0..R {
+                let scale = _mm512_set1_ps(*dq.rows.add(r));
+                let (base0, base1) = match dq.bias {
+                    Some(bias) => (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))),
+                    None => (_mm512_maskz_loadu_ps(m0, c.add(r * ldc)), _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16))),
+                };
+                acc[2 * r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(acc[2 * r])), _mm512_mul_ps(s0, scale), base0);
+                acc[2 * r + 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(acc[2 * r + 1])), _mm512_mul_ps(s1, scale), base1);
+            }
         }
         for r in 0..R {
             let residual = step.residual.map(|(rp, ldr)| rp.add(r * ldr));
@@ -871,7 +980,7 @@ pub(crate) mod avx2 {
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * super::NR));
-            k_loop_rows!(("ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, ap, lda, bp, rounds; [
+            k_loop_rows!((fma "ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, ap, lda, bp, rounds; [
                 ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
                 ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
                 [1 2 3 4 5 6]);

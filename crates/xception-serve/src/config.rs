@@ -151,7 +151,7 @@ impl ModelEntry {
         o.threads = self.threads;
         o.precision = match self.precision.as_deref() {
             None => Precision::F32,
-            Some(p) => Precision::parse(p).ok_or_else(|| Error::Config(format!("precision '{p}': f32, bf16 or bf16x3")))?,
+            Some(p) => Precision::parse(p).ok_or_else(|| Error::Config(format!("precision '{p}': f32, bf16, bf16x3 or int8")))?,
         };
         o.pooling = None::<Pooling>;
         Ok(o)
@@ -182,7 +182,7 @@ impl ServeConfig {
                 return Err(Error::Config(format!("{what}: max_batch and queue must be at least 1")));
             }
             if let Some(p) = m.precision.as_deref().filter(|p| Precision::parse(p).is_none()) {
-                return Err(Error::Config(format!("{what}: precision '{p}': f32, bf16 or bf16x3")));
+                return Err(Error::Config(format!("{what}: precision '{p}': f32, bf16, bf16x3 or int8")));
             }
             if let Some(name) = &m.name {
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
@@ -259,7 +259,7 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("two models are named 'x'"));
         m.precision = Some("fp16".into());
         c.models = vec![m.clone()];
-        assert!(c.validate().unwrap_err().to_string().contains("x: precision 'fp16': f32, bf16 or bf16x3"));
+        assert!(c.validate().unwrap_err().to_string().contains("x: precision 'fp16': f32, bf16, bf16x3 or int8"));
         m.precision = None;
         m.queue = 0;
         c.models = vec![m];

@@ -4,7 +4,10 @@ use xception::{Engine, ModelConfig, Network, Precision};
 
 #[test]
 fn a_batch_gives_each_image_exactly_what_it_gets_alone() {
-    let precisions = if xception::engine::bf16_available() { vec![Precision::F32, Precision::Bf16, Precision::Bf16x3] } else { vec![Precision::F32] };
+    let mut precisions = if xception::engine::bf16_available() { vec![Precision::F32, Precision::Bf16, Precision::Bf16x3] } else { vec![Precision::F32] };
+    if xception::engine::int8_available() {
+        precisions.push(Precision::Int8);
+    }
     for (model, precision) in ["xception", "xception41"].into_iter().flat_map(|m| precisions.iter().map(move |&p| (m, p))) {
         let net = Network::build(&ModelConfig::from_name(model).unwrap()).unwrap();
         let weights = xception::weights::deterministic(&net);
@@ -39,13 +42,18 @@ fn every_thread_count_gives_the_same_bits() {
     let weights = xception::weights::deterministic(&net);
     let (h, w) = (131, 131);
     let input: Vec<f32> = (0..h * w * 3).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
-    let one = Engine::new(&net, &weights, 1).unwrap().forward(&input, 1, h, w).unwrap();
-    for threads in [2, 3, 4] {
-        let many = Engine::new(&net, &weights, threads).unwrap().forward(&input, 1, h, w).unwrap();
-        assert_eq!(one.features.data, many.features.data, "features at {threads} threads");
-        assert_eq!(one.logits, many.logits, "logits at {threads} threads");
-        for (t, (a, b)) in one.taps.iter().zip(&many.taps).enumerate() {
-            assert_eq!(a.data, b.data, "tap {t} at {threads} threads");
+    // int8 too: each row's scale is its own, whatever rows a task gets.
+    let precisions = if xception::engine::int8_available() { vec![Precision::F32, Precision::Int8] } else { vec![Precision::F32] };
+    for precision in precisions {
+        let one = Engine::with_precision(&net, &weights, 1, precision).unwrap().forward(&input, 1, h, w).unwrap();
+        for threads in [2, 3, 4] {
+            let many = Engine::with_precision(&net, &weights, threads, precision).unwrap().forward(&input, 1, h, w).unwrap();
+            let what = format!("{} at {threads} threads", precision.name());
+            assert_eq!(one.features.data, many.features.data, "features, {what}");
+            assert_eq!(one.logits, many.logits, "logits, {what}");
+            for (t, (a, b)) in one.taps.iter().zip(&many.taps).enumerate() {
+                assert_eq!(a.data, b.data, "tap {t}, {what}");
+            }
         }
     }
 }

@@ -43,6 +43,11 @@ fn argmax<T: PartialOrd + Copy>(v: &[T]) -> usize {
 const BF16X3_LOGITS: f64 = 1e-4;
 const BF16X3_POOLED: f32 = 1e-4;
 const BF16X3_FEATURES: f32 = 1e-4;
+/// The int8 engine's bounds on the real model (as above): measured 2.4e-2, 4.6e-2 and 3.5e-2
+/// (2026-12-07), two to five times bf16's.
+const INT8_LOGITS: f64 = 0.05;
+const INT8_POOLED: f32 = 0.08;
+const INT8_FEATURES: f32 = 0.06;
 
 #[test]
 fn kitchenware_model_matches_keras() {
@@ -139,19 +144,22 @@ fn imagenet_backbone_matches_keras_at_odd_and_even_sizes() {
     }
 }
 
-/// The opt-in bf16 engines on the real model and photos: every photo gets Keras' class, and the
+/// The opt-in engines on the real model and photos: every photo gets Keras' class, and the
 /// logits and the ImageNet backbone's features stay within what the operands allow: bf16
-/// (`--precision bf16`, 8 significant bits, fp32 sums) and bf16x3 (`--precision bf16x3`, each
-/// operand as two bf16 values, 16 bits).
+/// (`--precision bf16`, 8 significant bits, fp32 sums), bf16x3 (`--precision bf16x3`, each
+/// operand as two bf16 values, 16 bits) and int8 (`--precision int8`, the 1x1 convs' operands
+/// in 8 bits, each weight column and activation row on its own scale).
 #[test]
-fn bf16_engines_agree_with_keras() {
-    if !xception::engine::bf16_available() {
-        eprintln!("skipped: this machine has no AMX bf16 (the f32 engine is tested above)");
-        return;
-    }
+fn reduced_precision_engines_agree_with_keras() {
+    use xception::Precision::{Bf16, Bf16x3, Int8};
     // (precision, logits' largest difference as a fraction of their scale, pooled, features).
-    for (precision, logits_bound, pooled_bound, feat_bound) in [(xception::Precision::Bf16, 0.03, 2e-2, 3e-2), (xception::Precision::Bf16x3, BF16X3_LOGITS, BF16X3_POOLED, BF16X3_FEATURES)] {
+    for (precision, logits_bound, pooled_bound, feat_bound) in [(Bf16, 0.03, 2e-2, 3e-2), (Bf16x3, BF16X3_LOGITS, BF16X3_POOLED, BF16X3_FEATURES), (Int8, INT8_LOGITS, INT8_POOLED, INT8_FEATURES)] {
         let name = precision.name();
+        let available = if precision == Int8 { xception::engine::int8_available() } else { xception::engine::bf16_available() };
+        if !available {
+            eprintln!("skipped: this machine cannot run the {name} engine (the f32 engine is tested above)");
+            continue;
+        }
         let kw = kitchenware();
         let fixture: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/keras/kitchenware.json")).unwrap()).unwrap();

@@ -1,0 +1,290 @@
+//! The opt-in int8 product (`Precision::Int8`): the 1x1 convs multiply 8-bit activations by 8-bit
+//! weights with exact 32-bit integer sums (AVX-512 VNNI: VPDPBUSD, four byte products per lane,
+//! four times the fp32 FMA rate of a core), then scale the sums back to fp32.
+//!
+//! Quantization is symmetric and per vector, so no calibration data is needed:
+//! - each weight column (an output channel) gets the scale max|w| / 127 at load and its weights
+//!   round to [-127, 127];
+//! - each row of activations (a pixel's channels) gets the scale max|a| / 127 as it is
+//!   multiplied and its values round to [-127, 127], stored + 128 as unsigned bytes (VPDPBUSD
+//!   multiplies unsigned by signed bytes). The 128 is taken back out of the sums by starting them
+//!   from -128 x the column's sum of weights (`Scales::corr`).
+//!
+//! So an output is sum_k qa qw x sa x sw + bias: each operand carries a rounding error of at most
+//! half a step of its vector's largest value. Rounding is to nearest, ties to even.
+//!
+//! The weights are packed as the fp32 panels are (32 columns, one row per step), a step being
+//! four k: each 32-bit value of a panel row holds its column's four weights' bytes, so the
+//! fp32 micro-kernel's loop runs unchanged with VPDPBUSD in place of the FMA (`packed`).
+
+use crate::packed::{Epilogue, PackedB, SharedOut, MR, NR};
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::ops::Range;
+
+/// k is padded to a multiple of this (zero weights): whole rounds of four steps of four k.
+const K_ALIGN: usize = 16;
+
+/// Whether int8 products run here: the AVX-512 kernels (not disabled by
+/// XCEPTION_ENGINE_NO_AVX512) and AVX-512 VNNI.
+pub fn available() -> bool {
+    crate::packed::has_avx512() && is_x86_feature_detected!("avx512vnni")
+}
+
+/// A packed int8 weight matrix's column scales and sum corrections.
+#[derive(Clone, Debug)]
+pub struct Scales {
+    /// Steps of each panel: k rounded up to K_ALIGN, over four.
+    pub groups: usize,
+    /// Each column's scale (padded with zeros to whole panels).
+    pub col: Vec<f32>,
+    /// Each column's -128 x (sum of its int8 weights), as i32 bits (the sums' start).
+    pub corr: Vec<f32>,
+}
+
+/// `v` rounded to the nearest of [-127, 127] after multiplying by `inv` (ties to even).
+#[inline(always)]
+fn quantize(v: f32, inv: f32) -> i32 {
+    (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32
+}
+
+/// The scale of a vector whose largest magnitude is `max` (NaN if a value is NaN: the sums
+/// then carry it), and its inverse (zero for an all-zero or non-finite vector).
+#[inline(always)]
+fn scale_of(max: f32) -> (f32, f32) {
+    let scale = max / 127.0;
+    (scale, if max > 0.0 && max.is_finite() { 127.0 / max } else { 0.0 })
+}
+
+/// The (k x n) weights (row-major) as int8 panels (see the module doc) and their scales.
+pub fn pack(weight: &[f32], k: usize, n: usize) -> (Vec<f32>, Scales) {
+    let panels = n.div_ceil(NR);
+    let groups = k.next_multiple_of(K_ALIGN) / 4;
+    let mut data = vec![0f32; panels * groups * NR];
+    let mut col = vec![0f32; panels * NR];
+    let mut corr = vec![0f32; panels * NR];
+    for j in 0..n {
+        // NaN magnitudes win, so a NaN weight makes its column NaN (as in fp32).
+        let max = (0..k).map(|r| weight[r * n + j].abs()).fold(0f32, |m, v| if v > m || v.is_nan() { v } else { m });
+        let (scale, inv) = scale_of(max);
+        col[j] = scale;
+        let (p, c) = (j / NR, j % NR);
+        let mut sum = 0i32;
+        for g in 0..groups {
+            let mut bytes = [0u8; 4];
+            for (i, byte) in bytes.iter_mut().enumerate() {
+                let r = 4 * g + i;
+                if r < k {
+                    let q = quantize(weight[r * n + j], inv);
+                    sum += q;
+                    *byte = q as i8 as u8;
+                }
+            }
+            data[(p * groups + g) * NR + c] = f32::from_bits(u32::from_le_bytes(bytes));
+        }
+        corr[j] = f32::from_bits((-128 * sum) as u32);
+    }
+    (data, Scales { groups, col, corr })
+}
+
+/// Row stride (bytes) of A in int8: k padded to whole rounds of steps.
+pub fn lhs_stride(k: usize) -> usize {
+    k.next_multiple_of(K_ALIGN)
+}
+
+/// Rows `rows` of A (fp32, row stride `lda`, k columns) as unsigned bytes into `dst` (row stride
+/// `ld8`, indexed from row 0; the padding past k is 128, a zero) and their scales into
+/// `scales` (indexed from row 0).
+pub fn quantize_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
+    assert!(ld8 >= k && dst.len() >= rows.end * ld8 && scales.len() >= rows.end, "int8: quantized rows out of bounds");
+    for r in rows {
+        let src = &a[r * lda..][..k];
+        let row = &mut dst[r * ld8..][..ld8];
+        // SAFETY: `available()` (AVX-512F) is checked before any int8 matrix is packed.
+        scales[r] = unsafe { quantize_row(src, &mut row[..k]) };
+        row[k..].fill(128);
+    }
+}
+
+/// One row: its largest magnitude, then each value over its scale, rounded, + 128. Returns the
+/// scale.
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
+    let k = src.len();
+    let whole = k / 16 * 16;
+    // Largest magnitude; a NaN makes it NaN (vmaxps keeps its second operand's NaN, so the
+    // running max goes second and NaNs are flagged apart).
+    let mut max = _mm512_setzero_ps();
+    let mut nan: __mmask16 = 0;
+    for i in (0..whole).step_by(16) {
+        let v = _mm512_abs_ps(_mm512_loadu_ps(src.as_ptr().add(i)));
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        max = _mm512_max_ps(v, max);
+    }
+    let mut m = _mm512_reduce_max_ps(max);
+    for &v in &src[whole..] {
+        if v.is_nan() {
+            nan = 1;
+        } else if v.abs() > m {
+            m = v.abs();
+        }
+    }
+    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { m });
+    let vinv = _mm512_set1_ps(inv);
+    let (lo, hi, zp) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
+    for i in (0..whole).step_by(16) {
+        // Rounded to nearest even by the conversion (MXCSR's default); NaN converts to
+        // i32::MIN, clamped to -127 (the scale is NaN then anyway).
+        let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(i)), vinv));
+        let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
+        _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(q));
+    }
+    for i in whole..k {
+        dst[i] = (quantize(src[i], inv) + 128) as u8;
+    }
+    scale
+}
+
+thread_local! {
+    /// A quantized for one `gemm_rows_f32` call on this thread (u32 for 4-byte alignment), and
+    /// its rows' scales.
+    static LHS: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `packed::gemm_rows` for int8 weights: quantizes A's rows into this thread's buffer, then
+/// `gemm_rows`.
+///
+/// # Safety
+/// As `packed::gemm_rows`; `available()` must be true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
+    LHS.with_borrow_mut(|(buf, scales)| {
+        let ld8 = lhs_stride(b.k);
+        buf.resize(buf.len().max(m * ld8 / 4), 0);
+        scales.resize(scales.len().max(m), 0.0);
+        let bytes = std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), m * ld8);
+        quantize_rows(a, lda, b.k, 0..m, bytes, ld8, scales);
+        gemm_rows(m, &buf[..m * ld8 / 4], ld8, &scales[..m], b, panels, out, ldc, epi)
+    })
+}
+
+/// out[rows m, panels] = the dequantized product of A (m rows of `ld8` bytes from
+/// `quantize_rows`, as u32 values; its rows' `scales`) and b + bias, then the epilogue.
+///
+/// # Safety
+/// As `packed::gemm_rows`; `available()` must be true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows(m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    if m == 0 || panels.is_empty() {
+        return;
+    }
+    assert!(b.int8().is_some(), "int8 gemm: weights not int8");
+    assert!(ld8 == lhs_stride(b.k) && a.len() * 4 >= m * ld8 && scales.len() >= m, "int8 gemm: lhs shape");
+    assert!(out.values() >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");
+    if let Some((r, ldr)) = epi.residual {
+        assert!(r.len() >= (m - 1) * ldr + b.n.min(panels.end * NR), "gemm: residual too short");
+    }
+    let a = std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len());
+    crate::packed::tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| crate::packed::avx512::tile(t));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packed::{gemm_rows, Precision};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 12) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// Scales and rounding, on values picked so each case is known by hand.
+    #[test]
+    fn quantization_is_symmetric_per_vector_and_rounds_to_nearest_even() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI here");
+            return;
+        }
+        // Scale 2/127: -2 -> -127, 1 -> 63.5 -> 64 (even), 0.5 -> 31.75 -> 32; + 128.
+        let row = [1.0, -2.0, 0.5, 0.0];
+        let mut q = [0u8; 16];
+        let mut s = [0f32];
+        quantize_rows(&row, 4, 4, 0..1, &mut q, 16, &mut s);
+        assert_eq!(s[0], 2.0 / 127.0);
+        assert_eq!(&q[..4], &[192, 1, 160, 128]);
+        assert!(q[4..].iter().all(|&v| v == 128), "padding is zero");
+        // Long rows go through the vector loop: every value within half a step of its own.
+        let row: Vec<f32> = values(100, 3).iter().map(|v| v * 37.0).collect();
+        let mut q = vec![0u8; 112];
+        quantize_rows(&row, 100, 100, 0..1, &mut q, 112, &mut s);
+        for (v, q) in row.iter().zip(&q) {
+            let back = (*q as f32 - 128.0) * s[0];
+            assert!((back - v).abs() <= s[0] / 2.0 * 1.0001, "{v} -> {q} -> {back}");
+        }
+        // An all-zero row has scale 0 and zero bytes; a NaN makes the scale NaN.
+        quantize_rows(&[0.0; 20], 20, 20, 0..1, &mut q, 32, &mut s);
+        assert_eq!((s[0], q[0], q[19]), (0.0, 128, 128));
+        let mut row = vec![1.0f32; 40];
+        row[33] = f32::NAN;
+        quantize_rows(&row, 40, 40, 0..1, &mut q, 48, &mut s);
+        assert!(s[0].is_nan());
+    }
+
+    /// The int8 product against the same product in f64 of the dequantized operands (what
+    /// int8 computes exactly, in integers): only the fp32 epilogue's rounding is left. Ragged
+    /// rows, columns and k, residual, ReLU and accumulation.
+    #[test]
+    fn int8_product_is_the_exact_product_of_the_quantized_operands() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI here");
+            return;
+        }
+        for &(m, k, n, residual, relu, accumulate) in &[(1, 5, 3, false, false, false), (13, 70, 40, true, true, false), (29, 128, 64, false, true, true), (40, 728, 96, true, false, false), (7, 2048, 33, false, false, false)] {
+            let a: Vec<f32> = values(m * k, 1).iter().enumerate().map(|(i, v)| v * (1.0 + (i / k) as f32)).collect();
+            let w: Vec<f32> = values(k * n, 2).iter().enumerate().map(|(i, v)| v * (0.5 + (i % n) as f32 / 8.0)).collect();
+            let bias = values(n, 3);
+            let res = values(m * n, 4);
+            let start = values(m * n, 5);
+            let b = PackedB::with_precision(&w, &bias, k, n, Precision::Int8);
+            let mut out = if accumulate { start.clone() } else { vec![0f32; m * n] };
+            let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate, ..Epilogue::PLAIN };
+            unsafe { gemm_rows(m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
+            // The dequantized operands, from this module's own scales (checked above).
+            let ld8 = lhs_stride(k);
+            let (mut qa, mut sa) = (vec![0u8; m * ld8], vec![0f32; m]);
+            quantize_rows(&a, k, k, 0..m, &mut qa, ld8, &mut sa);
+            let sw = &b.int8().unwrap().col;
+            for r in 0..m {
+                for j in 0..n {
+                    let (inv, mut sum, mut mag) = (scale_of((0..k).map(|i| w[i * n + j].abs()).fold(0.0, f32::max)).1, 0f64, 0f64);
+                    for i in 0..k {
+                        let x = (qa[r * ld8 + i] as f64 - 128.0) * sa[r] as f64;
+                        let y = quantize(w[i * n + j], inv) as f64 * sw[j] as f64;
+                        sum += x * y;
+                        mag += (x * y).abs();
+                    }
+                    let mut want = sum + if accumulate { start[r * n + j] as f64 } else { bias[j] as f64 };
+                    if residual {
+                        want += res[r * n + j] as f64;
+                    }
+                    if relu {
+                        want = want.max(0.0);
+                    }
+                    let tol = 1e-6 * (mag + want.abs() + 1.0);
+                    assert!((out[r * n + j] as f64 - want).abs() <= tol, "{m}x{k}x{n}: out[{r}][{j}] {} want {want}", out[r * n + j]);
+                }
+            }
+            // And int8 is near the fp32 product: each operand within half a step of its vector's
+            // largest value.
+            let mut f = if accumulate { start.clone() } else { vec![0f32; m * n] };
+            let bf = PackedB::new(&w, &bias, k, n);
+            unsafe { gemm_rows(m, &a, k, &bf, 0..bf.panels(), SharedOut::new(&mut f), n, epi) };
+            let scale = f.iter().fold(0f32, |s, v| s.max(v.abs()));
+            let err = out.iter().zip(&f).fold(0f32, |e, (x, y)| e.max((x - y).abs()));
+            assert!(err <= 0.05 * scale, "{m}x{k}x{n}: int8 off fp32 by {err} of {scale}");
+        }
+    }
+}
