@@ -110,37 +110,43 @@ pub fn quantize_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &
 /// scale.
 #[target_feature(enable = "avx512f")]
 unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
-    let k = src.len();
-    let whole = k / 16 * 16;
-    // Largest magnitude; a NaN makes it NaN (vmaxps keeps its second operand's NaN, so the
-    // running max goes second and NaNs are flagged apart).
-    let mut max = _mm512_setzero_ps();
+    let (k, p) = (src.len(), src.as_ptr());
+    let (whole, tail) = (k / 64 * 64, crate::packed::lane_mask(k % 16));
+    // Largest magnitude, four running maxima (so the loop is not one chain of max latencies);
+    // masked lanes load zeros. A NaN makes it NaN (vmaxps would drop it: NaNs are flagged apart).
+    let (mut m0, mut m1, mut m2, mut m3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
     let mut nan: __mmask16 = 0;
-    for i in (0..whole).step_by(16) {
-        let v = _mm512_abs_ps(_mm512_loadu_ps(src.as_ptr().add(i)));
+    let mut look = |v: __m512, m: &mut __m512| {
+        let v = _mm512_abs_ps(v);
         nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        max = _mm512_max_ps(v, max);
+        *m = _mm512_max_ps(v, *m);
+    };
+    for i in (0..whole).step_by(64) {
+        look(_mm512_loadu_ps(p.add(i)), &mut m0);
+        look(_mm512_loadu_ps(p.add(i + 16)), &mut m1);
+        look(_mm512_loadu_ps(p.add(i + 32)), &mut m2);
+        look(_mm512_loadu_ps(p.add(i + 48)), &mut m3);
     }
-    let mut m = _mm512_reduce_max_ps(max);
-    for &v in &src[whole..] {
-        if v.is_nan() {
-            nan = 1;
-        } else if v.abs() > m {
-            m = v.abs();
-        }
+    for i in (whole..k).step_by(16) {
+        let m = if i + 16 <= k { 0xffff } else { tail };
+        look(_mm512_maskz_loadu_ps(m, p.add(i)), &mut m0);
     }
-    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { m });
+    let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max });
     let vinv = _mm512_set1_ps(inv);
     let (lo, hi, zp) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
-    for i in (0..whole).step_by(16) {
-        // Rounded to nearest even by the conversion (MXCSR's default); NaN converts to
-        // i32::MIN, clamped to -127 (the scale is NaN then anyway).
-        let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(i)), vinv));
-        let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), zp);
-        _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(q));
+    // Rounded to nearest even by the conversion (MXCSR's default); NaN converts to i32::MIN,
+    // clamped to -127 (the scale is NaN then anyway).
+    let bytes = |v: __m512| _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), lo), hi), zp));
+    let d = dst.as_mut_ptr();
+    let full = k / 16 * 16;
+    for i in (0..full).step_by(16) {
+        _mm_storeu_si128(d.add(i).cast(), bytes(_mm512_loadu_ps(p.add(i))));
     }
-    for i in whole..k {
-        dst[i] = (quantize(src[i], inv) + 128) as u8;
+    if full < k {
+        let mut last = [0u8; 16];
+        _mm_storeu_si128(last.as_mut_ptr().cast(), bytes(_mm512_maskz_loadu_ps(tail, p.add(full))));
+        dst[full..].copy_from_slice(&last[..k - full]);
     }
     scale
 }
