@@ -8,7 +8,7 @@ peers.py times every contender once per round; this spends the whole budget on t
 fp32 bar is about, which is what it takes to read a 5-10% difference on this VM.
 
 Usage: bench/paired.py [--models xception,xception65] [--alternations 6] [--passes 20] [--threads 2]
-                       [--precision f32|bf16x3|bf16]
+                       [--precision f32|bf16x3|bf16|int8]
 Needs the built `xception` binary and the Python tools of peers.py (torch, timm, onnxruntime).
 For the AVX2 comparison run it as `XCEPTION_ENGINE_NO_AVX512=1 LD_PRELOAD=<libcpuid_avx2.so>
 python bench/paired.py` (see bench/cpuid_avx2.c; peers.py --isa avx2 builds the library).
@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--alternations", type=int, default=6)
     ap.add_argument("--passes", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="f32", help="our engine's: f32, bf16x3 or bf16 (ONNX Runtime runs fp32)")
+    ap.add_argument("--precision", default="f32", help="our engine's: f32, bf16x3, bf16 or int8 (ONNX Runtime runs fp32)")
     args = ap.parse_args()
 
     import timm

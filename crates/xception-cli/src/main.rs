@@ -542,7 +542,8 @@ fn kernels_name(args: &BenchArgs) -> &'static str {
     match (args.train, args.backend.as_str(), args.precision.as_str()) {
         (false, "engine", "bf16") => "amx-bf16",
         (false, "engine", "bf16x3") => "amx-bf16x3",
-        (false, "engine", "int8") => "avx512-vnni-int8",
+        (false, "engine", "int8") if xception::engine::simd_kernels() == "avx512" => "avx512-vnni-int8",
+        (false, "engine", "int8") => "avx-vnni-int8",
         (false, "engine", _) => xception::engine::simd_kernels(),
         _ => "burn",
     }

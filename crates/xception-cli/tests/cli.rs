@@ -234,11 +234,25 @@ fn reduced_precisions_run_or_are_refused_clearly() {
             assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
             assert!(stderr(&out).contains(needs) && stderr(&out).contains(precision), "{}", stderr(&out));
         }
-        // Without AVX-512 (forced off here) neither runs: refused, for the kernels alone too.
+        // Without AVX-512 (forced off here) bf16 does not run, nor int8 without AVX-VNNI (on the
+        // AVX2 kernels): refused, for the kernels alone too.
+        #[cfg(target_arch = "x86_64")]
+        let avx_vnni = precision == "int8" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx_vnni = false;
         for args in [vec!["classify", "--weights", s(&timm), "--size", "96", "--precision", precision, s(&chelsea)], vec!["bench", "--ops", "--runs", "1", "--precision", precision]] {
             let out = bin().args(&args).env("XCEPTION_ENGINE_NO_AVX512", "1").output().unwrap();
-            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
-            assert!(stderr(&out).contains(needs) && !stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+            if avx_vnni {
+                assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+            } else {
+                assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+                assert!(stderr(&out).contains(needs) && !stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+            }
+        }
+        if avx_vnni {
+            let bench = bin().args(["bench", "--model", "xception41", "--input-size", "96", "--runs", "1", "--precision", precision, "--json"]).env("XCEPTION_ENGINE_NO_AVX512", "1").output().unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+            assert_eq!(json["kernels"], "avx-vnni-int8");
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

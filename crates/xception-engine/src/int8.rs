@@ -1,6 +1,7 @@
 //! The opt-in int8 product (`Precision::Int8`): the 1x1 convs multiply 8-bit activations by 8-bit
-//! weights with exact 32-bit integer sums (AVX-512 VNNI: VPDPBUSD, four byte products per lane,
-//! four times the fp32 FMA rate of a core), then scale the sums back to fp32.
+//! weights with exact 32-bit integer sums (VPDPBUSD, four byte products per 32-bit lane: with
+//! AVX-512 VNNI on zmm registers, four times the fp32 FMA rate of a core; with AVX-VNNI on ymm,
+//! in the AVX2 kernels, for CPUs without AVX-512), then scale the sums back to fp32.
 //!
 //! Quantization is symmetric and per vector, so no calibration data is needed:
 //! - each weight column (an output channel) gets the scale max|w| / 127 at load and its weights
@@ -17,7 +18,7 @@
 //! four k: each 32-bit value of a panel row holds its column's four weights' bytes, so the
 //! fp32 micro-kernel's loop runs unchanged with VPDPBUSD in place of the FMA (`packed`).
 
-use crate::packed::{Epilogue, PackedB, SharedOut, MR, NR};
+use crate::packed::{Epilogue, Kernel, PackedB, SharedOut, MR, NR};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -25,10 +26,14 @@ use std::ops::Range;
 /// k is padded to a multiple of this (zero weights): whole rounds of four steps of four k.
 const K_ALIGN: usize = 16;
 
-/// Whether int8 products run here: the AVX-512 kernels (not disabled by
-/// XCEPTION_ENGINE_NO_AVX512) and AVX-512 VNNI.
+/// Whether int8 products run here: the AVX-512 kernels with AVX-512 VNNI, or the AVX2 kernels
+/// (no AVX-512, or XCEPTION_ENGINE_NO_AVX512 set) with AVX-VNNI.
 pub fn available() -> bool {
-    crate::packed::has_avx512() && is_x86_feature_detected!("avx512vnni")
+    match crate::packed::kernel() {
+        Kernel::Avx512 => is_x86_feature_detected!("avx512vnni"),
+        Kernel::Avx2 => is_x86_feature_detected!("avxvnni"),
+        Kernel::Portable => false,
+    }
 }
 
 /// A packed int8 weight matrix's column scales and sum corrections.
@@ -96,12 +101,26 @@ pub fn lhs_stride(k: usize) -> usize {
 /// `ld8`, indexed from row 0; the padding past k is 128, a zero) and their scales into
 /// `scales` (indexed from row 0).
 pub fn quantize_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
+    quantize_rows_on(crate::packed::kernel(), a, lda, k, rows, dst, ld8, scales)
+}
+
+/// `quantize_rows` with the given kernels' instructions (AVX-512 or AVX2).
+#[allow(clippy::too_many_arguments)]
+fn quantize_rows_on(kernel: Kernel, a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
+    assert!(kernel != Kernel::Portable, "int8 needs the AVX-512 or AVX2 kernels");
     assert!(ld8 >= k && dst.len() >= rows.end * ld8 && scales.len() >= rows.end, "int8: quantized rows out of bounds");
     for r in rows {
         let src = &a[r * lda..][..k];
         let row = &mut dst[r * ld8..][..ld8];
-        // SAFETY: `available()` (AVX-512F) is checked before any int8 matrix is packed.
-        scales[r] = unsafe { quantize_row(src, &mut row[..k]) };
+        // SAFETY: `available()` (the AVX-512 or AVX2 kernels) is checked before any int8 matrix
+        // is multiplied.
+        scales[r] = unsafe {
+            if kernel == Kernel::Avx512 {
+                quantize_row(src, &mut row[..k])
+            } else {
+                quantize_row_avx2(src, &mut row[..k])
+            }
+        };
         row[k..].fill(128);
     }
 }
@@ -151,19 +170,65 @@ unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
     scale
 }
 
+/// `quantize_row` with AVX2: the same values (the conversion rounds as `quantize` does).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
+    let (k, p) = (src.len(), src.as_ptr());
+    let full = k / 8 * 8;
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let (mut m0, mut m1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut nan = 0;
+    for (j, i) in (0..full).step_by(8).enumerate() {
+        let v = _mm256_and_ps(_mm256_loadu_ps(p.add(i)), magnitude);
+        nan |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        if j % 2 == 0 {
+            m0 = _mm256_max_ps(v, m0);
+        } else {
+            m1 = _mm256_max_ps(v, m1);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(m0, m1));
+    let mut max = lanes.iter().fold(0f32, |m, &v| m.max(v));
+    for &v in &src[full..] {
+        if v.is_nan() {
+            nan = 1;
+        } else {
+            max = max.max(v.abs());
+        }
+    }
+    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max });
+    let vinv = _mm256_set1_ps(inv);
+    let (lo, hi, zp) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127), _mm256_set1_epi32(128));
+    // Each 32-bit lane's low byte, gathered into the first four bytes of each 128-bit half, then
+    // the two halves' words side by side.
+    let low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    let pair = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+    for i in (0..full).step_by(8) {
+        let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
+        let q = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), zp);
+        let b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(q, low_bytes), pair);
+        _mm_storel_epi64(dst.as_mut_ptr().add(i).cast(), _mm256_castsi256_si128(b));
+    }
+    for i in full..k {
+        dst[i] = (quantize(src[i], inv) + 128) as u8;
+    }
+    scale
+}
+
 thread_local! {
     /// A quantized for one `gemm_rows_f32` call on this thread (u32 for 4-byte alignment), and
     /// its rows' scales.
     static LHS: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `packed::gemm_rows` for int8 weights: quantizes A's rows into this thread's buffer, then
-/// `gemm_rows`.
+/// `packed::gemm_rows` for int8 weights on `kernel`'s instructions: quantizes A's rows into this
+/// thread's buffer, then `gemm_rows`.
 ///
 /// # Safety
 /// As `packed::gemm_rows`; `available()` must be true.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+pub(crate) unsafe fn gemm_rows_f32(kernel: Kernel, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
     }
@@ -173,8 +238,8 @@ pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, panels
         buf.resize(buf.len().max(m * ld8 / 4), 0);
         scales.resize(scales.len().max(m), 0.0);
         let bytes = std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), m * ld8);
-        quantize_rows(a, lda, b.k, 0..m, bytes, ld8, scales);
-        gemm_rows(m, &buf[..m * ld8 / 4], ld8, &scales[..m], b, panels, out, ldc, epi)
+        quantize_rows_on(kernel, a, lda, b.k, 0..m, bytes, ld8, scales);
+        gemm_rows_on(kernel, m, &buf[..m * ld8 / 4], ld8, &scales[..m], b, panels, out, ldc, epi)
     })
 }
 
@@ -194,60 +259,94 @@ pub unsafe fn gemm_rows(m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &Pac
     if let Some((r, ldr)) = epi.residual {
         assert!(r.len() >= (m - 1) * ldr + b.n.min(panels.end * NR), "gemm: residual too short");
     }
+    gemm_rows_on(crate::packed::kernel(), m, a, ld8, scales, b, panels, out, ldc, epi)
+}
+
+/// `gemm_rows` with the given micro-kernel (AVX-512 or AVX2).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     let a = std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len());
-    crate::packed::tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| crate::packed::avx512::tile(t));
+    use crate::packed::{avx2, avx512, tiles};
+    if kernel == Kernel::Avx512 {
+        tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile(t));
+    } else {
+        tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR, avx2::NR), Some(scales), |t| avx2::tile(t));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::{gemm_rows, Precision};
+    use crate::packed::{gemm_rows_on, Precision};
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 12) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
-    /// Scales and rounding, on values picked so each case is known by hand.
+    /// The kernels int8 runs on here: AVX-512 with AVX-512 VNNI, AVX2 with AVX-VNNI.
+    fn kernels() -> Vec<Kernel> {
+        let mut k = Vec::new();
+        if crate::packed::has_avx512() && is_x86_feature_detected!("avx512vnni") {
+            k.push(Kernel::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni") {
+            k.push(Kernel::Avx2);
+        }
+        if k.is_empty() {
+            eprintln!("skipped: no AVX-512 VNNI or AVX-VNNI here");
+        }
+        k
+    }
+
+    /// Scales and rounding, on values picked so each case is known by hand; both kernels'
+    /// instructions give the same bytes.
     #[test]
     fn quantization_is_symmetric_per_vector_and_rounds_to_nearest_even() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI here");
-            return;
+        for kernel in kernels() {
+            let quantize_rows = |a: &[f32], k: usize, dst: &mut [u8], ld8: usize, scales: &mut [f32]| quantize_rows_on(kernel, a, k, k, 0..1, dst, ld8, scales);
+            // Scale 2/127: -2 -> -127, 1 -> 63.5 -> 64 (even), 0.5 -> 31.75 -> 32; + 128.
+            let row = [1.0, -2.0, 0.5, 0.0];
+            let mut q = [0u8; 16];
+            let mut s = [0f32];
+            quantize_rows(&row, 4, &mut q, 16, &mut s);
+            assert_eq!(s[0], 2.0 / 127.0);
+            assert_eq!(&q[..4], &[192, 1, 160, 128], "{kernel:?}");
+            assert!(q[4..].iter().all(|&v| v == 128), "padding is zero");
+            // Long rows go through the vector loops (and a ragged tail): every value within half
+            // a step of its own, rounded as the scalar `quantize`.
+            for len in [100, 728, 37] {
+                let row: Vec<f32> = values(len, 3).iter().map(|v| v * 37.0).collect();
+                let mut q = vec![0u8; lhs_stride(len)];
+                quantize_rows(&row, len, &mut q, lhs_stride(len), &mut s);
+                let inv = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs()))).1;
+                for (v, q) in row.iter().zip(&q) {
+                    assert_eq!(*q as i32 - 128, quantize(*v, inv), "{kernel:?}: {v}");
+                    let back = (*q as f32 - 128.0) * s[0];
+                    assert!((back - v).abs() <= s[0] / 2.0 * 1.0001, "{v} -> {q} -> {back}");
+                }
+            }
+            // An all-zero row has scale 0 and zero bytes; a NaN (in the vector part or the tail)
+            // makes the scale NaN.
+            let mut q = vec![7u8; 32];
+            quantize_rows(&[0.0; 20], 20, &mut q, 32, &mut s);
+            assert_eq!((s[0], q[0], q[19]), (0.0, 128, 128));
+            for at in [3, 38] {
+                let mut row = vec![1.0f32; 39];
+                row[at] = f32::NAN;
+                let mut q = vec![0u8; 48];
+                quantize_rows(&row, 39, &mut q, 48, &mut s);
+                assert!(s[0].is_nan(), "{kernel:?}: NaN at {at}");
+            }
         }
-        // Scale 2/127: -2 -> -127, 1 -> 63.5 -> 64 (even), 0.5 -> 31.75 -> 32; + 128.
-        let row = [1.0, -2.0, 0.5, 0.0];
-        let mut q = [0u8; 16];
-        let mut s = [0f32];
-        quantize_rows(&row, 4, 4, 0..1, &mut q, 16, &mut s);
-        assert_eq!(s[0], 2.0 / 127.0);
-        assert_eq!(&q[..4], &[192, 1, 160, 128]);
-        assert!(q[4..].iter().all(|&v| v == 128), "padding is zero");
-        // Long rows go through the vector loop: every value within half a step of its own.
-        let row: Vec<f32> = values(100, 3).iter().map(|v| v * 37.0).collect();
-        let mut q = vec![0u8; 112];
-        quantize_rows(&row, 100, 100, 0..1, &mut q, 112, &mut s);
-        for (v, q) in row.iter().zip(&q) {
-            let back = (*q as f32 - 128.0) * s[0];
-            assert!((back - v).abs() <= s[0] / 2.0 * 1.0001, "{v} -> {q} -> {back}");
-        }
-        // An all-zero row has scale 0 and zero bytes; a NaN makes the scale NaN.
-        quantize_rows(&[0.0; 20], 20, 20, 0..1, &mut q, 32, &mut s);
-        assert_eq!((s[0], q[0], q[19]), (0.0, 128, 128));
-        let mut row = vec![1.0f32; 40];
-        row[33] = f32::NAN;
-        quantize_rows(&row, 40, 40, 0..1, &mut q, 48, &mut s);
-        assert!(s[0].is_nan());
     }
 
     /// The int8 product against the same product in f64 of the dequantized operands (what
     /// int8 computes exactly, in integers): only the fp32 epilogue's rounding is left. Ragged
-    /// rows, columns and k, residual, ReLU and accumulation.
+    /// rows, columns and k, residual, ReLU and accumulation; the AVX-512 and AVX2 kernels give
+    /// the same bits.
     #[test]
     fn int8_product_is_the_exact_product_of_the_quantized_operands() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI here");
-            return;
-        }
+        let kernels = kernels();
         for &(m, k, n, residual, relu, accumulate) in &[(1, 5, 3, false, false, false), (13, 70, 40, true, true, false), (29, 128, 64, false, true, true), (40, 728, 96, true, false, false), (7, 2048, 33, false, false, false)] {
             let a: Vec<f32> = values(m * k, 1).iter().enumerate().map(|(i, v)| v * (1.0 + (i / k) as f32)).collect();
             let w: Vec<f32> = values(k * n, 2).iter().enumerate().map(|(i, v)| v * (0.5 + (i % n) as f32 / 8.0)).collect();
@@ -255,42 +354,49 @@ mod tests {
             let res = values(m * n, 4);
             let start = values(m * n, 5);
             let b = PackedB::with_precision(&w, &bias, k, n, Precision::Int8);
-            let mut out = if accumulate { start.clone() } else { vec![0f32; m * n] };
             let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate, ..Epilogue::PLAIN };
-            unsafe { gemm_rows(m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
-            // The dequantized operands, from this module's own scales (checked above).
-            let ld8 = lhs_stride(k);
-            let (mut qa, mut sa) = (vec![0u8; m * ld8], vec![0f32; m]);
-            quantize_rows(&a, k, k, 0..m, &mut qa, ld8, &mut sa);
-            let sw = &b.int8().unwrap().col;
-            for r in 0..m {
-                for j in 0..n {
-                    let (inv, mut sum, mut mag) = (scale_of((0..k).map(|i| w[i * n + j].abs()).fold(0.0, f32::max)).1, 0f64, 0f64);
-                    for i in 0..k {
-                        let x = (qa[r * ld8 + i] as f64 - 128.0) * sa[r] as f64;
-                        let y = quantize(w[i * n + j], inv) as f64 * sw[j] as f64;
-                        sum += x * y;
-                        mag += (x * y).abs();
+            let mut first: Option<Vec<f32>> = None;
+            for &kernel in &kernels {
+                let mut out = if accumulate { start.clone() } else { vec![0f32; m * n] };
+                unsafe { gemm_rows_on(kernel, m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
+                // The dequantized operands, from this module's own scales (checked above).
+                let ld8 = lhs_stride(k);
+                let (mut qa, mut sa) = (vec![0u8; m * ld8], vec![0f32; m]);
+                quantize_rows_on(kernel, &a, k, k, 0..m, &mut qa, ld8, &mut sa);
+                let sw = &b.int8().unwrap().col;
+                for r in 0..m {
+                    for j in 0..n {
+                        let (inv, mut sum, mut mag) = (scale_of((0..k).map(|i| w[i * n + j].abs()).fold(0.0, f32::max)).1, 0f64, 0f64);
+                        for i in 0..k {
+                            let x = (qa[r * ld8 + i] as f64 - 128.0) * sa[r] as f64;
+                            let y = quantize(w[i * n + j], inv) as f64 * sw[j] as f64;
+                            sum += x * y;
+                            mag += (x * y).abs();
+                        }
+                        let mut want = sum + if accumulate { start[r * n + j] as f64 } else { bias[j] as f64 };
+                        if residual {
+                            want += res[r * n + j] as f64;
+                        }
+                        if relu {
+                            want = want.max(0.0);
+                        }
+                        let tol = 1e-6 * (mag + want.abs() + 1.0);
+                        assert!((out[r * n + j] as f64 - want).abs() <= tol, "{kernel:?} {m}x{k}x{n}: out[{r}][{j}] {} want {want}", out[r * n + j]);
                     }
-                    let mut want = sum + if accumulate { start[r * n + j] as f64 } else { bias[j] as f64 };
-                    if residual {
-                        want += res[r * n + j] as f64;
-                    }
-                    if relu {
-                        want = want.max(0.0);
-                    }
-                    let tol = 1e-6 * (mag + want.abs() + 1.0);
-                    assert!((out[r * n + j] as f64 - want).abs() <= tol, "{m}x{k}x{n}: out[{r}][{j}] {} want {want}", out[r * n + j]);
+                }
+                // And int8 is near the fp32 product: each operand within half a step of its
+                // vector's largest value.
+                let mut f = if accumulate { start.clone() } else { vec![0f32; m * n] };
+                let bf = PackedB::new(&w, &bias, k, n);
+                unsafe { gemm_rows_on(kernel, m, &a, k, &bf, 0..bf.panels(), SharedOut::new(&mut f), n, epi) };
+                let scale = f.iter().fold(0f32, |s, v| s.max(v.abs()));
+                let err = out.iter().zip(&f).fold(0f32, |e, (x, y)| e.max((x - y).abs()));
+                assert!(err <= 0.05 * scale, "{kernel:?} {m}x{k}x{n}: int8 off fp32 by {err} of {scale}");
+                match &first {
+                    None => first = Some(out),
+                    Some(o) => assert_eq!(o, &out, "{m}x{k}x{n}: AVX2 int8 differs from AVX-512's"),
                 }
             }
-            // And int8 is near the fp32 product: each operand within half a step of its vector's
-            // largest value.
-            let mut f = if accumulate { start.clone() } else { vec![0f32; m * n] };
-            let bf = PackedB::new(&w, &bias, k, n);
-            unsafe { gemm_rows(m, &a, k, &bf, 0..bf.panels(), SharedOut::new(&mut f), n, epi) };
-            let scale = f.iter().fold(0f32, |s, v| s.max(v.abs()));
-            let err = out.iter().zip(&f).fold(0f32, |e, (x, y)| e.max((x - y).abs()));
-            assert!(err <= 0.05 * scale, "{m}x{k}x{n}: int8 off fp32 by {err} of {scale}");
         }
     }
 }

@@ -25,7 +25,7 @@
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
 //! (`amx`); the pool fusion then reaches the second entry-flow block too. `Precision::Bf16x3`
 //! splits both operands into two bf16 pieces each and runs three tile products for one (16
-//! significant bits instead of 8). `Precision::Int8` (opt-in, CPUs with AVX-512 VNNI) runs the
+//! significant bits instead of 8). `Precision::Int8` (opt-in, CPUs with AVX-512 VNNI or AVX-VNNI) runs the
 //! 1x1 convs' products on 8-bit operands with 32-bit integer sums, each weight column and each
 //! activation row with its own scale (`int8`); the dense k x k convs stay fp32.
 
@@ -56,7 +56,7 @@ fn check_precision(precision: Precision) -> Result<()> {
     if precision == Precision::Int8 {
         if !int8_available() {
             return Err(Error::Config(
-                "engine: int8 precision needs AVX-512 VNNI (Intel Xeon 2nd generation 'Cascade Lake' or later, AMD Zen 4 or later), which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32".into(),
+                "engine: int8 precision needs AVX-512 VNNI (Intel Xeon 'Cascade Lake' or later, AMD Zen 4 or later) or AVX-VNNI (Intel 'Alder Lake' or later cores), which this machine does not offer: use f32".into(),
             ));
         }
         return Ok(());
@@ -81,7 +81,8 @@ pub fn simd_kernels() -> &'static str {
     }
 }
 
-/// Whether `Precision::Int8` runs here (AVX-512 VNNI, the AVX-512 kernels not disabled).
+/// Whether `Precision::Int8` runs here (AVX-512 VNNI with the AVX-512 kernels, or AVX-VNNI with
+/// the AVX2 ones).
 pub fn int8_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return int8::available();

@@ -328,13 +328,13 @@ pub unsafe fn gemm_rows(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Ra
 
 /// `gemm_rows` with the given micro-kernel.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+pub(crate) unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if b.int8.is_some() {
-        return crate::int8::gemm_rows_f32(m, a, lda, b, panels, out, ldc, epi);
+        return crate::int8::gemm_rows_f32(kernel, m, a, lda, b, panels, out, ldc, epi);
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(b16) = &b.bf16 {
@@ -662,6 +662,10 @@ macro_rules! mac {
     (dot $acc:tt $b:tt $a:tt) => {
         concat!("vpdpbusd ", $acc, ", ", $a, ", ", $b, "\n")
     };
+    // The same on ymm registers in its VEX form (AVX-VNNI), which CPUs without AVX-512 run.
+    (vdot $acc:tt $b:tt $a:tt) => {
+        concat!("{{vex}} vpdpbusd ", $acc, ", ", $a, ", ", $b, "\n")
+    };
 }
 
 /// `$iters` rounds of four k steps of a micro-kernel on the rows listed, in assembly (the
@@ -902,7 +906,11 @@ pub(crate) mod avx2 {
     /// One tile of 1..=MR rows by half a panel.
     #[inline(always)]
     pub unsafe fn tile(t: Tile) {
-        by_rows!(t, kernel, 1 2 3 4 5 6)
+        if t.step.dequant.is_some() {
+            by_rows!(t, kernel<true>, 1 2 3 4 5 6)
+        } else {
+            by_rows!(t, kernel<false>, 1 2 3 4 5 6)
+        }
     }
 
     /// The first `n` of eight lanes, as VMASKMOV's mask.
@@ -935,7 +943,8 @@ pub(crate) mod avx2 {
     /// loads of B per k step; B's rows are a whole panel (32 values) apart.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
+    /// With INT8 the same loop on bytes, as the AVX-512 kernel's (AVX-VNNI's VPDPBUSD).
+    unsafe fn kernel<const R: usize, const INT8: bool>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
         let (n0, n1) = (cols.min(8), cols.saturating_sub(8));
         let (m0, m1) = (lanes(n0), lanes(n1));
         // As in the AVX-512 kernel: the output (and residual) lines are fetched while k runs.
@@ -977,13 +986,23 @@ pub(crate) mod avx2 {
         // bursts.
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
+        macro_rules! rows_table {
+            ($mac:tt, $ap:ident, $bp:ident, $rounds:ident) => {
+                k_loop_rows!(($mac "ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, $ap, lda, $bp, $rounds; [
+                    ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
+                    ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
+                    [1 2 3 4 5 6])
+            };
+        }
+        debug_assert!(!INT8 || k.is_multiple_of(4), "int8 steps come in fours");
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * super::NR));
-            k_loop_rows!((fma "ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, ap, lda, bp, rounds; [
-                ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
-                ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
-                [1 2 3 4 5 6]);
+            if INT8 {
+                rows_table!(vdot, ap, bp, rounds);
+            } else {
+                rows_table!(fma, ap, bp, rounds);
+            }
             p += 4 * rounds;
         }
         while p < k {
@@ -995,6 +1014,19 @@ pub(crate) mod avx2 {
                 acc[2 * r + 1] = _mm256_fmadd_ps(av, b1, acc[2 * r + 1]);
             }
             p += 1;
+        }
+        if let (true, Some(dq)) = (INT8, step.dequant) {
+            // sum x row scale x column scale + bias (or + the output, accumulating).
+            let (s0, s1) = (_mm256_loadu_ps(dq.cols), _mm256_loadu_ps(dq.cols.add(8)));
+            for r in 0..R {
+                let scale = _mm256_set1_ps(*dq.rows.add(r));
+                let (base0, base1) = match dq.bias {
+                    Some(bias) => (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))),
+                    None => (load(c.add(r * ldc), n0, m0), load(c.add(r * ldc + 8), n1, m1)),
+                };
+                acc[2 * r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(acc[2 * r])), _mm256_mul_ps(s0, scale), base0);
+                acc[2 * r + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(acc[2 * r + 1])), _mm256_mul_ps(s1, scale), base1);
+            }
         }
         for r in 0..R {
             let (mut v0, mut v1) = (acc[2 * r], acc[2 * r + 1]);
