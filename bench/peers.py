@@ -5,8 +5,9 @@ machine, same thread count, fp32, and per-op figures for the depthwise and point
 
 Where our engine runs bf16 (AMX), also our `--precision bf16` and `bf16x3` against PyTorch in bf16
 (channels-last; oneDNN runs its convs on AMX) and Keras' mixed_bfloat16 policy (TensorFlow's
-oneDNN, xception only): fp32 rows are compared with the fastest fp32 peer, bf16 rows with the
-fastest peer of either precision.
+oneDNN, xception only); where it runs int8 (AVX-512 VNNI or AVX-VNNI), our `--precision int8`
+against ONNX Runtime's static int8 quantization of the same model. fp32 rows are compared with the
+fastest fp32 peer, bf16 and int8 rows with the fastest peer of any precision.
 
 Rounds are interleaved: every round times one forward of each contender in turn, so a slow
 patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
@@ -75,9 +76,9 @@ def ours(model, batch, threads, size, precision="f32", runs=1):
     return r["median_ms"] / 1e3
 
 
-def bf16_available():
-    """Whether our engine runs bf16 here (it refuses, exit 1, without AMX)."""
-    probe = [BIN, "bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--precision", "bf16", "--json"]
+def runs_precision(precision):
+    """Whether our engine runs `precision` here (it refuses, exit 1, where the CPU lacks it)."""
+    probe = [BIN, "bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--precision", precision, "--json"]
     return subprocess.run(probe, capture_output=True).returncode == 0
 
 
@@ -117,8 +118,9 @@ def cpu_reports_avx512():
     return bool(np._core._multiarray_umath.__cpu_features__.get("AVX512F"))
 
 
-def is_bf16(name):
-    return "bf16" in name
+def is_reduced(name):
+    """A contender whose products are not fp32 (bf16 or int8)."""
+    return "bf16" in name or "int8" in name
 
 
 def ort_session(module, x, threads, profile_dir=None):
@@ -137,6 +139,41 @@ def ort_session(module, x, threads, profile_dir=None):
             so.enable_profiling = True
             so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def ort_int8_session(module, x, threads, calibration=4):
+    """`module` exported as in `ort_session`, then quantized by ONNX Runtime's own static
+    quantization (QDQ format, per-channel int8 weights, uint8 activations, calibrated on
+    `calibration` random inputs of x's shape: the values do not change the speed), after its
+    recommended pre-processing, and loaded
+    with every graph optimisation, which fuses the QDQ pairs into its int8 kernels (QLinearConv,
+    MLAS, VNNI where the CPU has it)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Inputs(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"x": rng.standard_normal(x.shape).astype(np.float32)} for _ in range(calibration)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, pre, q = (os.path.join(tmp, f) for f in ["m.onnx", "m_pre.onnx", "m_int8.onnx"])
+        torch.onnx.export(module, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+        # ONNX Runtime's recommended pre-processing (shapes, BatchNorm folded into the convs).
+        quant_pre_process(path, pre)
+        quantize_static(pre, q, Inputs(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(q, so, providers=["CPUExecutionProvider"])
 
 
 def main():
@@ -174,9 +211,12 @@ def main():
 
     macs = {}
     rows = []
-    args.bf16 = bf16_available()
+    args.bf16 = runs_precision("bf16")
     if not args.bf16:
-        print("our engine has no bf16 here (no AMX): fp32 only", flush=True)
+        print("our engine has no bf16 here (no AMX)", flush=True)
+    args.int8 = runs_precision("int8")
+    if not args.int8:
+        print("our engine has no int8 here (no AVX-512 VNNI or AVX-VNNI)", flush=True)
     for model_name in args.models.split(","):
         info = json.loads(subprocess.check_output([BIN, "info", "--model", model_name, "--input-size", str(args.size), "--json"], text=True))
         macs[model_name] = info["macs"]
@@ -199,6 +239,9 @@ def main():
             sess = ort_session(m, x, args.threads)
             xn = x.numpy()
             contenders[ort_name(args)] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
+            if args.int8:
+                sess8 = ort_int8_session(m, x, args.threads)
+                contenders[ort_name(args).replace("ONNX Runtime", "ONNX Runtime int8 (static, QDQ)")] = lambda s=sess8, xn=xn: s.run(None, {"x": xn})
             tf_procs = {}
             if model_name == "xception":  # Keras ships only the original Xception
                 policies = {"TensorFlow tf.function": "float32"}
@@ -212,6 +255,8 @@ def main():
                 with torch.inference_mode():
                     f()
             ours_bf16 = {"ours (engine, bf16)": "bf16", "ours (engine, bf16x3)": "bf16x3"} if args.bf16 else {}
+            if args.int8:
+                ours_bf16["ours (engine, int8)"] = "int8"
             times = {k: [] for k in ["ours (engine)", *ours_bf16, *contenders, *tf_procs]}
             for _ in range(args.rounds):
                 times["ours (engine)"].append(ours(model_name, batch, args.threads, args.size))
@@ -253,6 +298,10 @@ def per_op(args):
         ours16 = json.loads(subprocess.check_output([BIN, "bench", "--ops", "--threads", str(args.threads), "--runs", "21",
                                                      "--precision", "bf16", "--json"], text=True))
         rows += [(r["op"], r["flow"], "ours (engine, bf16)", r["ms"] / 1e3, r["gflops"]) for r in ours16]
+    if args.int8:
+        ours8 = json.loads(subprocess.check_output([BIN, "bench", "--ops", "--threads", str(args.threads), "--runs", "21",
+                                                    "--precision", "int8", "--json"], text=True))
+        rows += [(r["op"], r["flow"], "ours (engine, int8)", r["ms"] / 1e3, r["gflops"]) for r in ours8 if r["op"] != "depthwise 3x3"]
 
     def timed(f, runs=21):
         f()
@@ -339,12 +388,12 @@ def write(args, rows, op_rows):
     for model in dict.fromkeys(r[0] for r in rows):
         for batch in dict.fromkeys(r[1] for r in rows if r[0] == model):
             group = [r for r in rows if r[0] == model and r[1] == batch]
-            peers = [r for r in group if not r[2].startswith("ours") and r[2] != ORT_UNHELD]
-            fastest_fp32 = min(r[3] for r in peers if not is_bf16(r[2]))
+            peers = [r for r in group if not r[2].startswith("ours") and "cannot be held" not in r[2]]
+            fastest_fp32 = min(r[3] for r in peers if not is_reduced(r[2]))
             fastest_any = min(r[3] for r in peers)
             for _, _, name, med, gf in group:
-                fastest = fastest_any if is_bf16(name) else fastest_fp32
-                label = "bf16x3" if "bf16x3" in name else "bf16" if is_bf16(name) else "fp32"
+                fastest = fastest_any if is_reduced(name) else fastest_fp32
+                label = "bf16x3" if "bf16x3" in name else "bf16" if "bf16" in name else "int8" if "int8" in name else "fp32"
                 lines.append(f"| {model} | {batch} | {name} | {label} | {med * 1e3:.0f} | "
                              f"{batch / med:.2f} | {gf:.1f} | {100 * gf / peak:.0f}% | {fastest / med:.2f}x |")
     lines.append("")
@@ -354,7 +403,11 @@ def write(args, rows, op_rows):
                  "not comparable to fp32 in accuracy (see the README), and their % of the fp32 peak can pass 100%. "
                  "The bf16x3 row splits each fp32 operand into two bf16 values and runs three tile products "
                  "(16 significant bits: within 3e-5 of Keras on the real model, where bf16 is 1e-2 off; see the README); "
-                 "it too is compared with the fastest peer of either precision.")
+                 "it too is compared with the fastest peer of either precision. "
+                 "int8 rows: ours multiplies the 1x1 convs' operands in 8 bits (each weight column and each activation row "
+                 "scaled on its own as it runs, no calibration; depthwise and stem convs fp32); ONNX Runtime's static "
+                 "quantization (QDQ, per-channel weights, activation scales calibrated beforehand on random inputs, "
+                 "which does not change its speed) runs every conv in int8. Compared with the fastest peer of any precision.")
     lines += ["", "## Per op (batch 1, median of 21)", "",
               "| op | flow | shape (HxWxCin->Cout) | contender | ms | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|"]
     shapes = {f: f"{h}x{w}x{c}->{co}" for f, h, w, c, co in OP_SHAPES}
