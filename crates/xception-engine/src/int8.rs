@@ -26,6 +26,10 @@ use std::ops::Range;
 /// k is padded to a multiple of this (zero weights): whole rounds of four steps of four k.
 const K_ALIGN: usize = 16;
 
+/// The deepest product int8 runs: its 32-bit sums hold k x 255 x 127 (Xception's deepest 1x1
+/// conv has k = 2048). Deeper weight matrices stay fp32 (`PackedB::with_precision`).
+pub const MAX_K: usize = (i32::MAX as usize) / (255 * 128);
+
 /// Whether int8 products run here: the AVX-512 kernels with AVX-512 VNNI, or the AVX2 kernels
 /// (no AVX-512, or XCEPTION_ENGINE_NO_AVX512 set) with AVX-VNNI.
 pub fn available() -> bool {
@@ -63,6 +67,7 @@ fn scale_of(max: f32) -> (f32, f32) {
 
 /// The (k x n) weights (row-major) as int8 panels (see the module doc) and their scales.
 pub fn pack(weight: &[f32], k: usize, n: usize) -> (Vec<f32>, Scales) {
+    assert!(k <= MAX_K, "int8: k {k} would overflow the 32-bit sums");
     let panels = n.div_ceil(NR);
     let groups = k.next_multiple_of(K_ALIGN) / 4;
     let mut data = vec![0f32; panels * groups * NR];

@@ -93,7 +93,8 @@ impl PackedB {
         PackedB::with_precision(weight, bias, k, n, Precision::F32)
     }
 
-    /// In bf16 only the tile layout is kept (callers check `amx::available()` first).
+    /// In bf16 only the tile layout is kept (callers check `amx::available()` first); in int8 the
+    /// int8 panels (callers check `int8::available()`), or fp32 ones past `int8::MAX_K`.
     pub fn with_precision(weight: &[f32], bias: &[f32], k: usize, n: usize, precision: Precision) -> PackedB {
         assert_eq!(weight.len(), k * n, "weight shape");
         assert_eq!(bias.len(), n, "bias shape");
@@ -105,11 +106,11 @@ impl PackedB {
             return PackedB { k, n, steps: 0, data: Vec::new(), int8: None, bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
         }
         #[cfg(target_arch = "x86_64")]
-        if precision == Precision::Int8 {
+        if precision == Precision::Int8 && k <= crate::int8::MAX_K {
             let (data, scales) = crate::int8::pack(weight, k, n);
             return PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded };
         }
-        assert_eq!(precision, Precision::F32, "bf16 and int8 products need x86-64");
+        assert!(precision == Precision::F32 || cfg!(target_arch = "x86_64"), "bf16 and int8 products need x86-64");
         let mut data = vec![0f32; panels * k * NR];
         for p in 0..panels {
             let cols = (n - p * NR).min(NR);
