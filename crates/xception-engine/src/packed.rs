@@ -8,7 +8,8 @@
 //! CPUs each panel goes through the `gemm` crate and the epilogue runs as a second pass over the
 //! tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
-//! product with the same epilogue.
+//! product with the same epilogue. In int8 (`Precision::Int8`) the panels hold bytes, four k to
+//! a 32-bit value, and the same micro-kernels run them with VPDPBUSD (`int8`).
 
 use std::ops::Range;
 
@@ -33,8 +34,9 @@ pub enum Precision {
     Bf16x3,
     /// The 1x1 convs' products in int8 (`int8`): each weight column scaled to [-127, 127] once,
     /// at load, each row of activations as it is multiplied (its own scale, from its largest
-    /// value), exact 32-bit integer sums (AVX-512 VNNI), then scaled back to fp32. The dense k x k
-    /// convs (the stem), depthwise convs, norms, pools and the classifier stay fp32.
+    /// value), exact 32-bit integer sums (VPDPBUSD: AVX-512 VNNI or AVX-VNNI), then scaled back to
+    /// fp32. The dense k x k convs (the stem), depthwise convs, norms, pools and the classifier
+    /// stay fp32.
     Int8,
 }
 
