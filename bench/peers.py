@@ -141,23 +141,26 @@ def ort_session(module, x, threads, profile_dir=None):
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def ort_int8_session(module, x, threads, calibration=4):
+def ort_int8_session(module, x, threads, calibration=4, method="MinMax"):
     """`module` exported as in `ort_session`, then quantized by ONNX Runtime's own static
     quantization (QDQ format, per-channel int8 weights, uint8 activations, calibrated on
-    `calibration` random inputs of x's shape: the values do not change the speed), after its
+    `calibration` random inputs of x's shape (the values do not change the speed), or on the
+    inputs `calibration` lists, for accuracy (int8_accuracy.py); `method`: its calibration method,
+    MinMax (its default), Entropy or Percentile), after its
     recommended pre-processing, and loaded
     with every graph optimisation, which fuses the QDQ pairs into its int8 kernels (QLinearConv,
     MLAS, VNNI where the CPU has it)."""
     import numpy as np
     import onnxruntime as ort
     import torch
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Inputs(CalibrationDataReader):
         def __init__(self):
             rng = np.random.default_rng(0)
-            self.batches = iter([{"x": rng.standard_normal(x.shape).astype(np.float32)} for _ in range(calibration)])
+            inputs = calibration if isinstance(calibration, list) else [rng.standard_normal(x.shape).astype(np.float32) for _ in range(calibration)]
+            self.batches = iter([{"x": v} for v in inputs])
 
         def get_next(self):
             return next(self.batches, None)
@@ -168,7 +171,7 @@ def ort_int8_session(module, x, threads, calibration=4):
         # ONNX Runtime's recommended pre-processing (shapes, BatchNorm folded into the convs).
         quant_pre_process(path, pre)
         quantize_static(pre, q, Inputs(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod[method])
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -264,7 +264,8 @@ struct ModelArgs {
     /// and fp32 sums: faster, ~3 significant digits; needs an Intel Xeon with AMX); or bf16x3
     /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits); or
     /// int8 (the 1x1 convs' products on 8-bit operands, each weight column and activation row
-    /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX-512 VNNI).
+    /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX-512 VNNI or
+    /// AVX-VNNI).
     #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.
