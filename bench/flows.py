@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import BIN, ort_session  # noqa: E402
+from peers import BIN, ort_int8_session, ort_session  # noqa: E402
 FLOWS = ["stem", "entry", "middle", "exit"]
 
 
@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--by", choices=["flow", "block"], default="flow")
+    ap.add_argument("--precision", default="f32", help="our engine's (int8: against ONNX Runtime's static int8)")
     args = ap.parse_args()
     timm_name, first, count = MODELS[args.model]
     keys = ["stem", *(f"block{i}" for i in range(first, first + count)), "tail"] if args.by == "block" else FLOWS
@@ -121,7 +122,8 @@ def main():
     model = timm.create_model(timm_name, pretrained=False).eval()
     x = torch.randn(1, 3, 299, 299)
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(model, x, args.threads, profile_dir=tmp)
+        make = ort_int8_session if args.precision == "int8" else ort_session
+        sess = make(model, x, args.threads, profile_dir=tmp)
         xn = x.numpy()
         warm = 3
         for _ in range(warm):
@@ -131,7 +133,7 @@ def main():
         for _ in range(args.rounds):
             for _ in range(3):
                 sess.run(None, {"x": xn})
-            p = subprocess.run([BIN, "bench", "--model", args.model, "--batch", "1", "--threads", str(args.threads), "--runs", "3"],
+            p = subprocess.run([BIN, "bench", "--model", args.model, "--batch", "1", "--threads", str(args.threads), "--runs", "3", "--precision", args.precision],
                                capture_output=True, text=True, env=env, check=True)
             ours += [group(b) for b in our_blocks(p.stderr, args.model)]
         events = json.load(open(sess.end_profiling()))
@@ -145,7 +147,8 @@ def main():
                 last = ort_block(e["name"], args.model) or last
                 blocks[last] += e["dur"] / 1e3
         theirs.append(group(blocks))
-    print(f"{args.model} (timm {timm_name}) 299, batch 1, {args.threads} threads, {args.rounds} interleaved rounds; medians of the per-pass sums")
+    print(f"{args.model} (timm {timm_name}) 299, batch 1, {args.threads} threads, {args.rounds} interleaved rounds, ours in {args.precision}"
+          f"{', ONNX Runtime in static int8' if args.precision == 'int8' else ''}; medians of the per-pass sums")
     print(f"(ONNX Runtime {ort.__version__}: node times from its profiler; ours: engine steps)\n")
     print(f"| {args.by} | ONNX Runtime ms | ours ms | speed ratio (ORT time / ours) |")
     print("|---|---|---|---|")

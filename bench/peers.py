@@ -141,12 +141,12 @@ def ort_session(module, x, threads, profile_dir=None):
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def ort_int8_session(module, x, threads, calibration=4, method="MinMax"):
+def ort_int8_session(module, x, threads, calibration=4, method="MinMax", profile_dir=None):
     """`module` exported as in `ort_session`, then quantized by ONNX Runtime's own static
     quantization (QDQ format, per-channel int8 weights, uint8 activations, calibrated on
     `calibration` random inputs of x's shape (the values do not change the speed), or on the
     inputs `calibration` lists, for accuracy (int8_accuracy.py); `method`: its calibration method,
-    MinMax (its default), Entropy or Percentile), after its
+    MinMax (its default), Entropy or Percentile; `profile_dir` as in `ort_session`), after its
     recommended pre-processing, and loaded
     with every graph optimisation, which fuses the QDQ pairs into its int8 kernels (QLinearConv,
     MLAS, VNNI where the CPU has it)."""
@@ -176,6 +176,9 @@ def ort_int8_session(module, x, threads, calibration=4, method="MinMax"):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_dir:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
         return ort.InferenceSession(q, so, providers=["CPUExecutionProvider"])
 
 
