@@ -221,6 +221,17 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
     scale
 }
 
+/// Room for `m` quantized rows of `ld8` bytes and their scales in `bufs` (a u32 buffer, so the
+/// rows can be read as the micro-kernels' 32-bit values; grown as needed): the rows' bytes and
+/// scales, for `quantize_rows`.
+pub(crate) fn lhs_buffers(bufs: &mut (Vec<u32>, Vec<f32>), m: usize, ld8: usize) -> (&mut [u8], &mut [f32]) {
+    let (buf, scales) = bufs;
+    buf.resize(buf.len().max(m * ld8 / 4), 0);
+    scales.resize(scales.len().max(m), 0.0);
+    // SAFETY: the u32 buffer holds at least m * ld8 bytes (ld8 is a multiple of four).
+    (unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), m * ld8) }, &mut scales[..m])
+}
+
 thread_local! {
     /// A quantized for one `gemm_rows_f32` call on this thread (u32 for 4-byte alignment), and
     /// its rows' scales.
@@ -238,13 +249,11 @@ pub(crate) unsafe fn gemm_rows_f32(kernel: Kernel, m: usize, a: &[f32], lda: usi
         return;
     }
     assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
-    LHS.with_borrow_mut(|(buf, scales)| {
+    LHS.with_borrow_mut(|bufs| {
         let ld8 = lhs_stride(b.k);
-        buf.resize(buf.len().max(m * ld8 / 4), 0);
-        scales.resize(scales.len().max(m), 0.0);
-        let bytes = std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), m * ld8);
+        let (bytes, scales) = lhs_buffers(bufs, m, ld8);
         quantize_rows_on(kernel, a, lda, b.k, 0..m, bytes, ld8, scales);
-        gemm_rows_on(kernel, m, &buf[..m * ld8 / 4], ld8, &scales[..m], b, panels, out, ldc, epi)
+        gemm_rows_on(kernel, m, &bufs.0[..m * ld8 / 4], ld8, &bufs.1[..m], b, panels, out, ldc, epi)
     })
 }
 

@@ -371,16 +371,13 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     #[cfg(target_arch = "x86_64")]
     if b.int8().is_some() {
         // Quantized once here, not by every task (a panel task reads every row).
-        return taken(&SCRATCH8, |(buf, scales)| {
+        return taken(&SCRATCH8, |bufs| {
             let ld8 = crate::int8::lhs_stride(k);
-            buf.resize(buf.len().max(rows * ld8 / 4), 0);
-            scales.resize(scales.len().max(rows), 0.0);
-            // SAFETY: the u32 buffer holds rows * ld8 bytes.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), rows * ld8) };
-            bytes.par_chunks_mut(64 * ld8).zip(scales[..rows].par_chunks_mut(64)).enumerate().for_each(|(i, (d, sc))| {
+            let (bytes, scales) = crate::int8::lhs_buffers(bufs, rows, ld8);
+            bytes.par_chunks_mut(64 * ld8).zip(scales.par_chunks_mut(64)).enumerate().for_each(|(i, (d, sc))| {
                 crate::int8::quantize_rows(&a[i * 64 * k..], k, k, 0..sc.len(), d, ld8, sc);
             });
-            let (a8, scales) = (&buf[..rows * ld8 / 4], &scales[..rows]);
+            let (a8, scales) = (&bufs.0[..rows * ld8 / 4], &bufs.1[..rows]);
             // SAFETY: each task owns its rows x panels of the output.
             shared_tasks(rows, b.panels(), threads, (MR, crate::packed::has_avx512()), |row0, m, ps| unsafe {
                 crate::int8::gemm_rows(m, &a8[row0 * ld8 / 4..], ld8, &scales[row0..], b, ps, shared.offset(row0 * n), n, epi_at(row0))
