@@ -123,14 +123,17 @@ def is_reduced(name):
     return "bf16" in name or "int8" in name
 
 
-def ort_session(module, x, threads, profile_dir=None):
+def ort_session(module, x, threads, profile_dir=None, transform=None):
     """`module` exported to ONNX (opset 17) and loaded in ONNX Runtime with every graph
-    optimisation, `threads` intra-op threads; with `profile_dir`, node profiling written there."""
+    optimisation, `threads` intra-op threads; with `profile_dir`, node profiling written there;
+    with `transform(path, tmp)`, the model it returns the path of is loaded instead."""
     import onnxruntime as ort
     import torch
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "m.onnx")
         torch.onnx.export(module, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+        if transform:
+            path = transform(path, tmp)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -142,17 +145,13 @@ def ort_session(module, x, threads, profile_dir=None):
 
 
 def ort_int8_session(module, x, threads, calibration=4, method="MinMax", profile_dir=None):
-    """`module` exported as in `ort_session`, then quantized by ONNX Runtime's own static
-    quantization (QDQ format, per-channel int8 weights, uint8 activations, calibrated on
-    `calibration` random inputs of x's shape (the values do not change the speed), or on the
-    inputs `calibration` lists, for accuracy (int8_accuracy.py); `method`: its calibration method,
-    MinMax (its default), Entropy or Percentile; `profile_dir` as in `ort_session`), after its
-    recommended pre-processing, and loaded
-    with every graph optimisation, which fuses the QDQ pairs into its int8 kernels (QLinearConv,
-    MLAS, VNNI where the CPU has it)."""
+    """`ort_session` of `module` quantized by ONNX Runtime's own static quantization (QDQ format,
+    per-channel int8 weights, uint8 activations) after its recommended pre-processing; every graph
+    optimisation then fuses the QDQ pairs into its int8 kernels (QLinearConv, MLAS, VNNI where
+    the CPU has it). Calibrated on `calibration` random inputs of x's shape (the values do not
+    change the speed), or on the inputs `calibration` lists, for accuracy (int8_accuracy.py);
+    `method`: its calibration method, MinMax (its default), Entropy or Percentile."""
     import numpy as np
-    import onnxruntime as ort
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -165,21 +164,15 @@ def ort_int8_session(module, x, threads, calibration=4, method="MinMax", profile
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path, pre, q = (os.path.join(tmp, f) for f in ["m.onnx", "m_pre.onnx", "m_int8.onnx"])
-        torch.onnx.export(module, (x,), path, opset_version=17, dynamo=False, input_names=["x"])
+    def quantize(path, tmp):
+        pre, q = os.path.join(tmp, "m_pre.onnx"), os.path.join(tmp, "m_int8.onnx")
         # ONNX Runtime's recommended pre-processing (shapes, BatchNorm folded into the convs).
         quant_pre_process(path, pre)
         quantize_static(pre, q, Inputs(), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod[method])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if profile_dir:
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
-        return ort.InferenceSession(q, so, providers=["CPUExecutionProvider"])
+        return q
+
+    return ort_session(module, x, threads, profile_dir=profile_dir, transform=quantize)
 
 
 def main():
