@@ -264,8 +264,8 @@ struct ModelArgs {
     /// and fp32 sums: faster, ~3 significant digits; needs an Intel Xeon with AMX); or bf16x3
     /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits); or
     /// int8 (the 1x1 convs' products on 8-bit operands, each weight column and activation row
-    /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX-512 VNNI or
-    /// AVX-VNNI).
+    /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX2, fastest with
+    /// AVX-512 VNNI or AVX-VNNI).
     #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.
@@ -543,8 +543,7 @@ fn kernels_name(args: &BenchArgs) -> &'static str {
     match (args.train, args.backend.as_str(), args.precision.as_str()) {
         (false, "engine", "bf16") => "amx-bf16",
         (false, "engine", "bf16x3") => "amx-bf16x3",
-        (false, "engine", "int8") if xception::engine::simd_kernels() == "avx512" => "avx512-vnni-int8",
-        (false, "engine", "int8") => "avx-vnni-int8",
+        (false, "engine", "int8") => xception::engine::int8_kernels().unwrap_or("none"),
         (false, "engine", _) => xception::engine::simd_kernels(),
         _ => "burn",
     }

@@ -1,22 +1,36 @@
 //! The opt-in int8 product (`Precision::Int8`): the 1x1 convs multiply 8-bit activations by 8-bit
-//! weights with exact 32-bit integer sums (VPDPBUSD, four byte products per 32-bit lane: with
-//! AVX-512 VNNI on zmm registers, four times the fp32 FMA rate of a core; with AVX-VNNI on ymm,
-//! in the AVX2 kernels, for CPUs without AVX-512), then scale the sums back to fp32.
+//! weights with exact 32-bit integer sums, then scale the sums back to fp32. Three kernels
+//! (`Int8Kernel`), by what the CPU offers:
+//! - VPDPBUSD (four byte products per 32-bit lane, summed into it): with AVX-512 VNNI on zmm
+//!   registers, four times the fp32 FMA rate of a core; with AVX-VNNI on ymm, in the AVX2 kernels;
+//! - on any AVX2 CPU without VNNI (AMD Zen 2/3, Intel before "Ice Lake"): VPMADDUBSW (byte
+//!   pairs' products summed into 16 bits), VPMADDWD against ones (pairs of those into 32 bits)
+//!   and VPADDD, twice the fp32 FMA rate in principle. VPMADDUBSW saturates a pair's sum at
+//!   2^15 - 1, and 255 x 127 x 2 would pass it, so there the weights get 63 levels a side (7
+//!   bits: 255 x 63 x 2 = 32130 never saturates) and the sums stay exact.
 //!
 //! Quantization is symmetric and per vector, so no calibration data is needed:
-//! - each weight column (an output channel) gets the scale max|w| / 127 at load and its weights
-//!   round to [-127, 127];
+//! - each weight column (an output channel) gets the scale max|w| / L at load (L = 127, or 63
+//!   for the VPMADDUBSW kernel) and its weights round to [-L, L];
 //! - each row of activations (a pixel's channels) gets the scale max|a| / 127 as it is
-//!   multiplied and its values round to [-127, 127], stored + 128 as unsigned bytes (VPDPBUSD
-//!   multiplies unsigned by signed bytes). The 128 is taken back out of the sums by starting them
-//!   from -128 x the column's sum of weights (`Scales::corr`).
+//!   multiplied and its values round to [-127, 127], stored + 128 as unsigned bytes (both
+//!   instructions multiply unsigned by signed bytes). The 128 is taken back out of the sums by
+//!   starting them from -128 x the column's sum of weights (`Scales::corr`).
 //!
 //! So an output is sum_k qa qw x sa x sw + bias: each operand carries a rounding error of at most
-//! half a step of its vector's largest value. Rounding is to nearest, ties to even.
+//! half a step of its vector's largest value. Rounding is to nearest, ties to even. The sums are
+//! exact integers, so every kernel gives the same bits for weights of the same levels.
+//!
+//! Why the weights and not the activations lose the bit without VNNI: on the real Keras model
+//! (kitchenware, `keras_conformance`; 2026-12-07) the logits' largest error is 2.4% of their
+//! scale with 127 levels on both sides, 4.5% with 63-level weights and 8.0% with 63-level
+//! activations instead (ONNX Runtime's `reduce_range` option, for such CPUs, narrows the weights
+//! too).
 //!
 //! The weights are packed as the fp32 panels are (32 columns, one row per step), a step being
 //! four k: each 32-bit value of a panel row holds its column's four weights' bytes, so the
-//! fp32 micro-kernel's loop runs unchanged with VPDPBUSD in place of the FMA (`packed`).
+//! fp32 micro-kernel's loop runs unchanged with the integer instructions in place of the FMA
+//! (`packed`).
 
 use crate::packed::{Epilogue, Kernel, PackedB, SharedOut, MR, NR};
 use std::arch::x86_64::*;
@@ -30,14 +44,65 @@ const K_ALIGN: usize = 16;
 /// conv has k = 2048). Deeper weight matrices stay fp32 (`PackedB::with_precision`).
 pub const MAX_K: usize = (i32::MAX as usize) / (255 * 128);
 
-/// Whether int8 products run here: the AVX-512 kernels with AVX-512 VNNI, or the AVX2 kernels
-/// (no AVX-512, or XCEPTION_ENGINE_NO_AVX512 set) with AVX-VNNI.
-pub fn available() -> bool {
-    match crate::packed::kernel() {
-        Kernel::Avx512 => is_x86_feature_detected!("avx512vnni"),
-        Kernel::Avx2 => is_x86_feature_detected!("avxvnni"),
-        Kernel::Portable => false,
+/// The int8 micro-kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// The AVX-512 12x32 kernel with VPDPBUSD (AVX-512 VNNI).
+    Vnni512,
+    /// The AVX2 6x16 kernel with VEX VPDPBUSD (AVX-VNNI).
+    Vnni256,
+    /// The AVX2 6x16 kernel with VPMADDUBSW, VPMADDWD and VPADDD (AVX2 alone; 7-bit weights).
+    Madd256,
+}
+
+impl Int8Kernel {
+    /// The weights' levels a side this kernel multiplies exactly.
+    pub fn levels(self) -> i32 {
+        match self {
+            Int8Kernel::Madd256 => 63,
+            _ => 127,
+        }
     }
+
+    /// The fp32 kernels whose row quantizer and register tiles it uses.
+    fn simd(self) -> Kernel {
+        match self {
+            Int8Kernel::Vnni512 => Kernel::Avx512,
+            _ => Kernel::Avx2,
+        }
+    }
+
+    /// Its name, as `xception bench` reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Kernel::Vnni512 => "avx512-vnni-int8",
+            Int8Kernel::Vnni256 => "avx-vnni-int8",
+            Int8Kernel::Madd256 => "avx2-int8",
+        }
+    }
+}
+
+/// The int8 kernel for this CPU, if any: with the AVX-512 kernels and AVX-512 VNNI, VPDPBUSD on
+/// zmm; else with AVX-VNNI, VPDPBUSD on ymm; else on any AVX2+FMA CPU, VPMADDUBSW.
+/// `XCEPTION_ENGINE_NO_VNNI` set in the environment passes over both VNNIs (as
+/// XCEPTION_ENGINE_NO_AVX512 does AVX-512), which is how an AVX2 CPU without VNNI is measured and
+/// tested on one with it.
+pub fn kernel() -> Option<Int8Kernel> {
+    static KERNEL: std::sync::OnceLock<Option<Int8Kernel>> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let vnni = std::env::var("XCEPTION_ENGINE_NO_VNNI").is_err();
+        match crate::packed::kernel() {
+            Kernel::Avx512 if vnni && is_x86_feature_detected!("avx512vnni") => Some(Int8Kernel::Vnni512),
+            Kernel::Portable => None,
+            _ if vnni && is_x86_feature_detected!("avxvnni") => Some(Int8Kernel::Vnni256),
+            _ => Some(Int8Kernel::Madd256),
+        }
+    })
+}
+
+/// Whether int8 products run here (any x86-64 CPU with AVX2 and FMA: `kernel`).
+pub fn available() -> bool {
+    kernel().is_some()
 }
 
 /// A packed int8 weight matrix's column scales and sum corrections.
@@ -45,29 +110,33 @@ pub fn available() -> bool {
 pub struct Scales {
     /// Steps of each panel: k rounded up to K_ALIGN, over four.
     pub groups: usize,
+    /// The weights' levels a side (`Int8Kernel::levels`).
+    pub levels: i32,
     /// Each column's scale (padded with zeros to whole panels).
     pub col: Vec<f32>,
     /// Each column's -128 x (sum of its int8 weights), as i32 bits (the sums' start).
     pub corr: Vec<f32>,
 }
 
-/// `v` rounded to the nearest of [-127, 127] after multiplying by `inv` (ties to even).
+/// `v` rounded to the nearest of [-levels, levels] after multiplying by `inv` (ties to even).
 #[inline(always)]
-fn quantize(v: f32, inv: f32) -> i32 {
-    (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32
+fn quantize(v: f32, inv: f32, levels: i32) -> i32 {
+    (v * inv).round_ties_even().clamp(-levels as f32, levels as f32) as i32
 }
 
-/// The scale of a vector whose largest magnitude is `max` (NaN if a value is NaN: the sums
-/// then carry it), and its inverse (zero for an all-zero or non-finite vector).
+/// The scale of a vector of `levels` a side whose largest magnitude is `max` (NaN if a value is
+/// NaN: the sums then carry it), and its inverse (zero for an all-zero or non-finite vector).
 #[inline(always)]
-fn scale_of(max: f32) -> (f32, f32) {
-    let scale = max / 127.0;
-    (scale, if max > 0.0 && max.is_finite() { 127.0 / max } else { 0.0 })
+fn scale_of(max: f32, levels: i32) -> (f32, f32) {
+    let l = levels as f32;
+    (max / l, if max > 0.0 && max.is_finite() { l / max } else { 0.0 })
 }
 
-/// The (k x n) weights (row-major) as int8 panels (see the module doc) and their scales.
-pub fn pack(weight: &[f32], k: usize, n: usize) -> (Vec<f32>, Scales) {
+/// The (k x n) weights (row-major) as int8 panels of `levels` a side (see the module doc) and
+/// their scales.
+pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32) -> (Vec<f32>, Scales) {
     assert!(k <= MAX_K, "int8: k {k} would overflow the 32-bit sums");
+    assert!((1..=127).contains(&levels), "int8: {levels} levels");
     let panels = n.div_ceil(NR);
     let groups = k.next_multiple_of(K_ALIGN) / 4;
     let mut data = vec![0f32; panels * groups * NR];
@@ -76,7 +145,7 @@ pub fn pack(weight: &[f32], k: usize, n: usize) -> (Vec<f32>, Scales) {
     for j in 0..n {
         // NaN magnitudes win, so a NaN weight makes its column NaN (as in fp32).
         let max = (0..k).map(|r| weight[r * n + j].abs()).fold(0f32, |m, v| if v > m || v.is_nan() { v } else { m });
-        let (scale, inv) = scale_of(max);
+        let (scale, inv) = scale_of(max, levels);
         col[j] = scale;
         let (p, c) = (j / NR, j % NR);
         let mut sum = 0i32;
@@ -85,7 +154,7 @@ pub fn pack(weight: &[f32], k: usize, n: usize) -> (Vec<f32>, Scales) {
             for (i, byte) in bytes.iter_mut().enumerate() {
                 let r = 4 * g + i;
                 if r < k {
-                    let q = quantize(weight[r * n + j], inv);
+                    let q = quantize(weight[r * n + j], inv, levels);
                     sum += q;
                     *byte = q as i8 as u8;
                 }
@@ -94,7 +163,7 @@ pub fn pack(weight: &[f32], k: usize, n: usize) -> (Vec<f32>, Scales) {
         }
         corr[j] = f32::from_bits((-128 * sum) as u32);
     }
-    (data, Scales { groups, col, corr })
+    (data, Scales { groups, levels, col, corr })
 }
 
 /// Row stride (bytes) of A in int8: k padded to whole rounds of steps.
@@ -106,7 +175,7 @@ pub fn lhs_stride(k: usize) -> usize {
 /// `ld8`, indexed from row 0; the padding past k is 128, a zero) and their scales into
 /// `scales` (indexed from row 0).
 pub fn quantize_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
-    quantize_rows_on(crate::packed::kernel(), a, lda, k, rows, dst, ld8, scales)
+    quantize_rows_on(kernel().expect("int8 kernel").simd(), a, lda, k, rows, dst, ld8, scales)
 }
 
 /// `quantize_rows` with the given kernels' instructions (AVX-512 or AVX2).
@@ -156,7 +225,7 @@ unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
         look(_mm512_maskz_loadu_ps(m, p.add(i)), &mut m0);
     }
     let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max });
+    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max }, 127);
     let vinv = _mm512_set1_ps(inv);
     let (lo, hi, zp) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
     // Rounded to nearest even by the conversion (MXCSR's default); NaN converts to i32::MIN,
@@ -202,7 +271,7 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
             max = max.max(v.abs());
         }
     }
-    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max });
+    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max }, 127);
     let vinv = _mm256_set1_ps(inv);
     let (lo, hi, zp) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127), _mm256_set1_epi32(128));
     // Each 32-bit lane's low byte, gathered into the first four bytes of each 128-bit half, then
@@ -216,7 +285,7 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
         _mm_storel_epi64(dst.as_mut_ptr().add(i).cast(), _mm256_castsi256_si128(b));
     }
     for i in full..k {
-        dst[i] = (quantize(src[i], inv) + 128) as u8;
+        dst[i] = (quantize(src[i], inv, 127) + 128) as u8;
     }
     scale
 }
@@ -238,13 +307,13 @@ thread_local! {
     static LHS: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `packed::gemm_rows` for int8 weights on `kernel`'s instructions: quantizes A's rows into this
-/// thread's buffer, then `gemm_rows`.
+/// `packed::gemm_rows` for int8 weights on `kernel`: quantizes A's rows into this thread's
+/// buffer, then `gemm_rows`.
 ///
 /// # Safety
-/// As `packed::gemm_rows`; `available()` must be true.
+/// As `packed::gemm_rows`; `kernel` must run here.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_rows_f32(kernel: Kernel, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+pub(crate) unsafe fn gemm_rows_f32(kernel: Int8Kernel, m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
     }
@@ -252,7 +321,7 @@ pub(crate) unsafe fn gemm_rows_f32(kernel: Kernel, m: usize, a: &[f32], lda: usi
     LHS.with_borrow_mut(|bufs| {
         let ld8 = lhs_stride(b.k);
         let (bytes, scales) = lhs_buffers(bufs, m, ld8);
-        quantize_rows_on(kernel, a, lda, b.k, 0..m, bytes, ld8, scales);
+        quantize_rows_on(kernel.simd(), a, lda, b.k, 0..m, bytes, ld8, scales);
         gemm_rows_on(kernel, m, &bufs.0[..m * ld8 / 4], ld8, &bufs.1[..m], b, panels, out, ldc, epi)
     })
 }
@@ -267,56 +336,70 @@ pub unsafe fn gemm_rows(m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &Pac
     if m == 0 || panels.is_empty() {
         return;
     }
-    assert!(b.int8().is_some(), "int8 gemm: weights not int8");
     assert!(ld8 == lhs_stride(b.k) && a.len() * 4 >= m * ld8 && scales.len() >= m, "int8 gemm: lhs shape");
     assert!(out.values() >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");
     if let Some((r, ldr)) = epi.residual {
         assert!(r.len() >= (m - 1) * ldr + b.n.min(panels.end * NR), "gemm: residual too short");
     }
-    gemm_rows_on(crate::packed::kernel(), m, a, ld8, scales, b, panels, out, ldc, epi)
+    gemm_rows_on(kernel().expect("int8 kernel"), m, a, ld8, scales, b, panels, out, ldc, epi)
 }
 
-/// `gemm_rows` with the given micro-kernel (AVX-512 or AVX2).
+/// `gemm_rows` on the given micro-kernel.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+unsafe fn gemm_rows_on(kernel: Int8Kernel, m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    let q = b.int8().expect("int8 gemm: weights not int8");
+    // Weights of more levels than the kernel multiplies exactly would saturate its sums.
+    assert!(q.levels <= kernel.levels(), "int8 gemm: weights of {} levels on {kernel:?}", q.levels);
     let a = std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len());
     use crate::packed::{avx2, avx512, tiles};
-    if kernel == Kernel::Avx512 {
-        tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile(t));
-    } else {
-        tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR, avx2::NR), Some(scales), |t| avx2::tile(t));
+    let avx2_tiles = (usize::MAX, avx2::MR, avx2::NR);
+    match kernel {
+        Int8Kernel::Vnni512 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile(t)),
+        Int8Kernel::Vnni256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, avx2_tiles, Some(scales), |t| avx2::tile(t)),
+        Int8Kernel::Madd256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, avx2_tiles, Some(scales), |t| avx2::tile_madd(t)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::{gemm_rows_on, Precision};
+    use crate::packed::gemm_rows_on;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 12) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
-    /// The kernels int8 runs on here: AVX-512 with AVX-512 VNNI, AVX2 with AVX-VNNI.
-    fn kernels() -> Vec<Kernel> {
+    /// The int8 kernels this CPU runs (whatever XCEPTION_ENGINE_NO_VNNI says): AVX-512 with
+    /// AVX-512 VNNI, AVX2 with AVX-VNNI, AVX2 alone.
+    fn kernels() -> Vec<Int8Kernel> {
         let mut k = Vec::new();
         if crate::packed::has_avx512() && is_x86_feature_detected!("avx512vnni") {
-            k.push(Kernel::Avx512);
+            k.push(Int8Kernel::Vnni512);
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avxvnni") {
-            k.push(Kernel::Avx2);
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avxvnni") {
+                k.push(Int8Kernel::Vnni256);
+            }
+            k.push(Int8Kernel::Madd256);
         }
         if k.is_empty() {
-            eprintln!("skipped: no AVX-512 VNNI or AVX-VNNI here");
+            eprintln!("skipped: no AVX2 here");
         }
         k
+    }
+
+    /// The row quantizers (AVX-512 and AVX2) this CPU runs.
+    fn quantizers() -> Vec<Kernel> {
+        let mut q: Vec<Kernel> = kernels().iter().map(|k| k.simd()).collect();
+        q.dedup();
+        q
     }
 
     /// Scales and rounding, on values picked so each case is known by hand; both kernels'
     /// instructions give the same bytes.
     #[test]
     fn quantization_is_symmetric_per_vector_and_rounds_to_nearest_even() {
-        for kernel in kernels() {
+        for kernel in quantizers() {
             let quantize_rows = |a: &[f32], k: usize, dst: &mut [u8], ld8: usize, scales: &mut [f32]| quantize_rows_on(kernel, a, k, k, 0..1, dst, ld8, scales);
             // Scale 2/127: -2 -> -127, 1 -> 63.5 -> 64 (even), 0.5 -> 31.75 -> 32; + 128.
             let row = [1.0, -2.0, 0.5, 0.0];
@@ -332,9 +415,9 @@ mod tests {
                 let row: Vec<f32> = values(len, 3).iter().map(|v| v * 37.0).collect();
                 let mut q = vec![0u8; lhs_stride(len)];
                 quantize_rows(&row, len, &mut q, lhs_stride(len), &mut s);
-                let inv = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs()))).1;
+                let inv = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs())), 127).1;
                 for (v, q) in row.iter().zip(&q) {
-                    assert_eq!(*q as i32 - 128, quantize(*v, inv), "{kernel:?}: {v}");
+                    assert_eq!(*q as i32 - 128, quantize(*v, inv, 127), "{kernel:?}: {v}");
                     let back = (*q as f32 - 128.0) * s[0];
                     assert!((back - v).abs() <= s[0] / 2.0 * 1.0001, "{v} -> {q} -> {back}");
                 }
@@ -356,59 +439,67 @@ mod tests {
 
     /// The int8 product against the same product in f64 of the dequantized operands (what
     /// int8 computes exactly, in integers): only the fp32 epilogue's rounding is left. Ragged
-    /// rows, columns and k, residual, ReLU and accumulation; the AVX-512 and AVX2 kernels give
-    /// the same bits.
+    /// rows, columns and k, residual, ReLU and accumulation, weights of 127 and 63 levels (the
+    /// latter on every kernel, the AVX2-alone one included); every kernel gives the same bits for
+    /// the same weights. The last case puts every product at its extreme (activations of +-127,
+    /// weights of +-L), where VPMADDUBSW would saturate were the weights 8-bit.
     #[test]
     fn int8_product_is_the_exact_product_of_the_quantized_operands() {
         let kernels = kernels();
-        for &(m, k, n, residual, relu, accumulate) in &[(1, 5, 3, false, false, false), (13, 70, 40, true, true, false), (29, 128, 64, false, true, true), (40, 728, 96, true, false, false), (7, 2048, 33, false, false, false)] {
-            let a: Vec<f32> = values(m * k, 1).iter().enumerate().map(|(i, v)| v * (1.0 + (i / k) as f32)).collect();
-            let w: Vec<f32> = values(k * n, 2).iter().enumerate().map(|(i, v)| v * (0.5 + (i % n) as f32 / 8.0)).collect();
+        let extreme = |len: usize, seed: u32| -> Vec<f32> { values(len, seed).iter().map(|v| if *v < 0.0 { -1.0 } else { 1.0 }).collect() };
+        for &(m, k, n, residual, relu, accumulate) in &[(1, 5, 3, false, false, false), (13, 70, 40, true, true, false), (29, 128, 64, false, true, true), (40, 728, 96, true, false, false), (7, 2048, 33, false, false, false), (12, 256, 32, false, false, false)] {
+            let (a, w) = if (m, k) == (12, 256) {
+                (extreme(m * k, 1), extreme(k * n, 2))
+            } else {
+                (values(m * k, 1).iter().enumerate().map(|(i, v)| v * (1.0 + (i / k) as f32)).collect(), values(k * n, 2).iter().enumerate().map(|(i, v)| v * (0.5 + (i % n) as f32 / 8.0)).collect::<Vec<_>>())
+            };
             let bias = values(n, 3);
             let res = values(m * n, 4);
             let start = values(m * n, 5);
-            let b = PackedB::with_precision(&w, &bias, k, n, Precision::Int8);
             let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate, ..Epilogue::PLAIN };
-            let mut first: Option<Vec<f32>> = None;
-            for &kernel in &kernels {
-                let mut out = if accumulate { start.clone() } else { vec![0f32; m * n] };
-                unsafe { gemm_rows_on(kernel, m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
-                // The dequantized operands, from this module's own scales (checked above).
-                let ld8 = lhs_stride(k);
-                let (mut qa, mut sa) = (vec![0u8; m * ld8], vec![0f32; m]);
-                quantize_rows_on(kernel, &a, k, k, 0..m, &mut qa, ld8, &mut sa);
-                let sw = &b.int8().unwrap().col;
-                for r in 0..m {
-                    for j in 0..n {
-                        let (inv, mut sum, mut mag) = (scale_of((0..k).map(|i| w[i * n + j].abs()).fold(0.0, f32::max)).1, 0f64, 0f64);
-                        for i in 0..k {
-                            let x = (qa[r * ld8 + i] as f64 - 128.0) * sa[r] as f64;
-                            let y = quantize(w[i * n + j], inv) as f64 * sw[j] as f64;
-                            sum += x * y;
-                            mag += (x * y).abs();
+            for levels in [127, 63] {
+                let b = PackedB::quantized(&w, &bias, k, n, levels);
+                let mut first: Option<Vec<f32>> = None;
+                for &kernel in kernels.iter().filter(|q| q.levels() >= levels) {
+                    let mut out = if accumulate { start.clone() } else { vec![0f32; m * n] };
+                    unsafe { gemm_rows_f32(kernel, m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
+                    // The dequantized operands, from this module's own scales (checked above).
+                    let ld8 = lhs_stride(k);
+                    let (mut qa, mut sa) = (vec![0u8; m * ld8], vec![0f32; m]);
+                    quantize_rows_on(kernel.simd(), &a, k, k, 0..m, &mut qa, ld8, &mut sa);
+                    let sw = &b.int8().unwrap().col;
+                    for r in 0..m {
+                        for j in 0..n {
+                            let (inv, mut sum, mut mag) = (scale_of((0..k).map(|i| w[i * n + j].abs()).fold(0.0, f32::max), levels).1, 0f64, 0f64);
+                            for i in 0..k {
+                                let x = (qa[r * ld8 + i] as f64 - 128.0) * sa[r] as f64;
+                                let y = quantize(w[i * n + j], inv, levels) as f64 * sw[j] as f64;
+                                sum += x * y;
+                                mag += (x * y).abs();
+                            }
+                            let mut want = sum + if accumulate { start[r * n + j] as f64 } else { bias[j] as f64 };
+                            if residual {
+                                want += res[r * n + j] as f64;
+                            }
+                            if relu {
+                                want = want.max(0.0);
+                            }
+                            let tol = 1e-6 * (mag + want.abs() + 1.0);
+                            assert!((out[r * n + j] as f64 - want).abs() <= tol, "{kernel:?} {levels} levels {m}x{k}x{n}: out[{r}][{j}] {} want {want}", out[r * n + j]);
                         }
-                        let mut want = sum + if accumulate { start[r * n + j] as f64 } else { bias[j] as f64 };
-                        if residual {
-                            want += res[r * n + j] as f64;
-                        }
-                        if relu {
-                            want = want.max(0.0);
-                        }
-                        let tol = 1e-6 * (mag + want.abs() + 1.0);
-                        assert!((out[r * n + j] as f64 - want).abs() <= tol, "{kernel:?} {m}x{k}x{n}: out[{r}][{j}] {} want {want}", out[r * n + j]);
                     }
-                }
-                // And int8 is near the fp32 product: each operand within half a step of its
-                // vector's largest value.
-                let mut f = if accumulate { start.clone() } else { vec![0f32; m * n] };
-                let bf = PackedB::new(&w, &bias, k, n);
-                unsafe { gemm_rows_on(kernel, m, &a, k, &bf, 0..bf.panels(), SharedOut::new(&mut f), n, epi) };
-                let scale = f.iter().fold(0f32, |s, v| s.max(v.abs()));
-                let err = out.iter().zip(&f).fold(0f32, |e, (x, y)| e.max((x - y).abs()));
-                assert!(err <= 0.05 * scale, "{kernel:?} {m}x{k}x{n}: int8 off fp32 by {err} of {scale}");
-                match &first {
-                    None => first = Some(out),
-                    Some(o) => assert_eq!(o, &out, "{m}x{k}x{n}: AVX2 int8 differs from AVX-512's"),
+                    // And int8 is near the fp32 product: each operand within half a step of its
+                    // vector's largest value.
+                    let mut f = if accumulate { start.clone() } else { vec![0f32; m * n] };
+                    let bf = PackedB::new(&w, &bias, k, n);
+                    unsafe { gemm_rows_on(kernel.simd(), m, &a, k, &bf, 0..bf.panels(), SharedOut::new(&mut f), n, epi) };
+                    let scale = f.iter().fold(0f32, |s, v| s.max(v.abs()));
+                    let err = out.iter().zip(&f).fold(0f32, |e, (x, y)| e.max((x - y).abs()));
+                    assert!(err <= 0.05 * scale, "{kernel:?} {levels} levels {m}x{k}x{n}: int8 off fp32 by {err} of {scale}");
+                    match &first {
+                        None => first = Some(out),
+                        Some(o) => assert_eq!(o, &out, "{m}x{k}x{n}, {levels} levels: {kernel:?} differs from {:?}", kernels[0]),
+                    }
                 }
             }
         }

@@ -25,9 +25,10 @@
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
 //! (`amx`); the pool fusion then reaches the second entry-flow block too. `Precision::Bf16x3`
 //! splits both operands into two bf16 pieces each and runs three tile products for one (16
-//! significant bits instead of 8). `Precision::Int8` (opt-in, CPUs with AVX-512 VNNI or AVX-VNNI) runs the
-//! 1x1 convs' products on 8-bit operands with 32-bit integer sums, each weight column and each
-//! activation row with its own scale (`int8`); the dense k x k convs stay fp32.
+//! significant bits instead of 8). `Precision::Int8` (opt-in, x86-64 CPUs with AVX2; fastest with AVX-512 VNNI
+//! or AVX-VNNI) runs the 1x1 convs' products on 8-bit operands with 32-bit integer sums, each
+//! weight column and each activation row with its own scale (`int8`); the dense k x k convs stay
+//! fp32.
 
 pub mod align;
 #[cfg(target_arch = "x86_64")]
@@ -56,7 +57,7 @@ fn check_precision(precision: Precision) -> Result<()> {
     if precision == Precision::Int8 {
         if !int8_available() {
             return Err(Error::Config(
-                "engine: int8 precision needs AVX-512 VNNI (Intel Xeon 'Cascade Lake' or later, AMD Zen 4 or later) or AVX-VNNI (Intel 'Alder Lake' or later cores), which this machine does not offer: use f32".into(),
+                "engine: int8 precision needs an x86-64 CPU with AVX2 and FMA (Intel 'Haswell' or later, AMD Zen or later), which this machine is not: use f32".into(),
             ));
         }
         return Ok(());
@@ -81,13 +82,22 @@ pub fn simd_kernels() -> &'static str {
     }
 }
 
-/// Whether `Precision::Int8` runs here (AVX-512 VNNI with the AVX-512 kernels, or AVX-VNNI with
-/// the AVX2 ones).
+/// Whether `Precision::Int8` runs here (x86-64 with AVX2 and FMA).
 pub fn int8_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return int8::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The kernels `Precision::Int8` runs on here, if any: "avx512-vnni-int8" (AVX-512 VNNI),
+/// "avx-vnni-int8" (AVX-VNNI, on the AVX2 kernels) or "avx2-int8" (AVX2 alone, 7-bit weights).
+/// XCEPTION_ENGINE_NO_VNNI set in the environment passes over both VNNIs.
+pub fn int8_kernels() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    return int8::kernel().map(|k| k.name());
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// Whether `Precision::Bf16` and `Precision::Bf16x3` run here (AMX bf16 tiles granted by the

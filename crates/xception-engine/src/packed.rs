@@ -109,8 +109,7 @@ impl PackedB {
         }
         #[cfg(target_arch = "x86_64")]
         if precision == Precision::Int8 && k <= crate::int8::MAX_K {
-            let (data, scales) = crate::int8::pack(weight, k, n);
-            return PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded };
+            return PackedB::quantized(weight, bias, k, n, crate::int8::kernel().map_or(127, |q| q.levels()));
         }
         assert!(precision == Precision::F32 || cfg!(target_arch = "x86_64"), "bf16 and int8 products need x86-64");
         let mut data = vec![0f32; panels * k * NR];
@@ -131,6 +130,15 @@ impl PackedB {
             bf16: None,
             bias: padded,
         }
+    }
+
+    /// int8 panels of `levels` a side (`int8::pack`).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn quantized(weight: &[f32], bias: &[f32], k: usize, n: usize, levels: i32) -> PackedB {
+        let (data, scales) = crate::int8::pack(weight, k, n, levels);
+        let mut padded = bias.to_vec();
+        padded.resize(n.div_ceil(NR) * NR, 0.0);
+        PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded }
     }
 
     /// Whether the products run in bf16 (AMX).
@@ -337,7 +345,8 @@ pub(crate) unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usiz
     }
     #[cfg(target_arch = "x86_64")]
     if b.int8.is_some() {
-        return crate::int8::gemm_rows_f32(kernel, m, a, lda, b, panels, out, ldc, epi);
+        // int8 matrices run on the int8 kernel for this CPU (which `kernel` does not name).
+        return crate::int8::gemm_rows_f32(crate::int8::kernel().expect("int8 kernel"), m, a, lda, b, panels, out, ldc, epi);
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(b16) = &b.bf16 {
@@ -656,7 +665,7 @@ macro_rules! k_step {
 /// One multiply-add of the micro-kernels' k loop into accumulator `$acc`, B's vector `$b`, A's
 /// broadcast `$a`: `fma`, fp32 (acc += a * b); `dot`, int8 (each 32-bit lane of acc += the dot
 /// product of its four unsigned bytes of a with its four signed bytes of b: VPDPBUSD, AVX-512
-/// VNNI).
+/// VNNI); `vdot`, the same on ymm (AVX-VNNI); `madd`, the same on ymm with AVX2 alone.
 #[cfg(target_arch = "x86_64")]
 macro_rules! mac {
     (fma $acc:tt $b:tt $a:tt) => {
@@ -668,6 +677,12 @@ macro_rules! mac {
     // The same on ymm registers in its VEX form (AVX-VNNI), which CPUs without AVX-512 run.
     (vdot $acc:tt $b:tt $a:tt) => {
         concat!("{{vex}} vpdpbusd ", $acc, ", ", $a, ", ", $b, "\n")
+    };
+    // AVX2 without VNNI: byte pairs' products summed into 16 bits (which cannot saturate: the
+    // weights have 7 bits, `int8`), pairs of those summed into 32 bits by multiplying with ones
+    // (16-bit ones at `{ones}`; ymm15 is the spare register), added to acc.
+    (madd $acc:tt $b:tt $a:tt) => {
+        concat!("vpmaddubsw ymm15, ", $a, ", ", $b, "\n", "vpmaddwd ymm15, ymm15, ymmword ptr [{ones}]\n", "vpaddd ", $acc, ", ", $acc, ", ymm15\n")
     };
 }
 
@@ -692,7 +707,7 @@ macro_rules! mac {
 /// products with weights of their own runs ~5% slower than one product repeated.
 #[cfg(target_arch = "x86_64")]
 macro_rules! k_loop {
-    ($mac:tt $bv:tt $bw:tt $bc:tt; ($($s0:tt)*) ($($s1:tt)*) ($($s2:tt)*) ($($s3:tt)*); $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
+    ($mac:tt $bv:tt $bw:tt $bc:tt $([$($extra:tt)*])?; ($($s0:tt)*) ($($s1:tt)*) ($($s2:tt)*) ($($s3:tt)*); $acc:ident, $a:expr, $lda:expr, $b:expr, $iters:expr; $(($base:tt $within:tt $lo:tt $hi:tt $li:tt $hi_i:tt))*) => {
         std::arch::asm!(
             // (Mentions the row stride for tiles of one row, which never read it.)
             "/* lda bytes {s} */",
@@ -719,6 +734,7 @@ macro_rules! k_loop {
             out($bv) _,
             out($bw) _,
             out($bc) _,
+            $($($extra)*)?
             options(nostack, readonly),
         )
     };
@@ -906,14 +922,29 @@ pub(crate) mod avx2 {
     /// better than 768. On the whole network (2 threads, paired) the two were within 1.3%.
     pub const KC: usize = 768;
 
-    /// One tile of 1..=MR rows by half a panel.
+    /// The kernel's multiply-adds: fp32 FMA, int8 with AVX-VNNI (VPDPBUSD), int8 with AVX2 alone
+    /// (VPMADDUBSW, VPMADDWD, VPADDD).
+    const FMA: u8 = 0;
+    const VNNI: u8 = 1;
+    const MADD: u8 = 2;
+
+    /// 16-bit ones, VPMADDWD's other operand in the `MADD` kernel.
+    static ONES: [i16; 16] = [1; 16];
+
+    /// One tile of 1..=MR rows by half a panel: fp32, or int8 with AVX-VNNI.
     #[inline(always)]
     pub unsafe fn tile(t: Tile) {
         if t.step.dequant.is_some() {
-            by_rows!(t, kernel<true>, 1 2 3 4 5 6)
+            by_rows!(t, kernel<VNNI>, 1 2 3 4 5 6)
         } else {
-            by_rows!(t, kernel<false>, 1 2 3 4 5 6)
+            by_rows!(t, kernel<FMA>, 1 2 3 4 5 6)
         }
+    }
+
+    /// One int8 tile with AVX2 alone (weights of 7 bits, `int8`).
+    #[inline(always)]
+    pub unsafe fn tile_madd(t: Tile) {
+        by_rows!(t, kernel<MADD>, 1 2 3 4 5 6)
     }
 
     /// The first `n` of eight lanes, as VMASKMOV's mask.
@@ -944,10 +975,10 @@ pub(crate) mod avx2 {
 
     /// The micro-kernel: R x 16 accumulators in registers, one broadcast of A per row and two
     /// loads of B per k step; B's rows are a whole panel (32 values) apart.
+    /// In int8 (`DOT` VNNI or MADD) the same loop on bytes, as the AVX-512 kernel's.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    /// With INT8 the same loop on bytes, as the AVX-512 kernel's (AVX-VNNI's VPDPBUSD).
-    unsafe fn kernel<const R: usize, const INT8: bool>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
+    unsafe fn kernel<const R: usize, const DOT: u8>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
         let (n0, n1) = (cols.min(8), cols.saturating_sub(8));
         let (m0, m1) = (lanes(n0), lanes(n1));
         // As in the AVX-512 kernel: the output (and residual) lines are fetched while k runs.
@@ -990,21 +1021,21 @@ pub(crate) mod avx2 {
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         macro_rules! rows_table {
-            ($mac:tt, $ap:ident, $bp:ident, $rounds:ident) => {
-                k_loop_rows!(($mac "ymm12" "ymm13" "ymm14") ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, $ap, lda, $bp, $rounds; [
+            ($mac:tt $([$($extra:tt)*])?, $ap:ident, $bp:ident, $rounds:ident) => {
+                k_loop_rows!(($mac "ymm12" "ymm13" "ymm14" $([$($extra)*])?) ((0 0 32) (4 128 160) (8 256 288) (12 384 416)); R, acc, $ap, lda, $bp, $rounds; [
                     ("{a0}" "" "ymm0" "ymm1" 0 1) ("{a0}" " + {s}" "ymm2" "ymm3" 2 3) ("{a0}" " + {s}*2" "ymm4" "ymm5" 4 5)
                     ("{a1}" "" "ymm6" "ymm7" 6 7) ("{a1}" " + {s}" "ymm8" "ymm9" 8 9) ("{a1}" " + {s}*2" "ymm10" "ymm11" 10 11)];
                     [1 2 3 4 5 6])
             };
         }
-        debug_assert!(!INT8 || k.is_multiple_of(4), "int8 steps come in fours");
+        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 steps come in fours");
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * super::NR));
-            if INT8 {
-                rows_table!(vdot, ap, bp, rounds);
-            } else {
-                rows_table!(fma, ap, bp, rounds);
+            match DOT {
+                VNNI => rows_table!(vdot, ap, bp, rounds),
+                MADD => rows_table!(madd [ones = in(reg) ONES.as_ptr(), out("ymm15") _,], ap, bp, rounds),
+                _ => rows_table!(fma, ap, bp, rounds),
             }
             p += 4 * rounds;
         }
@@ -1018,7 +1049,7 @@ pub(crate) mod avx2 {
             }
             p += 1;
         }
-        if let (true, Some(dq)) = (INT8, step.dequant) {
+        if let (true, Some(dq)) = (DOT != FMA, step.dequant) {
             // sum x row scale x column scale + bias (or + the output, accumulating).
             let (s0, s1) = (_mm256_loadu_ps(dq.cols), _mm256_loadu_ps(dq.cols.add(8)));
             for r in 0..R {

@@ -18,7 +18,7 @@ const TOLERANCE: f32 = 1e-4;
 /// 6.0e-4 of the logits' scale (2026-12-07), against 9-21% for bf16 alone.
 const BF16X3_TOLERANCE: f32 = 2e-3;
 /// The int8 engine (the 1x1 convs' products in int8) on these random weights: measured 18-52% of
-/// the logits' scale (2026-12-07), against bf16's 9-21%: a bound that catches a broken path (off
+/// the logits' scale (2026-12-07; 17-56% on AVX2 alone), against bf16's 9-21%: a bound that catches a broken path (off
 /// by its whole scale), not a measure of int8 on trained weights (keras_conformance has that).
 const INT8_TOLERANCE: f32 = 0.75;
 
@@ -100,8 +100,8 @@ fn deeplab_matches_the_pytorch_reference() {
         // check means little here). A broken path is off by its whole scale.
         // bf16x3 (two bf16 pieces an operand): measured (see BF16X3_TOLERANCE).
         assert!(bf16.is_none_or(|(e, e3)| e <= 0.35 && e3 <= BF16X3_TOLERANCE), "{} bf16 and bf16x3 engines: {bf16:?} of the logits' scale", case.file);
-        // int8 (AVX-512 VNNI machines): measured (see INT8_TOLERANCE).
-        eprintln!("{}: int8 engine {}", case.file, int8.map_or("not run (no AVX-512 VNNI)".into(), |e| format!("{e:.2e}")));
+        // int8 (AVX2 machines): measured (see INT8_TOLERANCE).
+        eprintln!("{}: int8 engine {}", case.file, int8.map_or("not run (no AVX2)".into(), |e| format!("{e:.2e}")));
         assert!(int8.is_none_or(|e| e <= INT8_TOLERANCE), "{} int8 engine: {int8:?} of the logits' scale", case.file);
         assert!(engine <= TOLERANCE, "{} engine: {engine:e}", case.file);
         assert!(burn <= TOLERANCE, "{} burn: {burn:e}", case.file);

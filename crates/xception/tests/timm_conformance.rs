@@ -28,7 +28,8 @@ const BF16_TOLERANCE: f32 = 0.15;
 /// trained model (keras_conformance, where it meets the fp32 1e-4).
 const BF16X3_TOLERANCE: f32 = 2e-3;
 /// The int8 engine on the same fixtures (logits and pooled): measured 2.5e-2 to 1.7e-1 of their
-/// scale (2026-12-07), two to four times bf16's; on the real Keras model 2.4e-2 (keras_conformance).
+/// scale (2026-12-07), two to four times bf16's, and up to 2.0e-1 on AVX2 alone (7-bit weights);
+/// on the real Keras model 2.4e-2 and 4.5e-2 (keras_conformance).
 const INT8_TOLERANCE: f32 = 0.35;
 
 fn fixtures() -> PathBuf {
@@ -154,7 +155,7 @@ fn check_variant(variant: &str) {
         compare("logits", vec![n, out.logits.as_ref().unwrap().len() / n], bare.logits.unwrap());
         eprintln!("{}: engine {}", case.file, report.join(", "));
 
-        // The opt-in engines (bf16 and bf16x3 on AMX machines, int8 on VNNI ones): the same
+        // The opt-in engines (bf16 and bf16x3 on AMX machines, int8 on AVX2 ones): the same
         // references, each precision's tolerance. Features are bounded only in bf16x3: on random
         // weights single feature values drift further in bf16 and int8 (int8: up to half the
         // scale measured); the real model's features are bounded in keras_conformance.
