@@ -13,12 +13,17 @@ its own fp32 run of the same network, so the figure is what its int8 scheme alon
 The photos: the package's 18, the first half for ONNX Runtime's calibration, the second half
 (and the repository's fixture photos) to measure on; also with the calibration on the measured
 photos themselves (ONNX Runtime's best case), with each of its calibration methods (MinMax, its
-default; Entropy; Percentile). Output: the pooled features' largest difference as a
-fraction of their scale, and their cosine similarity, per photo set.
+default; Entropy; Percentile), and with its `reduce_range` (7-bit weights: its advice for CPUs
+without VNNI, where its VPMADDUBSW kernels would otherwise saturate). Output: the pooled features'
+largest difference as a fraction of their scale, and their cosine similarity, per photo set.
+
+Run under bench/cpuid_avx2.c (LD_PRELOAD, as peers.py --isa avx2 does) with
+XCEPTION_ENGINE_NO_AVX512=1, both sides run their AVX2 int8 kernels (no VNNI).
 
 Usage: bench/int8_accuracy.py  (needs the built `xception` binary, torch, timm, onnxruntime)
 """
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -80,12 +85,13 @@ def main():
         run = lambda s, x: np.concatenate([s.run(None, {"x": nchw(x[i:i + 1]).numpy()})[0] for i in range(len(x))])
         o32 = run(ref, xt)
         rows = [("ours, int8 (dynamic, no calibration)", errors(i8, f32))]
-        for method in ["MinMax", "Entropy", "Percentile"]:
+        for method, reduce in [("MinMax", False), ("Entropy", False), ("Percentile", False), ("MinMax", True), ("Percentile", True)]:
             for what, cal in [("the other photos", xc), ("the measured photos", xt)]:
-                q = ort_int8_session(m, one, 2, calibration=[nchw(cal[i:i + 1]).numpy() for i in range(len(cal))], method=method)
-                rows.append((f"ONNX Runtime, static int8, {method} calibration on {what}", errors(run(q, xt), o32)))
+                q = ort_int8_session(m, one, 2, calibration=[nchw(cal[i:i + 1]).numpy() for i in range(len(cal))], method=method, reduce_range=reduce)
+                rows.append((f"ONNX Runtime, static int8{', reduce_range' if reduce else ''}, {method} calibration on {what}", errors(run(q, xt), o32)))
+    kernels = json.loads(subprocess.check_output([BIN, "bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--precision", "int8", "--json"], text=True))["kernels"]
     print(f"Pooled features of the kitchenware model's Keras ImageNet backbone at 299, {len(test)} photos "
-          f"(ONNX Runtime calibrated on {len(calib)} others), each int8 against its own fp32:\n")
+          f"(ONNX Runtime calibrated on {len(calib)} others), each int8 against its own fp32; our int8 kernels: {kernels}:\n")
     print("| int8 | largest difference / scale | smallest cosine similarity |\n|---|---|---|")
     for name, (err, cos) in rows:
         print(f"| {name} | {err:.2e} | {cos:.5f} |")

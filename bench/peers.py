@@ -144,13 +144,14 @@ def ort_session(module, x, threads, profile_dir=None, transform=None):
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def ort_int8_session(module, x, threads, calibration=4, method="MinMax", profile_dir=None):
+def ort_int8_session(module, x, threads, calibration=4, method="MinMax", profile_dir=None, reduce_range=False):
     """`ort_session` of `module` quantized by ONNX Runtime's own static quantization (QDQ format,
     per-channel int8 weights, uint8 activations) after its recommended pre-processing; every graph
     optimisation then fuses the QDQ pairs into its int8 kernels (QLinearConv, MLAS, VNNI where
     the CPU has it). Calibrated on `calibration` random inputs of x's shape (the values do not
     change the speed), or on the inputs `calibration` lists, for accuracy (int8_accuracy.py);
-    `method`: its calibration method, MinMax (its default), Entropy or Percentile."""
+    `method`: its calibration method, MinMax (its default), Entropy or Percentile; `reduce_range`:
+    7-bit weights, its advice for CPUs without VNNI (whose VPMADDUBSW saturates 16-bit sums)."""
     import numpy as np
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -169,7 +170,8 @@ def ort_int8_session(module, x, threads, calibration=4, method="MinMax", profile
         # ONNX Runtime's recommended pre-processing (shapes, BatchNorm folded into the convs).
         quant_pre_process(path, pre)
         quantize_static(pre, q, Inputs(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod[method])
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod[method],
+                        reduce_range=reduce_range)
         return q
 
     return ort_session(module, x, threads, profile_dir=profile_dir, transform=quantize)
