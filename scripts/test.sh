@@ -14,3 +14,6 @@ cargo test --release --locked --workspace
 # (VPMADDUBSW, 7-bit weights), as on AMD Zen 2/3 and Intel before Ice Lake; with AVX-VNNI it
 # gives the AVX-512 VNNI kernel's bits, which the first run checks.
 XCEPTION_ENGINE_NO_AVX512=1 XCEPTION_ENGINE_NO_VNNI=1 cargo test --release --locked -p xception --test keras_conformance --test timm_conformance
+# int8 without VNNI on the AVX-512 kernels (AVX-512BW's VPMADDUBSW, as on Intel "Skylake-SP")
+# against the real Keras model; elsewhere this repeats the AVX2 case.
+XCEPTION_ENGINE_NO_VNNI=1 cargo test --release --locked -p xception --test keras_conformance reduced_precision

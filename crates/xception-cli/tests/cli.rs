@@ -216,13 +216,16 @@ fn reduced_precisions_run_or_are_refused_clearly() {
     let timm = timm_checkpoint(&dir, Variant::LegacyXception, 1000);
     let chelsea = images().join("chelsea.png");
     #[cfg(target_arch = "x86_64")]
-    let (avx2, avx512_vnni, avx_vnni) = (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"), is_x86_feature_detected!("avx512vnni"), is_x86_feature_detected!("avxvnni"));
+    let (avx2, avx512_vnni, avx512bw, avx_vnni) = (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"), is_x86_feature_detected!("avx512vnni"), is_x86_feature_detected!("avx512bw"), is_x86_feature_detected!("avxvnni"));
     #[cfg(not(target_arch = "x86_64"))]
-    let (avx2, avx512_vnni, avx_vnni) = (false, false, false);
+    let (avx2, avx512_vnni, avx512bw, avx_vnni) = (false, false, false, false);
+    let avx512 = xception::engine::simd_kernels() == "avx512";
     for precision in ["bf16", "bf16x3", "int8"] {
         let (available, needs, kernels) = if precision == "int8" {
-            let widest = if xception::engine::simd_kernels() == "avx512" && avx512_vnni {
+            let widest = if avx512 && avx512_vnni {
                 "avx512-vnni-int8"
+            } else if avx512 && avx512bw {
+                "avx512bw-int8"
             } else if avx_vnni {
                 "avx-vnni-int8"
             } else {
@@ -248,9 +251,18 @@ fn reduced_precisions_run_or_are_refused_clearly() {
         }
         // Without AVX-512 (forced off here) bf16 does not run: refused, for the kernels alone
         // too. int8 runs on the AVX2 kernels, with AVX-VNNI where the CPU has it and without
-        // when XCEPTION_ENGINE_NO_VNNI says so.
-        let held: &[(&[(&str, &str)], &str)] = &[(&[("XCEPTION_ENGINE_NO_AVX512", "1")], if avx_vnni { "avx-vnni-int8" } else { "avx2-int8" }), (&[("XCEPTION_ENGINE_NO_AVX512", "1"), ("XCEPTION_ENGINE_NO_VNNI", "1")], "avx2-int8")];
+        // when XCEPTION_ENGINE_NO_VNNI says so; that alone holds int8 on AVX-512 machines to
+        // AVX-512BW (bf16 runs there, and is not checked again).
+        let no_vnni = if avx512 && avx512bw { "avx512bw-int8" } else { "avx2-int8" };
+        let held: &[(&[(&str, &str)], &str)] = &[
+            (&[("XCEPTION_ENGINE_NO_AVX512", "1")], if avx_vnni { "avx-vnni-int8" } else { "avx2-int8" }),
+            (&[("XCEPTION_ENGINE_NO_AVX512", "1"), ("XCEPTION_ENGINE_NO_VNNI", "1")], "avx2-int8"),
+            (&[("XCEPTION_ENGINE_NO_VNNI", "1")], no_vnni),
+        ];
         for &(env, int8_kernels) in held {
+            if env.len() == 1 && env[0].0 == "XCEPTION_ENGINE_NO_VNNI" && precision != "int8" {
+                continue;
+            }
             let runs = precision == "int8" && avx2;
             for args in [vec!["classify", "--weights", s(&timm), "--size", "96", "--precision", precision, s(&chelsea)], vec!["bench", "--ops", "--runs", "1", "--precision", precision]] {
                 let out = bin().args(&args).envs(env.iter().copied()).output().unwrap();

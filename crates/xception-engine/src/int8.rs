@@ -54,13 +54,16 @@ pub enum Int8Kernel {
     Vnni256,
     /// The AVX2 5x16 kernel with VPMADDUBSW, VPMADDWD and VPADDD (AVX2 alone; 7-bit weights).
     Madd256,
+    /// The AVX-512 12x32 kernel with the same on zmm (AVX-512BW without VNNI: Intel Xeon
+    /// "Skylake-SP"; 7-bit weights).
+    Madd512,
 }
 
 impl Int8Kernel {
     /// The weights' levels a side this kernel multiplies exactly.
     pub fn levels(self) -> i32 {
         match self {
-            Int8Kernel::Madd256 => 63,
+            Int8Kernel::Madd256 | Int8Kernel::Madd512 => 63,
             _ => 127,
         }
     }
@@ -68,7 +71,7 @@ impl Int8Kernel {
     /// The fp32 kernels whose row quantizer and register tiles it uses.
     fn simd(self) -> Kernel {
         match self {
-            Int8Kernel::Vnni512 => Kernel::Avx512,
+            Int8Kernel::Vnni512 | Int8Kernel::Madd512 => Kernel::Avx512,
             _ => Kernel::Avx2,
         }
     }
@@ -79,12 +82,14 @@ impl Int8Kernel {
             Int8Kernel::Vnni512 => "avx512-vnni-int8",
             Int8Kernel::Vnni256 => "avx-vnni-int8",
             Int8Kernel::Madd256 => "avx2-int8",
+            Int8Kernel::Madd512 => "avx512bw-int8",
         }
     }
 }
 
 /// The int8 kernel for this CPU, if any: with the AVX-512 kernels and AVX-512 VNNI, VPDPBUSD on
-/// zmm; else with AVX-VNNI, VPDPBUSD on ymm; else on any AVX2+FMA CPU, VPMADDUBSW.
+/// zmm, or without it, VPMADDUBSW on zmm (AVX-512BW); else with AVX-VNNI, VPDPBUSD on ymm; else
+/// on any AVX2+FMA CPU, VPMADDUBSW on ymm.
 /// `XCEPTION_ENGINE_NO_VNNI` set in the environment passes over both VNNIs (as
 /// XCEPTION_ENGINE_NO_AVX512 does AVX-512), which is how an AVX2 CPU without VNNI is measured and
 /// tested on one with it.
@@ -94,6 +99,7 @@ pub fn kernel() -> Option<Int8Kernel> {
         let vnni = std::env::var("XCEPTION_ENGINE_NO_VNNI").is_err();
         match crate::packed::kernel() {
             Kernel::Avx512 if vnni && is_x86_feature_detected!("avx512vnni") => Some(Int8Kernel::Vnni512),
+            Kernel::Avx512 if is_x86_feature_detected!("avx512bw") => Some(Int8Kernel::Madd512),
             Kernel::Portable => None,
             _ if vnni && is_x86_feature_detected!("avxvnni") => Some(Int8Kernel::Vnni256),
             _ => Some(Int8Kernel::Madd256),
@@ -358,6 +364,7 @@ unsafe fn gemm_rows_on(kernel: Int8Kernel, m: usize, a: &[u32], ld8: usize, scal
         Int8Kernel::Vnni512 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile(t)),
         Int8Kernel::Vnni256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, avx2_tiles, Some(scales), |t| avx2::tile(t)),
         Int8Kernel::Madd256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR_MADD, avx2::NR), Some(scales), |t| avx2::tile_madd(t)),
+        Int8Kernel::Madd512 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile_madd(t)),
     }
 }
 
@@ -371,11 +378,16 @@ mod tests {
     }
 
     /// The int8 kernels this CPU runs (whatever XCEPTION_ENGINE_NO_VNNI says): AVX-512 with
-    /// AVX-512 VNNI, AVX2 with AVX-VNNI, AVX2 alone.
+    /// AVX-512 VNNI, AVX-512BW alone, AVX2 with AVX-VNNI, AVX2 alone.
     fn kernels() -> Vec<Int8Kernel> {
         let mut k = Vec::new();
-        if crate::packed::has_avx512() && is_x86_feature_detected!("avx512vnni") {
-            k.push(Int8Kernel::Vnni512);
+        if crate::packed::has_avx512() {
+            if is_x86_feature_detected!("avx512vnni") {
+                k.push(Int8Kernel::Vnni512);
+            }
+            if is_x86_feature_detected!("avx512bw") {
+                k.push(Int8Kernel::Madd512);
+            }
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             if is_x86_feature_detected!("avxvnni") {

@@ -91,7 +91,8 @@ pub fn int8_available() -> bool {
 }
 
 /// The kernels `Precision::Int8` runs on here, if any: "avx512-vnni-int8" (AVX-512 VNNI),
-/// "avx-vnni-int8" (AVX-VNNI, on the AVX2 kernels) or "avx2-int8" (AVX2 alone, 7-bit weights).
+/// "avx512bw-int8" (AVX-512 without VNNI, 7-bit weights), "avx-vnni-int8" (AVX-VNNI, on the AVX2
+/// kernels) or "avx2-int8" (AVX2 alone, 7-bit weights).
 /// XCEPTION_ENGINE_NO_VNNI set in the environment passes over both VNNIs.
 pub fn int8_kernels() -> Option<&'static str> {
     #[cfg(target_arch = "x86_64")]

@@ -623,6 +623,15 @@ pub(crate) fn lane_mask(lanes: usize) -> u16 {
     }
 }
 
+/// The micro-kernels' multiply-adds (their `DOT` parameter): fp32 FMA; int8 with VNNI
+/// (VPDPBUSD); int8 with AVX2 or AVX-512BW alone (VPMADDUBSW, VPMADDWD, VPADDD: `mac`).
+#[cfg(target_arch = "x86_64")]
+const FMA: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const VNNI: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const MADD: u8 = 2;
+
 /// Runs the micro-kernel `$kernel::<R>` (one monomorphised kernel per row count R) on the tile
 /// `$t`.
 #[cfg(target_arch = "x86_64")]
@@ -665,7 +674,8 @@ macro_rules! k_step {
 /// One multiply-add of the micro-kernels' k loop into accumulator `$acc`, B's vector `$b`, A's
 /// broadcast `$a`: `fma`, fp32 (acc += a * b); `dot`, int8 (each 32-bit lane of acc += the dot
 /// product of its four unsigned bytes of a with its four signed bytes of b: VPDPBUSD, AVX-512
-/// VNNI); `vdot`, the same on ymm (AVX-VNNI); `madd`, the same on ymm with AVX2 alone.
+/// VNNI); `vdot`, the same on ymm (AVX-VNNI); `madd` and `zmadd`, the same on ymm with AVX2
+/// alone and on zmm with AVX-512BW alone (three instructions).
 #[cfg(target_arch = "x86_64")]
 macro_rules! mac {
     (fma $acc:tt $b:tt $a:tt) => {
@@ -683,6 +693,11 @@ macro_rules! mac {
     // (16-bit ones in ymm11; the product goes through ymm15), added to acc.
     (madd $acc:tt $b:tt $a:tt) => {
         concat!("vpmaddubsw ymm15, ", $a, ", ", $b, "\n", "vpmaddwd ymm15, ymm15, ymm11\n", "vpaddd ", $acc, ", ", $acc, ", ymm15\n")
+    };
+    // The same on zmm (AVX-512BW without VNNI: Intel Xeon "Skylake-SP"): ones in zmm27, the
+    // product through zmm28.
+    (zmadd $acc:tt $b:tt $a:tt) => {
+        concat!("vpmaddubsw zmm28, ", $a, ", ", $b, "\n", "vpmaddwd zmm28, zmm28, zmm27\n", "vpaddd ", $acc, ", ", $acc, ", zmm28\n")
     };
 }
 
@@ -761,7 +776,7 @@ macro_rules! k_loop_rows {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
-    use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile};
+    use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile, FMA, MADD, VNNI};
     use std::arch::x86_64::*;
 
     /// Largest depth of one k-block. Between blocks each tile's partial sums go back to memory;
@@ -769,14 +784,20 @@ pub(crate) mod avx512 {
     /// network against L1-sized blocks of 256 (32 KiB): 5% faster (xception, batch 1).
     pub const KC: usize = 768;
 
-    /// One tile of 1..=MR rows by one panel.
+    /// One tile of 1..=MR rows by one panel: fp32, or int8 with AVX-512 VNNI.
     #[inline(always)]
     pub unsafe fn tile(t: Tile) {
         if t.step.dequant.is_some() {
-            by_rows!(t, kernel<true>, 1 2 3 4 5 6 7 8 9 10 11 12)
+            by_rows!(t, kernel<VNNI>, 1 2 3 4 5 6 7 8 9 10 11 12)
         } else {
-            by_rows!(t, kernel<false>, 1 2 3 4 5 6 7 8 9 10 11 12)
+            by_rows!(t, kernel<FMA>, 1 2 3 4 5 6 7 8 9 10 11 12)
         }
+    }
+
+    /// One int8 tile with AVX-512BW alone (weights of 7 bits, `int8`).
+    #[inline(always)]
+    pub unsafe fn tile_madd(t: Tile) {
+        by_rows!(t, kernel<MADD>, 1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
     /// The end of one 32-value output row: + the residual row, ReLU, and the store, masked to
@@ -809,12 +830,13 @@ pub(crate) mod avx512 {
 
     /// The micro-kernel: R x 32 accumulators in registers (24 of the 32 for R = 12), one
     /// broadcast of A per row and two loads of B per k step, four steps at a time in `k_loop`.
-    /// With INT8 the same loop on bytes (`int8`): a step is four k, A's broadcast four unsigned
-    /// bytes, B's vectors four signed bytes per column, VPDPBUSD for the FMA (so `k`, the
-    /// steps, is a multiple of four: no single steps); `step.dequant` scales the sums back.
+    /// In int8 (`DOT` VNNI or MADD) the same loop on bytes (`int8`): a step is four k, A's
+    /// broadcast four unsigned bytes, B's vectors four signed bytes per column, VPDPBUSD (or
+    /// VPMADDUBSW, VPMADDWD and VPADDD) for the FMA (so `k`, the steps, is a multiple of four: no
+    /// single steps); `step.dequant` scales the sums back.
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const R: usize, const INT8: bool>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
+    unsafe fn kernel<const R: usize, const DOT: u8>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, step: Step, cols: usize, ahead: Ahead, extra: Ahead) {
         let (m0, m1) = (super::lane_mask(cols), super::lane_mask(cols.saturating_sub(16)));
         let zero = _mm512_setzero_ps();
         // The tile's output (and residual) lines are fetched while the k loop runs: a store that
@@ -845,7 +867,7 @@ pub(crate) mod avx512 {
                 }
             }
             Start::Partial => {
-                debug_assert!(!INT8, "int8 sums run over all of k at once");
+                debug_assert!(DOT == FMA, "int8 sums run over all of k at once");
                 for r in 0..R {
                     acc[2 * r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
                     acc[2 * r + 1] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
@@ -853,12 +875,12 @@ pub(crate) mod avx512 {
             }
         }
         // Four k steps per round of the assembly loop, in chunks between prefetch bursts.
-        debug_assert!(!INT8 || k.is_multiple_of(4), "int8 steps come in fours");
+        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 steps come in fours");
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         macro_rules! rows_table {
-            ($mac:tt, $ap:ident, $bp:ident, $rounds:ident) => {
-                k_loop_rows!(($mac "zmm24" "zmm25" "zmm26") ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, $ap, lda, $bp, $rounds; [
+            ($mac:tt $([$($extra:tt)*])?, $ap:ident, $bp:ident, $rounds:ident) => {
+                k_loop_rows!(($mac "zmm24" "zmm25" "zmm26" $([$($extra)*])?) ((0 0 64) (4 128 192) (8 256 320) (12 384 448)); R, acc, $ap, lda, $bp, $rounds; [
                     ("{a0}" "" "zmm0" "zmm1" 0 1) ("{a0}" " + {s}" "zmm2" "zmm3" 2 3) ("{a0}" " + {s}*2" "zmm4" "zmm5" 4 5)
                     ("{a1}" "" "zmm6" "zmm7" 6 7) ("{a1}" " + {s}" "zmm8" "zmm9" 8 9) ("{a1}" " + {s}*2" "zmm10" "zmm11" 10 11)
                     ("{a2}" "" "zmm12" "zmm13" 12 13) ("{a2}" " + {s}" "zmm14" "zmm15" 14 15) ("{a2}" " + {s}*2" "zmm16" "zmm17" 16 17)
@@ -869,10 +891,10 @@ pub(crate) mod avx512 {
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * 32));
-            if INT8 {
-                rows_table!(dot, ap, bp, rounds);
-            } else {
-                rows_table!(fma, ap, bp, rounds);
+            match DOT {
+                VNNI => rows_table!(dot, ap, bp, rounds),
+                MADD => rows_table!(zmadd [in("zmm27") _mm512_set1_epi16(1), out("zmm28") _,], ap, bp, rounds),
+                _ => rows_table!(fma, ap, bp, rounds),
             }
             p += 4 * rounds;
         }
@@ -886,7 +908,7 @@ pub(crate) mod avx512 {
             }
             p += 1;
         }
-        if let (true, Some(dq)) = (INT8, step.dequant) {
+        if let (true, Some(dq)) = (DOT != FMA, step.dequant) {
             // sum x row scale x column scale + bias (or + the output, accumulating).
             let (s0, s1) = (_mm512_loadu_ps(dq.cols), _mm512_loadu_ps(dq.cols.add(16)));
             for r in 0..R {
@@ -908,7 +930,7 @@ pub(crate) mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile};
+    use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile, FMA, MADD, VNNI};
     use std::arch::x86_64::*;
 
     /// Columns per register tile: half a packed panel (two AVX2 vectors).
@@ -921,12 +943,6 @@ pub(crate) mod avx2 {
     /// against 256 (16 KiB), alternating: 1-2% faster at every pointwise shape; 512 and 1536 no
     /// better than 768. On the whole network (2 threads, paired) the two were within 1.3%.
     pub const KC: usize = 768;
-
-    /// The kernel's multiply-adds: fp32 FMA, int8 with AVX-VNNI (VPDPBUSD), int8 with AVX2 alone
-    /// (VPMADDUBSW, VPMADDWD, VPADDD).
-    const FMA: u8 = 0;
-    const VNNI: u8 = 1;
-    const MADD: u8 = 2;
 
     /// Rows per register tile of the `MADD` kernel: 5 x 2 accumulators, 2 B vectors, the
     /// broadcast, VPMADDWD's ones and the product in between fill 15 of the 16 ymm registers. One
