@@ -33,10 +33,10 @@ pub enum Precision {
     /// describes as treating a float32 as the sum of two bfloat16 numbers).
     Bf16x3,
     /// The 1x1 convs' products in int8 (`int8`): each weight column scaled to [-127, 127] once,
-    /// at load, each row of activations as it is multiplied (its own scale, from its largest
-    /// value), exact 32-bit integer sums (VPDPBUSD: AVX-512 VNNI or AVX-VNNI), then scaled back to
-    /// fp32. The dense k x k convs (the stem), depthwise convs, norms, pools and the classifier
-    /// stay fp32.
+    /// at load (to [-63, 63] on CPUs without VNNI), each row of activations as it is multiplied
+    /// (its own scale, from its largest value), exact 32-bit integer sums (VPDPBUSD with AVX-512
+    /// VNNI or AVX-VNNI, else VPMADDUBSW), then scaled back to fp32. The dense k x k convs (the
+    /// stem), depthwise convs, norms, pools and the classifier stay fp32.
     Int8,
 }
 
