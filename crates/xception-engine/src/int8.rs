@@ -98,7 +98,8 @@ pub fn kernel() -> Option<Int8Kernel> {
     *KERNEL.get_or_init(|| {
         let vnni = std::env::var("XCEPTION_ENGINE_NO_VNNI").is_err();
         match crate::packed::kernel() {
-            Kernel::Avx512 if vnni && is_x86_feature_detected!("avx512vnni") => Some(Int8Kernel::Vnni512),
+            // (Every AVX-512 VNNI CPU has AVX-512BW, which the row quantizer uses.)
+            Kernel::Avx512 if vnni && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") => Some(Int8Kernel::Vnni512),
             Kernel::Avx512 if is_x86_feature_detected!("avx512bw") => Some(Int8Kernel::Madd512),
             Kernel::Portable => None,
             _ if vnni && is_x86_feature_detected!("avxvnni") => Some(Int8Kernel::Vnni256),
@@ -206,41 +207,60 @@ fn quantize_rows_on(kernel: Kernel, a: &[f32], lda: usize, k: usize, rows: Range
     }
 }
 
+/// The largest magnitude of values whose largest magnitude bits (as i32, sign cleared) are
+/// `bits`: a float's magnitude bits order as the magnitudes do and a NaN's lie above infinity's,
+/// so an integer maximum finds the largest magnitude and keeps a NaN (a float maximum would drop
+/// it) with one instruction per vector.
+fn magnitude_of(bits: i32) -> f32 {
+    if bits > f32::INFINITY.to_bits() as i32 {
+        f32::NAN
+    } else {
+        f32::from_bits(bits as u32)
+    }
+}
+
 /// One row: its largest magnitude, then each value over its scale, rounded, + 128. Returns the
 /// scale.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
     let (k, p) = (src.len(), src.as_ptr());
     let (whole, tail) = (k / 64 * 64, crate::packed::lane_mask(k % 16));
-    // Largest magnitude, four running maxima (so the loop is not one chain of max latencies);
-    // masked lanes load zeros. A NaN makes it NaN (vmaxps would drop it: NaNs are flagged apart).
-    let (mut m0, mut m1, mut m2, mut m3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut nan: __mmask16 = 0;
-    let mut look = |v: __m512, m: &mut __m512| {
-        let v = _mm512_abs_ps(v);
-        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        *m = _mm512_max_ps(v, *m);
-    };
+    // Largest magnitude bits (`magnitude_of`), four running maxima (so the loop is not one chain
+    // of max latencies); masked lanes load zeros.
+    let (mut m0, mut m1, mut m2, mut m3) = (_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512());
+    let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+    let look = |v: __m512i, m: &mut __m512i| *m = _mm512_max_epi32(_mm512_and_si512(v, magnitude), *m);
     for i in (0..whole).step_by(64) {
-        look(_mm512_loadu_ps(p.add(i)), &mut m0);
-        look(_mm512_loadu_ps(p.add(i + 16)), &mut m1);
-        look(_mm512_loadu_ps(p.add(i + 32)), &mut m2);
-        look(_mm512_loadu_ps(p.add(i + 48)), &mut m3);
+        look(_mm512_loadu_si512(p.add(i).cast()), &mut m0);
+        look(_mm512_loadu_si512(p.add(i + 16).cast()), &mut m1);
+        look(_mm512_loadu_si512(p.add(i + 32).cast()), &mut m2);
+        look(_mm512_loadu_si512(p.add(i + 48).cast()), &mut m3);
     }
     for i in (whole..k).step_by(16) {
         let m = if i + 16 <= k { 0xffff } else { tail };
-        look(_mm512_maskz_loadu_ps(m, p.add(i)), &mut m0);
+        look(_mm512_maskz_loadu_epi32(m, p.add(i).cast()), &mut m0);
     }
-    let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max }, 127);
+    let max = magnitude_of(_mm512_reduce_max_epi32(_mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3))));
+    let (scale, inv) = scale_of(max, 127);
     let vinv = _mm512_set1_ps(inv);
-    let (lo, hi, zp) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
-    // Rounded to nearest even by the conversion (MXCSR's default); NaN converts to i32::MIN,
-    // clamped to -127 (the scale is NaN then anyway).
-    let bytes = |v: __m512| _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), lo), hi), zp));
+    let q = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));
     let d = dst.as_mut_ptr();
+    // 64 values a round, as `quantize_row_avx2` does 32: rounded to nearest even by the
+    // conversion (MXCSR's default), packed with signed saturation to 16 and 8 bits within each
+    // 128-bit lane (four-byte groups in the order a0 b0 c0 d0 a1 b1 ..., put back in order),
+    // clamped to -127 (NaN converts to i32::MIN; the scale is NaN then anyway), + 128.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let (low, flip) = (_mm512_set1_epi8(-127), _mm512_set1_epi8(-128));
+    for i in (0..whole).step_by(64) {
+        let ab = _mm512_packs_epi32(q(_mm512_loadu_ps(p.add(i))), q(_mm512_loadu_ps(p.add(i + 16))));
+        let cd = _mm512_packs_epi32(q(_mm512_loadu_ps(p.add(i + 32))), q(_mm512_loadu_ps(p.add(i + 48))));
+        let bytes = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(ab, cd));
+        _mm512_storeu_si512(d.add(i).cast(), _mm512_xor_si512(_mm512_max_epi8(bytes, low), flip));
+    }
+    let (lo, hi, zp) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
+    let bytes = |v: __m512| _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q(v), lo), hi), zp));
     let full = k / 16 * 16;
-    for i in (0..full).step_by(16) {
+    for i in (whole..full).step_by(16) {
         _mm_storeu_si128(d.add(i).cast(), bytes(_mm512_loadu_ps(p.add(i))));
     }
     if full < k {
@@ -256,38 +276,42 @@ unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
 unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
     let (k, p) = (src.len(), src.as_ptr());
     let full = k / 8 * 8;
-    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let (mut m0, mut m1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut nan = 0;
+    // Largest magnitude bits (`magnitude_of`).
+    let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+    let (mut m0, mut m1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
     for (j, i) in (0..full).step_by(8).enumerate() {
-        let v = _mm256_and_ps(_mm256_loadu_ps(p.add(i)), magnitude);
-        nan |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let v = _mm256_and_si256(_mm256_loadu_si256(p.add(i).cast()), magnitude);
         if j % 2 == 0 {
-            m0 = _mm256_max_ps(v, m0);
+            m0 = _mm256_max_epi32(v, m0);
         } else {
-            m1 = _mm256_max_ps(v, m1);
+            m1 = _mm256_max_epi32(v, m1);
         }
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(m0, m1));
-    let mut max = lanes.iter().fold(0f32, |m, &v| m.max(v));
-    for &v in &src[full..] {
-        if v.is_nan() {
-            nan = 1;
-        } else {
-            max = max.max(v.abs());
-        }
-    }
-    let (scale, inv) = scale_of(if nan != 0 { f32::NAN } else { max }, 127);
+    let mut lanes = [0i32; 8];
+    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_max_epi32(m0, m1));
+    let bits = src[full..].iter().fold(lanes.into_iter().max().unwrap_or(0), |m, v| m.max((v.to_bits() & 0x7fff_ffff) as i32));
+    let (scale, inv) = scale_of(magnitude_of(bits), 127);
     let vinv = _mm256_set1_ps(inv);
+    let q = |i: usize| _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
+    // 32 values a round: rounded (to nearest even, by the conversion) to 32-bit integers, packed
+    // with signed saturation to 16 and then 8 bits (within each 128-bit half, so the four-byte
+    // groups come out as a0 b0 c0 d0 a1 b1 c1 d1 and are put back in order), clamped to -127 (a
+    // NaN converts to i32::MIN, which saturates to -128; the scale is NaN then anyway) and + 128
+    // (the sign bit flipped).
+    let (order, low, flip) = (_mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), _mm256_set1_epi8(-127), _mm256_set1_epi8(-128));
+    let whole = k / 32 * 32;
+    for i in (0..whole).step_by(32) {
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q(i), q(i + 8)), _mm256_packs_epi32(q(i + 16), q(i + 24)));
+        let bytes = _mm256_xor_si256(_mm256_max_epi8(_mm256_permutevar8x32_epi32(bytes, order), low), flip);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), bytes);
+    }
     let (lo, hi, zp) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127), _mm256_set1_epi32(128));
     // Each 32-bit lane's low byte, gathered into the first four bytes of each 128-bit half, then
     // the two halves' words side by side.
     let low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     let pair = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
-    for i in (0..full).step_by(8) {
-        let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
-        let q = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, lo), hi), zp);
+    for i in (whole..full).step_by(8) {
+        let q = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q(i), lo), hi), zp);
         let b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(q, low_bytes), pair);
         _mm_storel_epi64(dst.as_mut_ptr().add(i).cast(), _mm256_castsi256_si128(b));
     }
@@ -382,7 +406,7 @@ mod tests {
     fn kernels() -> Vec<Int8Kernel> {
         let mut k = Vec::new();
         if crate::packed::has_avx512() {
-            if is_x86_feature_detected!("avx512vnni") {
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
                 k.push(Int8Kernel::Vnni512);
             }
             if is_x86_feature_detected!("avx512bw") {
