@@ -702,8 +702,9 @@ macro_rules! mac {
 }
 
 /// `$iters` rounds of four k steps of a micro-kernel on the rows listed, in assembly (the
-/// AVX-512 and AVX2 kernels: registers `$bv $bw $bc` for B and the broadcast, the four steps'
-/// offsets as in `k_step`; B's rows are a packed panel, 128 bytes, apart). Rows go in groups of
+/// AVX-512 and AVX2 kernels: registers `$bv $bw $bc` for B and the broadcast, then in brackets
+/// any operands the multiply-add needs besides (`mac`'s madd: the ones, the spare register); the
+/// four steps' offsets as in `k_step`; B's rows are a packed panel, 128 bytes, apart). Rows go in groups of
 /// three, row 3g + j read at `{a<g>} + j * lda` (an x86 address with no arithmetic of its
 /// own); the four group pointers and B's move once a round.
 ///
