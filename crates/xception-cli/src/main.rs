@@ -600,8 +600,8 @@ fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
     // The roofline: a layer type can at most run at its arithmetic intensity (FLOP per byte of
     // compulsory traffic) times the memory bandwidth, or at the peak; one without arithmetic
     // (pools, adds) at the bandwidth. "of bound" is the fraction of that it reaches. The peak is
-    // fp32's: bf16 products run on AMX tiles, whose peak is not measured, so there the bound is
-    // the memory roof alone.
+    // fp32's: bf16 products run on AMX tiles and int8 ones on integer instructions, whose peaks
+    // are not measured, so there the bound is the memory roof alone.
     let compute_roof = if parse_precision(&args.precision) == xception::Precision::F32 { peak } else { f64::INFINITY };
     let rows: Vec<serde_json::Value> = kinds
         .iter()
