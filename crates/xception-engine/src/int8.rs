@@ -383,10 +383,10 @@ unsafe fn gemm_rows_on(kernel: Int8Kernel, m: usize, a: &[u32], ld8: usize, scal
     assert!(q.levels <= kernel.levels(), "int8 gemm: weights of {} levels on {kernel:?}", q.levels);
     let a = std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len());
     use crate::packed::{avx2, avx512, tiles};
-    let avx2_tiles = (usize::MAX, avx2::MR, avx2::NR);
+    // (No k-blocks: the integer sums run over all of k at once.)
     match kernel {
         Int8Kernel::Vnni512 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile(t)),
-        Int8Kernel::Vnni256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, avx2_tiles, Some(scales), |t| avx2::tile(t)),
+        Int8Kernel::Vnni256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR, avx2::NR), Some(scales), |t| avx2::tile(t)),
         Int8Kernel::Madd256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR_MADD, avx2::NR), Some(scales), |t| avx2::tile_madd(t)),
         Int8Kernel::Madd512 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile_madd(t)),
     }

@@ -89,6 +89,13 @@ pub struct PackedB {
     bias: Vec<f32>,
 }
 
+/// `bias` (n values) zero-padded to whole panels.
+fn padded_bias(bias: &[f32], n: usize) -> Vec<f32> {
+    let mut padded = bias.to_vec();
+    padded.resize(n.div_ceil(NR) * NR, 0.0);
+    padded
+}
+
 impl PackedB {
     /// `weight` is (k x n) row-major.
     pub fn new(weight: &[f32], bias: &[f32], k: usize, n: usize) -> PackedB {
@@ -100,16 +107,15 @@ impl PackedB {
     pub fn with_precision(weight: &[f32], bias: &[f32], k: usize, n: usize, precision: Precision) -> PackedB {
         assert_eq!(weight.len(), k * n, "weight shape");
         assert_eq!(bias.len(), n, "bias shape");
-        let panels = n.div_ceil(NR);
-        let mut padded = bias.to_vec();
-        padded.resize(panels * NR, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if precision.pieces() > 0 {
-            return PackedB { k, n, steps: 0, data: Vec::new(), int8: None, bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
-        }
         #[cfg(target_arch = "x86_64")]
         if precision == Precision::Int8 && k <= crate::int8::MAX_K {
             return PackedB::quantized(weight, bias, k, n, crate::int8::kernel().map_or(127, |q| q.levels()));
+        }
+        let panels = n.div_ceil(NR);
+        let padded = padded_bias(bias, n);
+        #[cfg(target_arch = "x86_64")]
+        if precision.pieces() > 0 {
+            return PackedB { k, n, steps: 0, data: Vec::new(), int8: None, bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
         }
         assert!(precision == Precision::F32 || cfg!(target_arch = "x86_64"), "bf16 and int8 products need x86-64");
         let mut data = vec![0f32; panels * k * NR];
@@ -136,9 +142,7 @@ impl PackedB {
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn quantized(weight: &[f32], bias: &[f32], k: usize, n: usize, levels: i32) -> PackedB {
         let (data, scales) = crate::int8::pack(weight, k, n, levels);
-        let mut padded = bias.to_vec();
-        padded.resize(n.div_ceil(NR) * NR, 0.0);
-        PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded }
+        PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded_bias(bias, n) }
     }
 
     /// Whether the products run in bf16 (AMX).
