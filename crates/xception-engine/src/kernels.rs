@@ -130,6 +130,9 @@ thread_local! {
     static SCRATCH8: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// `BAND` in bf16.
     static BAND16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// `BAND` quantized to int8 (bytes, four to a u32) and its rows' scales, for an int8 product
+    /// (`BAND` then holds one line in fp32).
+    static BAND8: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Where the rows of a GEMM's left operand come from.
@@ -303,6 +306,25 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
                 fill16(l, chunk);
             }
             crate::amx::gemm_rows(rows.len(), &a16[rows.start * ld16..], ld16, k, n, b16, b.bias(), 0..b.panels(), out, n, epi)
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if b.int8().is_some() {
+        // Each line quantized as soon as it is made, from a line-sized fp32 buffer, into the
+        // band's bytes: the band is a quarter of its fp32 size and is never read back in fp32.
+        let ld8 = crate::int8::lhs_stride(k);
+        return BAND8.with_borrow_mut(|bufs| {
+            let (bytes, scales) = crate::int8::lhs_buffers(bufs, made, ld8);
+            BAND.with_borrow_mut(|line| {
+                line.resize(line.len().max(per_line * k), 0.0);
+                let line = &mut line[..per_line * k];
+                for (l, (d, sc)) in lines.zip(bytes.chunks_mut(per_line * ld8).zip(scales.chunks_mut(per_line))) {
+                    fill(l, line);
+                    crate::int8::quantize_rows(line, k, k, 0..per_line, d, ld8, sc);
+                }
+            });
+            let (a8, scales) = (&bufs.0[rows.start * ld8 / 4..made * ld8 / 4], &bufs.1[rows.start..made]);
+            crate::int8::gemm_rows(rows.len(), a8, ld8, scales, b, 0..b.panels(), out, n, epi)
         });
     }
     BAND.with_borrow_mut(|buf| {
