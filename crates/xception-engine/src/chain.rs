@@ -52,8 +52,9 @@ fn window(s: &SepConv, h: usize, out: &Range<usize>) -> Range<usize> {
 }
 
 /// Whether `sep_chain` can run `convs` on an input of `input` (h, w), and pays: every conv pads the
-/// same whatever the height, none is dilated, and every output but the last is large and, in
-/// fp32, narrow. Measured (xception65, two threads, per-step medians, AVX-512), chained against
+/// same whatever the height, none is dilated, and every output but the last is large (from
+/// LARGE_BF16 values where the products outrun memory, `PackedB::outruns_memory`: bf16, int8
+/// with VNNI) and, in fp32, narrow. Measured (xception65, two threads, per-step medians, AVX-512), chained against
 /// each conv in turn:
 /// - the first block (150x150x128 twice at 299): fp32 6.0-6.5 ms against 7.5-7.6, bf16 2.9
 ///   against 3.7; at 513 (257x257x128) fp32 18-22 against 26-28, bf16 10 against 19-21;
@@ -68,7 +69,7 @@ pub fn chain_pays(convs: &[&SepConv], input: (usize, usize), threads: usize) -> 
         return false;
     }
     convs.iter().zip(sizes(convs, input)).take(convs.len() - 1).all(|(s, (h, w))| {
-        let large = if s.pw.is_bf16() { h * w * s.pw.n >= LARGE_BF16 } else { h * w * s.pw.n >= LARGE_F32 && s.pw.n <= NARROW_F32 };
+        let large = if s.pw.outruns_memory() { h * w * s.pw.n >= LARGE_BF16 } else { h * w * s.pw.n >= LARGE_F32 && s.pw.n <= NARROW_F32 };
         large && h >= 4 * threads
     })
 }

@@ -68,6 +68,11 @@ impl Int8Kernel {
         }
     }
 
+    /// Whether it multiplies with VPDPBUSD (four byte products a lane an instruction).
+    pub fn vnni(self) -> bool {
+        matches!(self, Int8Kernel::Vnni512 | Int8Kernel::Vnni256)
+    }
+
     /// The fp32 kernels whose row quantizer and register tiles it uses.
     fn simd(self) -> Kernel {
         match self {

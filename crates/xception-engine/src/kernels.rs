@@ -1510,10 +1510,20 @@ thread_local! {
 /// unfused, 7.2-7.6 fused; block 2 (74x74x256) even, 6.4-7.1 against 6.6-7.1 (again even with
 /// the SIMD pool). bf16: blocks 1 and 2 5.4-5.6 and 3.2-3.6 ms fused, 6.0-6.5 and 3.6-4.1 with
 /// the earlier fusion (a band for every four pool lines, each making its own shared conv line).
+/// Where the products outrun memory (`PackedB::outruns_memory`: bf16, int8 with VNNI) at any
+/// size; int8 with VNNI down to a fourth of the lines (block 3 at 37x37, not the exit block's
+/// 19x19). Measured with blocks 2 and 3 each chained with the conv before
+/// (`pool_chain_pays`; xception, 299, two threads, per-step medians, 2026-12-07, AVX-512 VNNI):
+/// int8 block 2 2.86-3.08 -> 2.22-2.39 ms, block 3 3.37-3.39 -> 3.21-3.24, the exit block's
+/// 1.24 -> 1.82 (so not there); bf16 block 2 2.14 -> 1.72. Whole passes alternated: int8 27.7-29.2
+/// -> 27.1-27.9 ms, xception65 42.6 -> 41.1, batch 8 209-215 -> 198-203; bf16 22.9 -> 21.9,
+/// xception65 even. int8 without VNNI (twice the fp32 rate) fused block 3 even and block 4 0.65 ms
+/// slower: it fuses as fp32.
 pub fn pool_fusion_pays((h, w): (usize, usize), s: &SepConv, threads: usize) -> bool {
     let (_, oh) = out_size(s.padding, h, s.k, s.stride, s.dilation);
     let (_, ow) = out_size(s.padding, w, s.k, s.stride, s.dilation);
-    (s.pw.is_bf16() || oh * ow * s.pw.n >= POOL_FUSION_F32) && oh >= 4 * threads && oh * ow >= 8 * BAND_ROWS * threads
+    let least = if s.pw.is_int8() { 2 } else { 8 } * BAND_ROWS * threads;
+    (s.pw.outruns_memory() || oh * ow * s.pw.n >= POOL_FUSION_F32) && oh >= 4 * threads && oh * ow >= least
 }
 
 /// See `pool_fusion_pays`.

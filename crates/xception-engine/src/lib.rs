@@ -223,6 +223,11 @@ impl Step {
     fn makes_new(&self) -> bool {
         matches!(self, Step::Dense(_) | Step::Sep(_) | Step::MaxPool { .. })
     }
+
+    /// Whether the step records a feature tap (and leaves its input as it is).
+    fn is_tap(&self) -> bool {
+        matches!(self, Step::Tap { .. } | Step::DecoderTap)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -769,9 +774,10 @@ impl Engine {
         let fuses = |s: &Step| matches!(s, Step::Sep(s) if !s.out_relu) || matches!(s, Step::MaxPool { .. });
         let ends = match &b.body[..] {
             _ if matches!(b.shortcut, ShortcutPlan::None) => 0,
-            // A body of two separable convs and the pool (the first entry-flow block) in one go
-            // where both convs' outputs are large: neither goes to memory.
-            [Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if kernels::pool_chain_pays(&input, pre, s, self.threads) => 3,
+            // A body of two separable convs and the pool (the entry-flow blocks, after their
+            // feature taps) in one go where both convs' outputs are large: neither goes to
+            // memory.
+            [lead @ .., Step::Sep(pre), Step::Sep(s), Step::MaxPool { .. }] if lead.iter().all(Step::is_tap) && kernels::pool_chain_pays(&input, pre, s, self.threads) => 3,
             [.., Step::Sep(_), Step::MaxPool { .. }] => 2,
             // A body of separable convs alone (the aligned Xceptions' blocks) in one go where
             // the outputs before the last are large; feature taps between them are passed over
@@ -786,6 +792,10 @@ impl Engine {
         if let (ShortcutPlan::Project(steps), Some(Step::MaxPool { .. })) = (&b.shortcut, last.last()) {
             if let [Step::Dense(d)] = &steps[..] {
                 if kernels::projects_in_pool(d, &input, self.threads) {
+                    // Feature taps alone before the last steps record the input, no copy of it.
+                    let lead = body.iter().take_while(|s| s.is_tap()).count();
+                    body[..lead].iter().for_each(|s| self.record(s, &input, taps));
+                    let body = &body[lead..];
                     let partial = (!body.is_empty()).then(|| self.run_from(body, &input, taps));
                     let out = self.produce_end(last, partial.as_ref().unwrap_or(&input), kernels::Residual::Project(d, &input));
                     if let Some(p) = partial {
@@ -837,7 +847,7 @@ impl Engine {
     /// `x` in place; otherwise the steps run on a copy.
     fn run_from(&self, steps: &[Step], x: &Activations, taps: &mut Captured) -> Activations {
         // Taps first record `x` as it is.
-        let lead = steps.iter().take_while(|s| matches!(s, Step::Tap { .. } | Step::DecoderTap)).count();
+        let lead = steps.iter().take_while(|s| s.is_tap()).count();
         for step in &steps[..lead] {
             self.record(step, x, taps);
         }

@@ -153,6 +153,25 @@ impl PackedB {
         false
     }
 
+    /// Whether the products run in int8.
+    pub fn is_int8(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.int8.is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Whether the products run so much faster than fp32 (bf16 on AMX tiles; int8 with VNNI, four
+    /// times the fp32 rate) that a layer's output going to memory and back costs more than the
+    /// lines two workers both make when layers are fused (`kernels::pool_fusion_pays`,
+    /// `chain::chain_pays`). int8 without VNNI runs at twice the fp32 rate and fuses as fp32.
+    pub fn outruns_memory(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.bf16.is_some() || self.int8.is_some() && crate::int8::kernel().is_some_and(crate::int8::Int8Kernel::vnni);
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// The columns' scales, for an int8 matrix.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn int8(&self) -> Option<&crate::int8::Scales> {
