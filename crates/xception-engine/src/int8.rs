@@ -196,20 +196,41 @@ pub fn quantize_rows(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &
 fn quantize_rows_on(kernel: Kernel, a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
     assert!(kernel != Kernel::Portable, "int8 needs the AVX-512 or AVX2 kernels");
     assert!(ld8 >= k && dst.len() >= rows.end * ld8 && scales.len() >= rows.end, "int8: quantized rows out of bounds");
-    for r in rows {
-        let src = &a[r * lda..][..k];
-        let row = &mut dst[r * ld8..][..ld8];
-        // SAFETY: `available()` (the AVX-512 or AVX2 kernels) is checked before any int8 matrix
-        // is multiplied.
-        scales[r] = unsafe {
-            if kernel == Kernel::Avx512 {
-                quantize_row(src, &mut row[..k])
-            } else {
-                quantize_row_avx2(src, &mut row[..k])
-            }
-        };
-        row[k..].fill(128);
+    assert!(rows.is_empty() || a.len() >= (rows.end - 1) * lda + k, "int8: rows to quantize out of bounds");
+    // SAFETY: `available()` (the AVX-512 or AVX2 kernels) is checked before any int8 matrix is
+    // multiplied.
+    unsafe {
+        if kernel == Kernel::Avx512 {
+            rows_avx512(a, lda, k, rows, dst, ld8, scales)
+        } else {
+            rows_avx2(a, lda, k, rows, dst, ld8, scales)
+        }
     }
+}
+
+/// `quantize_rows_on`'s rows, each quantized by `$row`, inlined into one call for all of them
+/// (one thread, 294 rows: 64 values a row 12.6 -> 11.7 ns a row, 728 values 81 -> 79; AVX2 13.1
+/// -> 11.6 and 88 -> 85; 2026-12-07).
+macro_rules! quantize_rows_with {
+    ($row:ident, $a:expr, $lda:expr, $k:expr, $rows:expr, $dst:expr, $ld8:expr, $scales:expr) => {
+        for r in $rows {
+            let row = &mut $dst[r * $ld8..][..$ld8];
+            $scales[r] = $row(&$a[r * $lda..][..$k], &mut row[..$k]);
+            if $k < $ld8 {
+                row[$k..].fill(128);
+            }
+        }
+    };
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rows_avx512(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
+    quantize_rows_with!(quantize_row, a, lda, k, rows, dst, ld8, scales)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
+    quantize_rows_with!(quantize_row_avx2, a, lda, k, rows, dst, ld8, scales)
 }
 
 /// The largest magnitude of values whose largest magnitude bits (as i32, sign cleared) are
@@ -226,7 +247,7 @@ fn magnitude_of(bits: i32) -> f32 {
 
 /// One row: its largest magnitude, then each value over its scale, rounded, + 128. Returns the
 /// scale.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[inline(always)]
 unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
     let (k, p) = (src.len(), src.as_ptr());
     let (whole, tail) = (k / 64 * 64, crate::packed::lane_mask(k % 16));
@@ -277,7 +298,7 @@ unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
 }
 
 /// `quantize_row` with AVX2: the same values (the conversion rounds as `quantize` does).
-#[target_feature(enable = "avx2,fma")]
+#[inline(always)]
 unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
     let (k, p) = (src.len(), src.as_ptr());
     let full = k / 8 * 8;
