@@ -392,14 +392,20 @@ impl Compiler<'_> {
         PackedB::with_precision(weight, bias, k, n, self.precision)
     }
 
-    /// The precision of a dense conv with a `kernel` x `kernel` window: int8 only for 1x1 convs
-    /// (a k x k conv's rows overlap, and each product would quantize each input value k times;
-    /// the stem's convs are also where rounding costs the most).
-    fn dense_precision(&self, kernel: usize) -> Precision {
-        if self.precision == Precision::Int8 && kernel > 1 {
-            Precision::F32
-        } else {
-            self.precision
+    /// The precision of a dense conv with a `kernel` x `kernel` window and `cin` input channels.
+    /// A k x k conv (the stem's) stays fp32 where that is as fast or faster:
+    /// - int8: only 1x1 convs (a k x k conv's rows overlap, and each product would quantize each
+    ///   input value k times; the stem's convs are also where rounding costs the most);
+    /// - bf16x3: its three tile products of depth 3 x cin ran the stem's convs at 1.44 and 3.31 ms
+    ///   against fp32's 0.35 and 1.99 (Winograd), which is also exact (xception, 299, two
+    ///   threads, per-step medians, 2026-12-07);
+    /// - bf16: the first conv (3 input channels, products of depth 9): 0.41 ms against 0.35; the
+    ///   second runs in bf16 (1.22 ms against 1.99).
+    fn dense_precision(&self, kernel: usize, cin: usize) -> Precision {
+        match self.precision {
+            Precision::Int8 | Precision::Bf16x3 if kernel > 1 => Precision::F32,
+            Precision::Bf16 if kernel > 1 && cin < winograd::MIN_CHANNELS => Precision::F32,
+            p => p,
         }
     }
 
@@ -494,7 +500,7 @@ impl Compiler<'_> {
                     if relu {
                         used += 1;
                     }
-                    let precision = self.dense_precision(k);
+                    let precision = self.dense_precision(k, cin);
                     let winograd = (k == 3 && c.stride == 1 && c.dilation == 1 && precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout));
                     steps.push(Step::Dense(DenseConv {
                         k,
