@@ -220,9 +220,17 @@ fn reduced_precisions_run_or_are_refused_clearly() {
     #[cfg(not(target_arch = "x86_64"))]
     let (avx2, avx512_vnni, avx512bw, avx_vnni) = (false, false, false, false);
     let avx512 = xception::engine::simd_kernels() == "avx512";
+    #[cfg(target_arch = "x86_64")]
+    let amx_int8 = avx512 && avx512bw && xception::engine::amx::int8_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let amx_int8 = false;
+    // int8's kernels on the AVX-512 kernels without AMX.
+    let avx512_int8 = if avx512_vnni { "avx512-vnni-int8" } else { "avx512bw-int8" };
     for precision in ["bf16", "bf16x3", "int8"] {
         let (available, needs, kernels) = if precision == "int8" {
-            let widest = if avx512 && avx512_vnni {
+            let widest = if amx_int8 {
+                "amx-int8"
+            } else if avx512 && avx512_vnni {
                 "avx512-vnni-int8"
             } else if avx512 && avx512bw {
                 "avx512bw-int8"
@@ -252,15 +260,18 @@ fn reduced_precisions_run_or_are_refused_clearly() {
         // Without AVX-512 (forced off here) bf16 does not run: refused, for the kernels alone
         // too. int8 runs on the AVX2 kernels, with AVX-VNNI where the CPU has it and without
         // when XCEPTION_ENGINE_NO_VNNI says so; that alone holds int8 on AVX-512 machines to
-        // AVX-512BW (bf16 runs there, and is not checked again).
+        // AVX-512BW, and XCEPTION_ENGINE_NO_AMX to AVX-512 VNNI (bf16 runs under both, and is
+        // not checked again).
         let no_vnni = if avx512 && avx512bw { "avx512bw-int8" } else { "avx2-int8" };
+        let no_amx = if avx512 && avx512bw { avx512_int8 } else if avx_vnni { "avx-vnni-int8" } else { "avx2-int8" };
         let held: &[(&[(&str, &str)], &str)] = &[
             (&[("XCEPTION_ENGINE_NO_AVX512", "1")], if avx_vnni { "avx-vnni-int8" } else { "avx2-int8" }),
             (&[("XCEPTION_ENGINE_NO_AVX512", "1"), ("XCEPTION_ENGINE_NO_VNNI", "1")], "avx2-int8"),
             (&[("XCEPTION_ENGINE_NO_VNNI", "1")], no_vnni),
+            (&[("XCEPTION_ENGINE_NO_AMX", "1")], no_amx),
         ];
         for &(env, int8_kernels) in held {
-            if env.len() == 1 && env[0].0 == "XCEPTION_ENGINE_NO_VNNI" && precision != "int8" {
+            if env.len() == 1 && matches!(env[0].0, "XCEPTION_ENGINE_NO_VNNI" | "XCEPTION_ENGINE_NO_AMX") && precision != "int8" {
                 continue;
             }
             let runs = precision == "int8" && avx2;

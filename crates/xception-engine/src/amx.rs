@@ -14,7 +14,7 @@
 //! process the 8 KiB of tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and each
 //! thread loads the tile shapes (`ldtilecfg`) before its first product.
 
-use crate::packed::{lane_mask, Epilogue, SharedOut};
+use crate::packed::{lane_mask, Epilogue, PackedB, SharedOut};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
@@ -28,21 +28,36 @@ pub const T: usize = 16;
 /// Columns per weight panel: two accumulator tiles side by side (as the fp32 panels).
 pub const NP: usize = 2 * T;
 
+/// Depth of one int8 tile step: a 16 x 64 byte tile of A.
+pub const KT8: usize = 64;
+
 /// Whether this process can run AMX bf16 tiles: the CPU has AMX-TILE and AMX-BF16, AVX-512 runs
 /// the stores (not disabled by XCEPTION_ENGINE_NO_AVX512), and the kernel granted the tile state.
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        let cpu = crate::packed::has_avx512() && {
-            let id = __cpuid_count(7, 0);
-            id.edx & (1 << 22) != 0 && id.edx & (1 << 24) != 0
-        };
-        // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (18): process-wide, fails on kernels
-        // without AMX support (before 5.16) or where a hypervisor hides the state.
-        // SAFETY: a plain syscall with integer arguments.
-        cpu && unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023, 18) } == 0
-    })
+    // CPUID leaf 7: EDX bit 22 AMX-BF16.
+    *OK.get_or_init(|| tiles_granted(1 << 22))
+}
+
+/// Whether this process can run AMX int8 tiles (AMX-INT8, CPUID leaf 7 EDX bit 25), as
+/// `available` for bf16.
+pub fn int8_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| tiles_granted(1 << 25))
+}
+
+/// Whether the CPU has AMX-TILE and the features in `edx` (CPUID leaf 7), AVX-512 runs the
+/// stores, and the kernel grants the tile state.
+fn tiles_granted(edx: u32) -> bool {
+    // CPUID leaf 7: EDX bit 24 AMX-TILE.
+    let cpu = crate::packed::has_avx512() && {
+        let id = __cpuid_count(7, 0);
+        id.edx & edx == edx && id.edx & (1 << 24) != 0
+    };
+    // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA (18): process-wide (asking twice is harmless),
+    // fails on kernels without AMX support (before 5.16) or where a hypervisor hides the state.
+    // SAFETY: a plain syscall with integer arguments.
+    cpu && unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1023, 18) } == 0
 }
 
 /// The tile shapes every product uses: eight 16-row x 64-byte tiles. tmm0-3 accumulate a 32 x 32
@@ -357,6 +372,135 @@ macro_rules! prefetch_step {
             "prefetcht1 [{", $p, "} + 1920]\n",
         )
     };
+}
+
+/// out[rows m, panels] = the dequantized int8 product of A (u8 rows of `ld8` bytes from
+/// `int8::quantize_rows`, readable to whole 16-row tiles; their `scales`) and the int8 panels of
+/// `b` (`q` their scales; k padded to whole tile steps) + bias (or + the output, accumulating),
+/// then the epilogue: `int8::gemm_rows` on AMX tiles, each panel 32 rows at a time as the bf16
+/// product runs. The int8 panels are already the layout TDPBUSD multiplies: a panel row holds one
+/// step of four k for its 32 columns, four bytes a column, so 16 rows of one half (64 bytes at a
+/// 128-byte stride) are a 64 k x 16 column tile. The sums are exact and scaled back as the AVX-512
+/// VNNI kernel's are (from the same integer, the columns' corrections added after the tiles
+/// instead of before), so both give the same bits.
+///
+/// # Safety
+/// As `packed::gemm_rows`; `int8_available()` must be true.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows_i8(m: usize, a: &[u8], ld8: usize, scales: &[f32], b: &PackedB, q: &crate::int8::Scales, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    let steps = 4 * q.groups / KT8;
+    assert!(steps * KT8 == 4 * q.groups && ld8 >= steps * KT8, "int8 tiles: k not in whole tile steps");
+    assert!(a.len() >= (m.div_ceil(T) * T - 1) * ld8 + steps * KT8 && scales.len() >= m, "int8 tiles: lhs too short");
+    configure_thread();
+    let mut acc = [0i32; 2 * T * NP];
+    let last_panel = b.panels() - 1;
+    for p in panels {
+        let (col, cols) = (p * NP, b.cols(p));
+        let panel = b.panel(p).as_ptr().cast::<u8>();
+        let mut m0 = 0;
+        while m0 < m {
+            let rows = (m - m0).min(2 * T);
+            // As the bf16 product: the first row block fetches the next panel into L2, and the
+            // block's output lines are fetched for writing meanwhile.
+            let prefetch = if m0 == 0 && p < last_panel { b.panel(p + 1).as_ptr().cast::<u8>() } else { panel };
+            for r in 0..rows {
+                crate::packed::avx512::prefetch_row_write(out.ptr().add((m0 + r) * ldc + col));
+            }
+            block_i8(a.as_ptr().add(m0 * ld8), ld8, panel, steps, rows > T, prefetch, acc.as_mut_ptr());
+            let residual = epi.residual.map(|(r, ldr)| (r.as_ptr().add(m0 * ldr + col), ldr));
+            let bias = (!epi.accumulate).then(|| b.bias()[col..].as_ptr());
+            store_i8(&acc, rows, cols, (&scales[m0..], &q.col[col..], &q.corr[col..]), bias, out.ptr().add(m0 * ldc + col), ldc, residual, epi.relu);
+            m0 += rows;
+        }
+    }
+}
+
+/// One 32 x 32 (or, not `two`, 16 x 32) block of int8 sums: `steps` tile steps of the panel at
+/// `b` times the A rows at `a` (row stride `lda` bytes), stored row-major (32 a row) to `acc`;
+/// a 32-row block also prefetches, step by step, the panel at `prefetch` into L2.
+#[target_feature(enable = "avx512f")]
+unsafe fn block_i8(a: *const u8, lda: usize, b: *const u8, steps: usize, two: bool, prefetch: *const u8, acc: *mut i32) {
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    if two {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tileloadd tmm5, [{a2} + {sa}*1]",
+            "tdpbusd tmm1, tmm4, tmm7",
+            prefetch_step!("pf"),
+            "tdpbusd tmm2, tmm5, tmm6",
+            "tdpbusd tmm3, tmm5, tmm7",
+            "add {a}, 64",
+            "add {a2}, 64",
+            "add {b}, 2048",
+            "add {pf}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            a = inout(reg) a => _,
+            a2 = inout(reg) a.add(T * lda) => _,
+            b = inout(reg) b => _,
+            pf = inout(reg) prefetch => _,
+            n = inout(reg) steps => _,
+            sa = in(reg) lda,
+            sb = in(reg) 128usize,
+            options(nostack),
+        );
+    } else {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "add {a}, 64",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            n = inout(reg) steps => _,
+            sa = in(reg) lda,
+            sb = in(reg) 128usize,
+            options(nostack),
+        );
+    }
+    asm!(
+        "tilestored [{c} + {sc}*1], tmm0",
+        "tilestored [{c} + {sc}*1 + 64], tmm1",
+        "tilestored [{c} + {sc}*1 + 2048], tmm2",
+        "tilestored [{c} + {sc}*1 + 2112], tmm3",
+        c = in(reg) acc,
+        sc = in(reg) 128usize,
+        options(nostack),
+    );
+}
+
+/// A block's int8 sums to the output: plus the columns' corrections, times row scale x column
+/// scale, plus bias (or, with none, what the output holds), plus residual, then ReLU: the same
+/// operations in the same order as the AVX-512 VNNI kernel's epilogue.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_i8(acc: &[i32; 2 * T * NP], rows: usize, cols: usize, (rs, cs, corr): (&[f32], &[f32], &[f32]), bias: Option<*const f32>, c: *mut f32, ldc: usize, residual: Option<(*const f32, usize)>, relu: bool) {
+    let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
+    let (s0, s1) = (_mm512_loadu_ps(cs.as_ptr()), _mm512_loadu_ps(cs.as_ptr().add(16)));
+    let (k0, k1) = (_mm512_loadu_si512(corr.as_ptr().cast()), _mm512_loadu_si512(corr.as_ptr().add(16).cast()));
+    for (r, &row_scale) in rs.iter().take(rows).enumerate() {
+        let cr = c.add(r * ldc);
+        let scale = _mm512_set1_ps(row_scale);
+        let (base0, base1) = match bias {
+            Some(bias) => (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))),
+            None => (_mm512_maskz_loadu_ps(m0, cr), _mm512_maskz_loadu_ps(m1, cr.add(16))),
+        };
+        let i0 = _mm512_add_epi32(_mm512_loadu_si512(acc.as_ptr().add(r * NP).cast()), k0);
+        let i1 = _mm512_add_epi32(_mm512_loadu_si512(acc.as_ptr().add(r * NP + 16).cast()), k1);
+        let v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, scale), base0);
+        let v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, scale), base1);
+        crate::packed::avx512::finish_row(v0, v1, residual.map(|(rp, ldr)| rp.add(r * ldr)), relu, (m0, m1), cr);
+    }
 }
 
 /// One 32 x 32 block (or 16 x 32 when `!two`): the panel `b` (`steps` tile steps, once per

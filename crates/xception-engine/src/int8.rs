@@ -38,7 +38,8 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 use std::ops::Range;
 
-/// k is padded to a multiple of this (zero weights): whole rounds of four steps of four k.
+/// k is padded to a multiple of this (zero weights): whole rounds of four steps of four k; for
+/// the AMX tiles whole tile steps of 64 k (`Int8Kernel::k_align`).
 const K_ALIGN: usize = 16;
 
 /// The deepest product int8 runs: its 32-bit sums hold k x 255 x 127 (Xception's deepest 1x1
@@ -54,6 +55,9 @@ pub enum Int8Kernel {
     Vnni256,
     /// The AVX2 5x16 kernel with VPMADDUBSW, VPMADDWD and VPADDD (AVX2 alone; 7-bit weights).
     Madd256,
+    /// AMX tiles with TDPBUSD (AMX-INT8: Intel Xeon "Sapphire Rapids" and later): 32 x 32 blocks
+    /// of sums, the products of 64 k a tile step (`amx::gemm_rows_i8`).
+    Amx,
     /// The AVX-512 12x32 kernel with the same on zmm (AVX-512BW without VNNI: Intel Xeon
     /// "Skylake-SP"; 7-bit weights).
     Madd512,
@@ -68,16 +72,25 @@ impl Int8Kernel {
         }
     }
 
-    /// Whether it multiplies with VPDPBUSD (four byte products a lane an instruction).
+    /// Whether it sums four byte products into a 32-bit lane in one instruction (VPDPBUSD or
+    /// AMX's TDPBUSD): four times the fp32 FMA rate or more.
     pub fn vnni(self) -> bool {
-        matches!(self, Int8Kernel::Vnni512 | Int8Kernel::Vnni256)
+        matches!(self, Int8Kernel::Vnni512 | Int8Kernel::Vnni256 | Int8Kernel::Amx)
     }
 
-    /// The fp32 kernels whose row quantizer and register tiles it uses.
+    /// The fp32 kernels whose row quantizer (and, but for AMX, register tiles) it uses.
     fn simd(self) -> Kernel {
         match self {
-            Int8Kernel::Vnni512 | Int8Kernel::Madd512 => Kernel::Avx512,
+            Int8Kernel::Vnni512 | Int8Kernel::Madd512 | Int8Kernel::Amx => Kernel::Avx512,
             _ => Kernel::Avx2,
+        }
+    }
+
+    /// What k is padded to in the weights it multiplies (and in the rows of A).
+    pub fn k_align(self) -> usize {
+        match self {
+            Int8Kernel::Amx => crate::amx::KT8,
+            _ => K_ALIGN,
         }
     }
 
@@ -88,6 +101,7 @@ impl Int8Kernel {
             Int8Kernel::Vnni256 => "avx-vnni-int8",
             Int8Kernel::Madd256 => "avx2-int8",
             Int8Kernel::Madd512 => "avx512bw-int8",
+            Int8Kernel::Amx => "amx-int8",
         }
     }
 }
@@ -95,14 +109,18 @@ impl Int8Kernel {
 /// The int8 kernel for this CPU, if any: with the AVX-512 kernels and AVX-512 VNNI, VPDPBUSD on
 /// zmm, or without it, VPMADDUBSW on zmm (AVX-512BW); else with AVX-VNNI, VPDPBUSD on ymm; else
 /// on any AVX2+FMA CPU, VPMADDUBSW on ymm.
-/// `XCEPTION_ENGINE_NO_VNNI` set in the environment passes over both VNNIs (as
+/// With AMX-INT8 (and the tile state granted), AMX tiles before all of these.
+/// `XCEPTION_ENGINE_NO_VNNI` set in the environment passes over both VNNIs and AMX (as
 /// XCEPTION_ENGINE_NO_AVX512 does AVX-512), which is how an AVX2 CPU without VNNI is measured and
-/// tested on one with it.
+/// tested on one with it; `XCEPTION_ENGINE_NO_AMX` over AMX alone.
 pub fn kernel() -> Option<Int8Kernel> {
     static KERNEL: std::sync::OnceLock<Option<Int8Kernel>> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let vnni = std::env::var("XCEPTION_ENGINE_NO_VNNI").is_err();
+        let amx = vnni && std::env::var("XCEPTION_ENGINE_NO_AMX").is_err();
         match crate::packed::kernel() {
+            // (AMX needs AVX-512 for its row quantizer and stores; the AVX-512 kernels check it.)
+            Kernel::Avx512 if amx && is_x86_feature_detected!("avx512bw") && crate::amx::int8_available() => Some(Int8Kernel::Amx),
             // (Every AVX-512 VNNI CPU has AVX-512BW, which the row quantizer uses.)
             Kernel::Avx512 if vnni && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") => Some(Int8Kernel::Vnni512),
             Kernel::Avx512 if is_x86_feature_detected!("avx512bw") => Some(Int8Kernel::Madd512),
@@ -121,7 +139,7 @@ pub fn available() -> bool {
 /// A packed int8 weight matrix's column scales and sum corrections.
 #[derive(Clone, Debug)]
 pub struct Scales {
-    /// Steps of each panel: k rounded up to K_ALIGN, over four.
+    /// Steps of each panel: k rounded up to the kernel's `k_align`, over four.
     pub groups: usize,
     /// The weights' levels a side (`Int8Kernel::levels`).
     pub levels: i32,
@@ -145,13 +163,14 @@ fn scale_of(max: f32, levels: i32) -> (f32, f32) {
     (max / l, if max > 0.0 && max.is_finite() { l / max } else { 0.0 })
 }
 
-/// The (k x n) weights (row-major) as int8 panels of `levels` a side (see the module doc) and
-/// their scales.
-pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32) -> (Vec<f32>, Scales) {
+/// The (k x n) weights (row-major) as int8 panels of `levels` a side (see the module doc), k
+/// zero-padded to a multiple of `k_align`, and their scales.
+pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32, k_align: usize) -> (Vec<f32>, Scales) {
     assert!(k <= MAX_K, "int8: k {k} would overflow the 32-bit sums");
     assert!((1..=127).contains(&levels), "int8: {levels} levels");
+    assert!(k_align.is_multiple_of(K_ALIGN), "int8: k aligned to {k_align}");
     let panels = n.div_ceil(NR);
-    let groups = k.next_multiple_of(K_ALIGN) / 4;
+    let groups = k.next_multiple_of(k_align) / 4;
     let mut data = vec![0f32; panels * groups * NR];
     let mut col = vec![0f32; panels * NR];
     let mut corr = vec![0f32; panels * NR];
@@ -179,9 +198,15 @@ pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32) -> (Vec<f32>, Scale
     (data, Scales { groups, levels, col, corr })
 }
 
-/// Row stride (bytes) of A in int8: k padded to whole rounds of steps.
-pub fn lhs_stride(k: usize) -> usize {
-    k.next_multiple_of(K_ALIGN)
+/// Row stride (bytes) of A in int8 for the int8 weights `b`: their k, padded.
+pub fn lhs_stride(b: &PackedB) -> usize {
+    4 * b.int8().expect("int8 weights").groups
+}
+
+/// Rows of A a buffer for `m` rows must hold: AMX tiles read whole 16-row tiles (what they read
+/// past the m rows makes sums that are never stored).
+fn rows_readable(m: usize) -> usize {
+    m + crate::amx::T - 1
 }
 
 /// Rows `rows` of A (fp32, row stride `lda`, k columns) as unsigned bytes into `dst` (row stride
@@ -348,11 +373,11 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
 }
 
 /// Room for `m` quantized rows of `ld8` bytes and their scales in `bufs` (a u32 buffer, so the
-/// rows can be read as the micro-kernels' 32-bit values; grown as needed): the rows' bytes and
-/// scales, for `quantize_rows`.
+/// rows can be read as the micro-kernels' 32-bit values; grown as needed, with room for the rows
+/// AMX tiles read past them): the rows' bytes and scales, for `quantize_rows`.
 pub(crate) fn lhs_buffers(bufs: &mut (Vec<u32>, Vec<f32>), m: usize, ld8: usize) -> (&mut [u8], &mut [f32]) {
     let (buf, scales) = bufs;
-    buf.resize(buf.len().max(m * ld8 / 4), 0);
+    buf.resize(buf.len().max(rows_readable(m) * ld8 / 4), 0);
     scales.resize(scales.len().max(m), 0.0);
     // SAFETY: the u32 buffer holds at least m * ld8 bytes (ld8 is a multiple of four).
     (unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), m * ld8) }, &mut scales[..m])
@@ -376,15 +401,16 @@ pub(crate) unsafe fn gemm_rows_f32(kernel: Int8Kernel, m: usize, a: &[f32], lda:
     }
     assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
     LHS.with_borrow_mut(|bufs| {
-        let ld8 = lhs_stride(b.k);
+        let ld8 = lhs_stride(b);
         let (bytes, scales) = lhs_buffers(bufs, m, ld8);
         quantize_rows_on(kernel.simd(), a, lda, b.k, 0..m, bytes, ld8, scales);
-        gemm_rows_on(kernel, m, &bufs.0[..m * ld8 / 4], ld8, &bufs.1[..m], b, panels, out, ldc, epi)
+        gemm_rows_on(kernel, m, &bufs.0, ld8, &bufs.1[..m], b, panels, out, ldc, epi)
     })
 }
 
 /// out[rows m, panels] = the dequantized product of A (m rows of `ld8` bytes from
-/// `quantize_rows`, as u32 values; its rows' `scales`) and b + bias, then the epilogue.
+/// `quantize_rows`, as u32 values, from a buffer of `lhs_buffers`: AMX tiles read whole 16-row
+/// tiles; its rows' `scales`) and b + bias, then the epilogue.
 ///
 /// # Safety
 /// As `packed::gemm_rows`; `available()` must be true.
@@ -393,12 +419,14 @@ pub unsafe fn gemm_rows(m: usize, a: &[u32], ld8: usize, scales: &[f32], b: &Pac
     if m == 0 || panels.is_empty() {
         return;
     }
-    assert!(ld8 == lhs_stride(b.k) && a.len() * 4 >= m * ld8 && scales.len() >= m, "int8 gemm: lhs shape");
+    let q = kernel().expect("int8 kernel");
+    let rows = if q == Int8Kernel::Amx { rows_readable(m) } else { m };
+    assert!(ld8 == lhs_stride(b) && a.len() * 4 >= rows * ld8 && scales.len() >= m, "int8 gemm: lhs shape");
     assert!(out.values() >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");
     if let Some((r, ldr)) = epi.residual {
         assert!(r.len() >= (m - 1) * ldr + b.n.min(panels.end * NR), "gemm: residual too short");
     }
-    gemm_rows_on(kernel().expect("int8 kernel"), m, a, ld8, scales, b, panels, out, ldc, epi)
+    gemm_rows_on(q, m, a, ld8, scales, b, panels, out, ldc, epi)
 }
 
 /// `gemm_rows` on the given micro-kernel.
@@ -407,6 +435,7 @@ unsafe fn gemm_rows_on(kernel: Int8Kernel, m: usize, a: &[u32], ld8: usize, scal
     let q = b.int8().expect("int8 gemm: weights not int8");
     // Weights of more levels than the kernel multiplies exactly would saturate its sums.
     assert!(q.levels <= kernel.levels(), "int8 gemm: weights of {} levels on {kernel:?}", q.levels);
+    assert!((4 * q.groups).is_multiple_of(kernel.k_align()), "int8 gemm: weights padded for another kernel than {kernel:?}");
     let a = std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len());
     use crate::packed::{avx2, avx512, tiles};
     // (No k-blocks: the integer sums run over all of k at once.)
@@ -415,6 +444,7 @@ unsafe fn gemm_rows_on(kernel: Int8Kernel, m: usize, a: &[u32], ld8: usize, scal
         Int8Kernel::Vnni256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR, avx2::NR), Some(scales), |t| avx2::tile(t)),
         Int8Kernel::Madd256 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, avx2::MR_MADD, avx2::NR), Some(scales), |t| avx2::tile_madd(t)),
         Int8Kernel::Madd512 => tiles(m, a, ld8 / 4, b, panels, out, ldc, epi, (usize::MAX, MR, NR), Some(scales), |t| avx512::tile_madd(t)),
+        Int8Kernel::Amx => crate::amx::gemm_rows_i8(m, std::slice::from_raw_parts(a.as_ptr().cast::<u8>(), a.len() * 4), ld8, scales, b, q, panels, out, ldc, epi),
     }
 }
 
@@ -427,10 +457,13 @@ mod tests {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 12) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
-    /// The int8 kernels this CPU runs (whatever XCEPTION_ENGINE_NO_VNNI says): AVX-512 with
+    /// The int8 kernels this CPU runs (whatever XCEPTION_ENGINE_NO_VNNI says): AMX, AVX-512 with
     /// AVX-512 VNNI, AVX-512BW alone, AVX2 with AVX-VNNI, AVX2 alone.
     fn kernels() -> Vec<Int8Kernel> {
         let mut k = Vec::new();
+        if crate::packed::has_avx512() && is_x86_feature_detected!("avx512bw") && crate::amx::int8_available() {
+            k.push(Int8Kernel::Amx);
+        }
         if crate::packed::has_avx512() {
             if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
                 k.push(Int8Kernel::Vnni512);
@@ -476,8 +509,9 @@ mod tests {
             // a step of its own, rounded as the scalar `quantize`.
             for len in [100, 728, 37] {
                 let row: Vec<f32> = values(len, 3).iter().map(|v| v * 37.0).collect();
-                let mut q = vec![0u8; lhs_stride(len)];
-                quantize_rows(&row, len, &mut q, lhs_stride(len), &mut s);
+                let ld8 = len.next_multiple_of(K_ALIGN);
+                let mut q = vec![0u8; ld8];
+                quantize_rows(&row, len, &mut q, ld8, &mut s);
                 let inv = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs())), 127).1;
                 for (v, q) in row.iter().zip(&q) {
                     assert_eq!(*q as i32 - 128, quantize(*v, inv, 127), "{kernel:?}: {v}");
@@ -521,13 +555,14 @@ mod tests {
             let start = values(m * n, 5);
             let epi = Epilogue { residual: residual.then_some((&res[..], n)), relu, accumulate, ..Epilogue::PLAIN };
             for levels in [127, 63] {
-                let b = PackedB::quantized(&w, &bias, k, n, levels);
                 let mut first: Option<Vec<f32>> = None;
                 for &kernel in kernels.iter().filter(|q| q.levels() >= levels) {
+                    // (Padded for the kernel: the padding's zeros change no sum.)
+                    let b = PackedB::quantized(&w, &bias, k, n, levels, kernel.k_align());
                     let mut out = if accumulate { start.clone() } else { vec![0f32; m * n] };
                     unsafe { gemm_rows_f32(kernel, m, &a, k, &b, 0..b.panels(), SharedOut::new(&mut out), n, epi) };
                     // The dequantized operands, from this module's own scales (checked above).
-                    let ld8 = lhs_stride(k);
+                    let ld8 = lhs_stride(&b);
                     let (mut qa, mut sa) = (vec![0u8; m * ld8], vec![0f32; m]);
                     quantize_rows_on(kernel.simd(), &a, k, k, 0..m, &mut qa, ld8, &mut sa);
                     let sw = &b.int8().unwrap().col;

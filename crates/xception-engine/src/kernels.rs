@@ -312,7 +312,7 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
     if b.int8().is_some() {
         // Each line quantized as soon as it is made, from a line-sized fp32 buffer, into the
         // band's bytes: the band is a quarter of its fp32 size and is never read back in fp32.
-        let ld8 = crate::int8::lhs_stride(k);
+        let ld8 = crate::int8::lhs_stride(b);
         return BAND8.with_borrow_mut(|bufs| {
             let (bytes, scales) = crate::int8::lhs_buffers(bufs, made, ld8);
             BAND.with_borrow_mut(|line| {
@@ -323,7 +323,8 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
                     crate::int8::quantize_rows(line, k, k, 0..per_line, d, ld8, sc);
                 }
             });
-            let (a8, scales) = (&bufs.0[rows.start * ld8 / 4..made * ld8 / 4], &bufs.1[rows.start..made]);
+            // (The bytes past the band's rows: what AMX tiles read past them, see `lhs_buffers`.)
+            let (a8, scales) = (&bufs.0[rows.start * ld8 / 4..], &bufs.1[rows.start..made]);
             crate::int8::gemm_rows(rows.len(), a8, ld8, scales, b, 0..b.panels(), out, n, epi)
         });
     }
@@ -394,12 +395,12 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
     if b.int8().is_some() {
         // Quantized once here, not by every task (a panel task reads every row).
         return taken(&SCRATCH8, |bufs| {
-            let ld8 = crate::int8::lhs_stride(k);
+            let ld8 = crate::int8::lhs_stride(b);
             let (bytes, scales) = crate::int8::lhs_buffers(bufs, rows, ld8);
             bytes.par_chunks_mut(64 * ld8).zip(scales.par_chunks_mut(64)).enumerate().for_each(|(i, (d, sc))| {
                 crate::int8::quantize_rows(&a[i * 64 * k..], k, k, 0..sc.len(), d, ld8, sc);
             });
-            let (a8, scales) = (&bufs.0[..rows * ld8 / 4], &bufs.1[..rows]);
+            let (a8, scales) = (&bufs.0[..], &bufs.1[..rows]);
             // SAFETY: each task owns its rows x panels of the output.
             shared_tasks(rows, b.panels(), threads, (MR, crate::packed::has_avx512()), |row0, m, ps| unsafe {
                 crate::int8::gemm_rows(m, &a8[row0 * ld8 / 4..], ld8, &scales[row0..], b, ps, shared.offset(row0 * n), n, epi_at(row0))

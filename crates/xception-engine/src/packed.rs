@@ -109,7 +109,8 @@ impl PackedB {
         assert_eq!(bias.len(), n, "bias shape");
         #[cfg(target_arch = "x86_64")]
         if precision == Precision::Int8 && k <= crate::int8::MAX_K {
-            return PackedB::quantized(weight, bias, k, n, crate::int8::kernel().map_or(127, |q| q.levels()));
+            let q = crate::int8::kernel();
+            return PackedB::quantized(weight, bias, k, n, q.map_or(127, |q| q.levels()), q.map_or(16, |q| q.k_align()));
         }
         let panels = n.div_ceil(NR);
         let padded = padded_bias(bias, n);
@@ -138,10 +139,10 @@ impl PackedB {
         }
     }
 
-    /// int8 panels of `levels` a side (`int8::pack`).
+    /// int8 panels of `levels` a side, k padded to a multiple of `k_align` (`int8::pack`).
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn quantized(weight: &[f32], bias: &[f32], k: usize, n: usize, levels: i32) -> PackedB {
-        let (data, scales) = crate::int8::pack(weight, k, n, levels);
+    pub(crate) fn quantized(weight: &[f32], bias: &[f32], k: usize, n: usize, levels: i32, k_align: usize) -> PackedB {
+        let (data, scales) = crate::int8::pack(weight, k, n, levels, k_align);
         PackedB { k, n, steps: scales.groups, data, int8: Some(scales), bf16: None, bias: padded_bias(bias, n) }
     }
 
@@ -202,12 +203,12 @@ impl PackedB {
         self.n.div_ceil(NR)
     }
 
-    fn panel(&self, p: usize) -> &[f32] {
+    pub(crate) fn panel(&self, p: usize) -> &[f32] {
         &self.data[p * self.steps * NR..][..self.steps * NR]
     }
 
     /// Valid columns of panel `p`.
-    fn cols(&self, p: usize) -> usize {
+    pub(crate) fn cols(&self, p: usize) -> usize {
         (self.n - p * NR).min(NR)
     }
 }
