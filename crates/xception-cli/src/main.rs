@@ -265,7 +265,7 @@ struct ModelArgs {
     /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits); or
     /// int8 (the 1x1 convs' products on 8-bit operands, each weight column and activation row
     /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX2, fastest with
-    /// AVX-512 VNNI or AVX-VNNI).
+    /// AMX, then AVX-512 VNNI or AVX-VNNI).
     #[arg(long, default_value = "f32", value_parser = PRECISIONS)]
     precision: String,
     /// Images (JPEG, PNG, WebP) or float32 .npy arrays (N,H,W,3), already preprocessed.

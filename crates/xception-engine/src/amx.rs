@@ -374,6 +374,63 @@ macro_rules! prefetch_step {
     };
 }
 
+/// `$steps` tile steps of A rows at `$a` (row stride `$sa` bytes; 16 rows, or 32 with `$two`)
+/// times one panel's two 16-column tiles at `$b` (rows `$sb` bytes apart, the second tile `$b1`
+/// bytes after the first), accumulated into tmm0-1 (and tmm2-3 for the second 16 rows) by the
+/// tile product `$dot` (TDPBF16PS, TDPBUSD); a 32-row pass also prefetches, step by step, the
+/// panel at `$prefetch` into L2. Each step is 64 bytes of A's rows and 2 KiB of the panel.
+macro_rules! tile_steps {
+    ($dot:literal, $b1:literal; $a:expr, $sa:expr, $b:expr, $sb:expr, $steps:expr, $two:expr, $prefetch:expr) => {
+        if $two {
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                concat!("tileloadd tmm7, [{b} + {sb}*1 + ", $b1, "]"),
+                concat!($dot, " tmm0, tmm4, tmm6"),
+                "tileloadd tmm5, [{a2} + {sa}*1]",
+                concat!($dot, " tmm1, tmm4, tmm7"),
+                prefetch_step!("pf"),
+                concat!($dot, " tmm2, tmm5, tmm6"),
+                concat!($dot, " tmm3, tmm5, tmm7"),
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, 2048",
+                "add {pf}, 2048",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) $a => _,
+                a2 = inout(reg) $a.byte_add(T * $sa) => _,
+                b = inout(reg) $b => _,
+                pf = inout(reg) $prefetch => _,
+                n = inout(reg) $steps => _,
+                sa = in(reg) $sa,
+                sb = in(reg) $sb,
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                concat!("tileloadd tmm7, [{b} + {sb}*1 + ", $b1, "]"),
+                concat!($dot, " tmm0, tmm4, tmm6"),
+                concat!($dot, " tmm1, tmm4, tmm7"),
+                "add {a}, 64",
+                "add {b}, 2048",
+                "dec {n}",
+                "jnz 2b",
+                a = inout(reg) $a => _,
+                b = inout(reg) $b => _,
+                n = inout(reg) $steps => _,
+                sa = in(reg) $sa,
+                sb = in(reg) $sb,
+                options(nostack),
+            );
+        }
+    };
+}
+
 /// out[rows m, panels] = the dequantized int8 product of A (u8 rows of `ld8` bytes from
 /// `int8::quantize_rows`, readable to whole 16-row tiles; their `scales`) and the int8 panels of
 /// `b` (`q` their scales; k padded to whole tile steps) + bias (or + the output, accumulating),
@@ -421,53 +478,7 @@ pub(crate) unsafe fn gemm_rows_i8(m: usize, a: &[u8], ld8: usize, scales: &[f32]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_i8(a: *const u8, lda: usize, b: *const u8, steps: usize, two: bool, prefetch: *const u8, acc: *mut i32) {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-    if two {
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a} + {sa}*1]",
-            "tileloadd tmm6, [{b} + {sb}*1]",
-            "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-            "tdpbusd tmm0, tmm4, tmm6",
-            "tileloadd tmm5, [{a2} + {sa}*1]",
-            "tdpbusd tmm1, tmm4, tmm7",
-            prefetch_step!("pf"),
-            "tdpbusd tmm2, tmm5, tmm6",
-            "tdpbusd tmm3, tmm5, tmm7",
-            "add {a}, 64",
-            "add {a2}, 64",
-            "add {b}, 2048",
-            "add {pf}, 2048",
-            "dec {n}",
-            "jnz 2b",
-            a = inout(reg) a => _,
-            a2 = inout(reg) a.add(T * lda) => _,
-            b = inout(reg) b => _,
-            pf = inout(reg) prefetch => _,
-            n = inout(reg) steps => _,
-            sa = in(reg) lda,
-            sb = in(reg) 128usize,
-            options(nostack),
-        );
-    } else {
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a} + {sa}*1]",
-            "tileloadd tmm6, [{b} + {sb}*1]",
-            "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-            "tdpbusd tmm0, tmm4, tmm6",
-            "tdpbusd tmm1, tmm4, tmm7",
-            "add {a}, 64",
-            "add {b}, 2048",
-            "dec {n}",
-            "jnz 2b",
-            a = inout(reg) a => _,
-            b = inout(reg) b => _,
-            n = inout(reg) steps => _,
-            sa = in(reg) lda,
-            sb = in(reg) 128usize,
-            options(nostack),
-        );
-    }
+    tile_steps!("tdpbusd", "64"; a, lda, b, 128usize, steps, two, prefetch);
     asm!(
         "tilestored [{c} + {sc}*1], tmm0",
         "tilestored [{c} + {sc}*1 + 64], tmm1",
@@ -634,54 +645,7 @@ unsafe fn block_steps_split16((hi, lo): (*const u16, *const u16), lda: usize, (b
 /// Inlined: a call for each product of each block was ~2% of a bf16 pass.
 #[inline(always)]
 unsafe fn block_steps(a: *const u16, lda: usize, b: *const u16, steps: usize, two: bool, prefetch: *const u16) {
-    let sa = lda * 2;
-    if two {
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a} + {sa}*1]",
-            "tileloadd tmm6, [{b} + {sb}*1]",
-            "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm5, [{a2} + {sa}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            prefetch_step!("pf"),
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a}, 64",
-            "add {a2}, 64",
-            "add {b}, 2048",
-            "add {pf}, 2048",
-            "dec {n}",
-            "jnz 2b",
-            a = inout(reg) a => _,
-            a2 = inout(reg) a.add(T * lda) => _,
-            b = inout(reg) b => _,
-            pf = inout(reg) prefetch => _,
-            n = inout(reg) steps => _,
-            sa = in(reg) sa,
-            sb = in(reg) 64usize,
-            options(nostack),
-        );
-    } else {
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a} + {sa}*1]",
-            "tileloadd tmm6, [{b} + {sb}*1]",
-            "tileloadd tmm7, [{b} + {sb}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "add {a}, 64",
-            "add {b}, 2048",
-            "dec {n}",
-            "jnz 2b",
-            a = inout(reg) a => _,
-            b = inout(reg) b => _,
-            n = inout(reg) steps => _,
-            sa = in(reg) sa,
-            sb = in(reg) 64usize,
-            options(nostack),
-        );
-    }
+    tile_steps!("tdpbf16ps", "1024"; a, lda * 2, b, 64usize, steps, two, prefetch);
 }
 
 /// The block's sums to the output: + bias (or + what the output holds), + residual, ReLU.

@@ -25,8 +25,8 @@
 //! rounds each product's left operand to bf16 (the depthwise kernel writes it so), sums in fp32
 //! (`amx`); the pool fusion then reaches the second entry-flow block too. `Precision::Bf16x3`
 //! splits both operands into two bf16 pieces each and runs three tile products for one (16
-//! significant bits instead of 8). `Precision::Int8` (opt-in, x86-64 CPUs with AVX2; fastest with AVX-512 VNNI
-//! or AVX-VNNI) runs the 1x1 convs' products on 8-bit operands with 32-bit integer sums, each
+//! significant bits instead of 8). `Precision::Int8` (opt-in, x86-64 CPUs with AVX2; fastest with
+//! AMX, then AVX-512 VNNI or AVX-VNNI) runs the 1x1 convs' products on 8-bit operands with 32-bit integer sums, each
 //! weight column and each activation row with its own scale (`int8`); the dense k x k convs stay
 //! fp32.
 

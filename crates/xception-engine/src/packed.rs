@@ -34,8 +34,8 @@ pub enum Precision {
     Bf16x3,
     /// The 1x1 convs' products in int8 (`int8`): each weight column scaled to [-127, 127] once,
     /// at load (to [-63, 63] on CPUs without VNNI), each row of activations as it is multiplied
-    /// (its own scale, from its largest value), exact 32-bit integer sums (VPDPBUSD with AVX-512
-    /// VNNI or AVX-VNNI, else VPMADDUBSW), then scaled back to fp32. The dense k x k convs (the
+    /// (its own scale, from its largest value), exact 32-bit integer sums (TDPBUSD on AMX tiles,
+    /// VPDPBUSD with AVX-512 VNNI or AVX-VNNI, else VPMADDUBSW), then scaled back to fp32. The dense k x k convs (the
     /// stem), depthwise convs, norms, pools and the classifier stay fp32.
     Int8,
 }
