@@ -381,10 +381,24 @@ unsafe fn quantize_row_avx2(src: &[f32], dst: &mut [u8]) -> f32 {
 /// AMX tiles read past them): the rows' bytes and scales, for `quantize_rows`.
 pub(crate) fn lhs_buffers(bufs: &mut (Vec<u32>, Vec<f32>), m: usize, ld8: usize) -> (&mut [u8], &mut [f32]) {
     let (buf, scales) = bufs;
-    buf.resize(buf.len().max(rows_readable(m) * ld8 / 4), 0);
+    // (15 values more: room to start the rows on a cache line, `lhs_start`.)
+    buf.resize(buf.len().max(rows_readable(m) * ld8 / 4 + 15), 0);
     scales.resize(scales.len().max(m), 0.0);
-    // SAFETY: the u32 buffer holds at least m * ld8 bytes (ld8 is a multiple of four).
-    (unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), m * ld8) }, &mut scales[..m])
+    let start = lhs_start(buf);
+    let rows = &mut buf[start..];
+    // SAFETY: the rows hold at least m * ld8 bytes (ld8 is a multiple of four).
+    (unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u8>(), m * ld8) }, &mut scales[..m])
+}
+
+/// The rows `lhs_buffers` made in `bufs`, as the products read them (`gemm_rows`): from a cache
+/// line, so that AMX tile rows do not cross lines (see `packed::line_aligned`).
+pub(crate) fn lhs_rows(bufs: &(Vec<u32>, Vec<f32>)) -> &[u32] {
+    &bufs.0[lhs_start(&bufs.0)..]
+}
+
+/// Where the rows start in a buffer of `lhs_buffers`: its first value on a 64-byte boundary.
+fn lhs_start(buf: &[u32]) -> usize {
+    buf.as_ptr().align_offset(64).min(15)
 }
 
 thread_local! {
@@ -408,7 +422,7 @@ pub(crate) unsafe fn gemm_rows_f32(kernel: Int8Kernel, m: usize, a: &[f32], lda:
         let ld8 = lhs_stride(b);
         let (bytes, scales) = lhs_buffers(bufs, m, ld8);
         quantize_rows_on(kernel.simd(), a, lda, b.k, 0..m, bytes, ld8, scales);
-        gemm_rows_on(kernel, m, &bufs.0, ld8, &bufs.1[..m], b, panels, out, ldc, epi)
+        gemm_rows_on(kernel, m, lhs_rows(bufs), ld8, &bufs.1[..m], b, panels, out, ldc, epi)
     })
 }
 

@@ -324,7 +324,7 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
                 }
             });
             // (The bytes past the band's rows: what AMX tiles read past them, see `lhs_buffers`.)
-            let (a8, scales) = (&bufs.0[rows.start * ld8 / 4..], &bufs.1[rows.start..made]);
+            let (a8, scales) = (&crate::int8::lhs_rows(bufs)[rows.start * ld8 / 4..], &bufs.1[rows.start..made]);
             crate::int8::gemm_rows(rows.len(), a8, ld8, scales, b, 0..b.panels(), out, n, epi)
         });
     }
@@ -400,7 +400,7 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
             bytes.par_chunks_mut(64 * ld8).zip(scales.par_chunks_mut(64)).enumerate().for_each(|(i, (d, sc))| {
                 crate::int8::quantize_rows(&a[i * 64 * k..], k, k, 0..sc.len(), d, ld8, sc);
             });
-            let (a8, scales) = (&bufs.0[..], &bufs.1[..rows]);
+            let (a8, scales) = (crate::int8::lhs_rows(bufs), &bufs.1[..rows]);
             // SAFETY: each task owns its rows x panels of the output.
             shared_tasks(rows, b.panels(), threads, (MR, crate::packed::has_avx512()), |row0, m, ps| unsafe {
                 crate::int8::gemm_rows(m, &a8[row0 * ld8 / 4..], ld8, &scales[row0..], b, ps, shared.offset(row0 * n), n, epi_at(row0))
