@@ -472,13 +472,16 @@ pub(crate) unsafe fn gemm_rows_i8(m: usize, a: &[u8], ld8: usize, scales: &[f32]
     }
 }
 
-/// One 32 x 32 (or, not `two`, 16 x 32) block of int8 sums: `steps` tile steps of the panel at
-/// `b` times the A rows at `a` (row stride `lda` bytes), stored row-major (32 a row) to `acc`;
-/// a 32-row block also prefetches, step by step, the panel at `prefetch` into L2.
-#[target_feature(enable = "avx512f")]
-unsafe fn block_i8(a: *const u8, lda: usize, b: *const u8, steps: usize, two: bool, prefetch: *const u8, acc: *mut i32) {
+/// Zeroes the four accumulator tiles (tmm0-3) before a block.
+#[inline(always)]
+unsafe fn zero_sums() {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-    tile_steps!("tdpbusd", "64"; a, lda, b, 128usize, steps, two, prefetch);
+}
+
+/// Stores the four accumulator tiles, a 32 x 32 block of 4-byte sums (fp32 or i32), row-major
+/// (128 bytes a row) to `acc`.
+#[inline(always)]
+unsafe fn store_sums(acc: *mut u8) {
     asm!(
         "tilestored [{c} + {sc}*1], tmm0",
         "tilestored [{c} + {sc}*1 + 64], tmm1",
@@ -488,6 +491,16 @@ unsafe fn block_i8(a: *const u8, lda: usize, b: *const u8, steps: usize, two: bo
         sc = in(reg) 128usize,
         options(nostack),
     );
+}
+
+/// One 32 x 32 (or, not `two`, 16 x 32) block of int8 sums: `steps` tile steps of the panel at
+/// `b` times the A rows at `a` (row stride `lda` bytes), stored row-major (32 a row) to `acc`;
+/// a 32-row block also prefetches, step by step, the panel at `prefetch` into L2.
+#[target_feature(enable = "avx512f")]
+unsafe fn block_i8(a: *const u8, lda: usize, b: *const u8, steps: usize, two: bool, prefetch: *const u8, acc: *mut i32) {
+    zero_sums();
+    tile_steps!("tdpbusd", "64"; a, lda, b, 128usize, steps, two, prefetch);
+    store_sums(acc.cast());
 }
 
 /// A block's int8 sums to the output: plus the columns' corrections, times row scale x column
@@ -524,7 +537,7 @@ unsafe fn store_i8(acc: &[i32; 2 * T * NP], rows: usize, cols: usize, (rs, cs, c
 /// uses tile registers, and the kernel keeps them across context switches.
 #[target_feature(enable = "avx512f")]
 unsafe fn block(a: *const u16, lda: usize, (b, steps, pieces): (*const u16, usize, usize), two: bool, prefetch: *const u16, acc: *mut f32) {
-    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    zero_sums();
     let (piece_len, panel_piece) = (steps * KT, steps * 2 * T * KT);
     if pieces == 2 {
         // The three products in one pass over k: each step's tiles loaded once for all three
@@ -541,15 +554,7 @@ unsafe fn block(a: *const u16, lda: usize, (b, steps, pieces): (*const u16, usiz
     } else {
         block_steps(a, lda, b, steps, two, prefetch);
     }
-    asm!(
-        "tilestored [{c} + {sc}*1], tmm0",
-        "tilestored [{c} + {sc}*1 + 64], tmm1",
-        "tilestored [{c} + {sc}*1 + 2048], tmm2",
-        "tilestored [{c} + {sc}*1 + 2112], tmm3",
-        c = in(reg) acc,
-        sc = in(reg) 128usize,
-        options(nostack),
-    );
+    store_sums(acc.cast());
 }
 
 /// `steps` tile steps of `block` for 32 rows in two pieces: hi x lo, hi x hi, lo x hi, each
