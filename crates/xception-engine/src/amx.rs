@@ -503,26 +503,19 @@ unsafe fn block_i8(a: *const u8, lda: usize, b: *const u8, steps: usize, two: bo
     store_sums(acc.cast());
 }
 
-/// A block's int8 sums to the output: plus the columns' corrections, times row scale x column
-/// scale, plus bias (or, with none, what the output holds), plus residual, then ReLU: the same
-/// operations in the same order as the AVX-512 VNNI kernel's epilogue.
+/// A block's int8 sums to the output: plus the columns' corrections, then as the AVX-512 VNNI
+/// kernel's epilogue (`avx512::dequant_row`, `finish_row`).
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn store_i8(acc: &[i32; 2 * T * NP], rows: usize, cols: usize, (rs, cs, corr): (&[f32], &[f32], &[f32]), bias: Option<*const f32>, c: *mut f32, ldc: usize, residual: Option<(*const f32, usize)>, relu: bool) {
     let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
-    let (s0, s1) = (_mm512_loadu_ps(cs.as_ptr()), _mm512_loadu_ps(cs.as_ptr().add(16)));
+    let cols_scales = (_mm512_loadu_ps(cs.as_ptr()), _mm512_loadu_ps(cs.as_ptr().add(16)));
     let (k0, k1) = (_mm512_loadu_si512(corr.as_ptr().cast()), _mm512_loadu_si512(corr.as_ptr().add(16).cast()));
     for (r, &row_scale) in rs.iter().take(rows).enumerate() {
         let cr = c.add(r * ldc);
-        let scale = _mm512_set1_ps(row_scale);
-        let (base0, base1) = match bias {
-            Some(bias) => (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))),
-            None => (_mm512_maskz_loadu_ps(m0, cr), _mm512_maskz_loadu_ps(m1, cr.add(16))),
-        };
         let i0 = _mm512_add_epi32(_mm512_loadu_si512(acc.as_ptr().add(r * NP).cast()), k0);
         let i1 = _mm512_add_epi32(_mm512_loadu_si512(acc.as_ptr().add(r * NP + 16).cast()), k1);
-        let v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, scale), base0);
-        let v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, scale), base1);
+        let (v0, v1) = crate::packed::avx512::dequant_row((i0, i1), cols_scales, row_scale, bias, (m0, m1), cr);
         crate::packed::avx512::finish_row(v0, v1, residual.map(|(rp, ldr)| rp.add(r * ldr)), relu, (m0, m1), cr);
     }
 }

@@ -53,15 +53,15 @@ pub const MAX_K: usize = (i32::MAX as usize) / (255 * 128);
 /// The int8 micro-kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
+    /// AMX tiles with TDPBUSD (AMX-INT8: Intel Xeon "Sapphire Rapids" and later): 32 x 32 blocks
+    /// of sums, the products of 64 k a tile step (`amx::gemm_rows_i8`).
+    Amx,
     /// The AVX-512 12x32 kernel with VPDPBUSD (AVX-512 VNNI).
     Vnni512,
     /// The AVX2 6x16 kernel with VEX VPDPBUSD (AVX-VNNI).
     Vnni256,
     /// The AVX2 5x16 kernel with VPMADDUBSW, VPMADDWD and VPADDD (AVX2 alone; 7-bit weights).
     Madd256,
-    /// AMX tiles with TDPBUSD (AMX-INT8: Intel Xeon "Sapphire Rapids" and later): 32 x 32 blocks
-    /// of sums, the products of 64 k a tile step (`amx::gemm_rows_i8`).
-    Amx,
     /// The AVX-512 12x32 kernel with the same on zmm (AVX-512BW without VNNI: Intel Xeon
     /// "Skylake-SP"; 7-bit weights).
     Madd512,

@@ -26,9 +26,9 @@
 //! (`amx`); the pool fusion then reaches the second entry-flow block too. `Precision::Bf16x3`
 //! splits both operands into two bf16 pieces each and runs three tile products for one (16
 //! significant bits instead of 8). `Precision::Int8` (opt-in, x86-64 CPUs with AVX2; fastest with
-//! AMX, then AVX-512 VNNI or AVX-VNNI) runs the 1x1 convs' products on 8-bit operands with 32-bit integer sums, each
-//! weight column and each activation row with its own scale (`int8`); the dense k x k convs stay
-//! fp32.
+//! AMX, then AVX-512 VNNI or AVX-VNNI) runs the 1x1 convs' products on 8-bit operands with 32-bit
+//! integer sums, each weight column and each activation row with its own scale (`int8`); the
+//! dense k x k convs stay fp32.
 
 pub mod align;
 #[cfg(target_arch = "x86_64")]
@@ -90,10 +90,11 @@ pub fn int8_available() -> bool {
     false
 }
 
-/// The kernels `Precision::Int8` runs on here, if any: "avx512-vnni-int8" (AVX-512 VNNI),
-/// "avx512bw-int8" (AVX-512 without VNNI, 7-bit weights), "avx-vnni-int8" (AVX-VNNI, on the AVX2
-/// kernels) or "avx2-int8" (AVX2 alone, 7-bit weights).
-/// XCEPTION_ENGINE_NO_VNNI set in the environment passes over both VNNIs.
+/// The kernels `Precision::Int8` runs on here, if any: "amx-int8" (AMX-INT8 tiles),
+/// "avx512-vnni-int8" (AVX-512 VNNI), "avx512bw-int8" (AVX-512 without VNNI, 7-bit weights),
+/// "avx-vnni-int8" (AVX-VNNI, on the AVX2 kernels) or "avx2-int8" (AVX2 alone, 7-bit weights).
+/// XCEPTION_ENGINE_NO_AMX set in the environment passes over AMX, XCEPTION_ENGINE_NO_VNNI over
+/// AMX and both VNNIs (`int8::kernel`).
 pub fn int8_kernels() -> Option<&'static str> {
     #[cfg(target_arch = "x86_64")]
     return int8::kernel().map(|k| k.name());

@@ -9,7 +9,8 @@
 //! tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
 //! product with the same epilogue. In int8 (`Precision::Int8`) the panels hold bytes, four k to
-//! a 32-bit value, and the same micro-kernels run them with VPDPBUSD (`int8`).
+//! a 32-bit value, and the same micro-kernels run them with integer instructions, or AMX tiles
+//! do (`int8`).
 
 use std::ops::Range;
 
@@ -35,8 +36,8 @@ pub enum Precision {
     /// The 1x1 convs' products in int8 (`int8`): each weight column scaled to [-127, 127] once,
     /// at load (to [-63, 63] on CPUs without VNNI), each row of activations as it is multiplied
     /// (its own scale, from its largest value), exact 32-bit integer sums (TDPBUSD on AMX tiles,
-    /// VPDPBUSD with AVX-512 VNNI or AVX-VNNI, else VPMADDUBSW), then scaled back to fp32. The dense k x k convs (the
-    /// stem), depthwise convs, norms, pools and the classifier stay fp32.
+    /// VPDPBUSD with AVX-512 VNNI or AVX-VNNI, else VPMADDUBSW), then scaled back to fp32. The
+    /// dense k x k convs (the stem), depthwise convs, norms, pools and the classifier stay fp32.
     Int8,
 }
 
@@ -180,8 +181,8 @@ impl PackedB {
         false
     }
 
-    /// Whether the products run so much faster than fp32 (bf16 on AMX tiles; int8 with VNNI, four
-    /// times the fp32 rate) that a layer's output going to memory and back costs more than the
+    /// Whether the products run so much faster than fp32 (bf16 on AMX tiles; int8 with VNNI or
+    /// AMX, four times the fp32 rate or more) that a layer's output going to memory and back costs more than the
     /// lines two workers both make when layers are fused (`kernels::pool_fusion_pays`,
     /// `chain::chain_pays`). int8 without VNNI runs at twice the fp32 rate and fuses as fp32.
     pub fn outruns_memory(&self) -> bool {
@@ -860,6 +861,20 @@ pub(crate) mod avx512 {
         _mm512_mask_storeu_ps(dst.add(16), m1, v1);
     }
 
+    /// One int8 output row of a panel in fp32: its two halves' 32-bit `sums` x the columns'
+    /// scales x the row's scale, + the bias (or, with none, + what the output row `dst` holds,
+    /// masked to the valid columns). The VNNI kernels and the AMX tiles both end here, so they
+    /// give the same bits.
+    #[inline(always)]
+    pub(crate) unsafe fn dequant_row((i0, i1): (__m512i, __m512i), (s0, s1): (__m512, __m512), row_scale: f32, bias: Option<*const f32>, (m0, m1): (u16, u16), dst: *const f32) -> (__m512, __m512) {
+        let scale = _mm512_set1_ps(row_scale);
+        let (base0, base1) = match bias {
+            Some(bias) => (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))),
+            None => (_mm512_maskz_loadu_ps(m0, dst), _mm512_maskz_loadu_ps(m1, dst.add(16))),
+        };
+        (_mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(s0, scale), base0), _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(s1, scale), base1))
+    }
+
     /// PREFETCHW of the lines an output row of one panel (32 values, 128 bytes at any
     /// alignment) spans. Prefetches never fault, so a ragged row's lines past the matrix are
     /// harmless.
@@ -957,15 +972,10 @@ pub(crate) mod avx512 {
             // rows' scales on the stack (the 24 sums fill most registers). One thread, best of
             // 5000: 294x64x128 267 -> 287 GOP/s (with the rows' quantization), k of 128 and up
             // even (2026-12-07).
-            let (s0, s1) = (_mm512_loadu_ps(dq.cols), _mm512_loadu_ps(dq.cols.add(16)));
+            let cols = (_mm512_loadu_ps(dq.cols), _mm512_loadu_ps(dq.cols.add(16)));
             for r in 0..R {
-                let scale = _mm512_set1_ps(*dq.rows.add(r));
-                let (base0, base1) = match dq.bias {
-                    Some(bias) => (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))),
-                    None => (_mm512_maskz_loadu_ps(m0, c.add(r * ldc)), _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16))),
-                };
-                let v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(acc[2 * r])), _mm512_mul_ps(s0, scale), base0);
-                let v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(acc[2 * r + 1])), _mm512_mul_ps(s1, scale), base1);
+                let sums = (_mm512_castps_si512(acc[2 * r]), _mm512_castps_si512(acc[2 * r + 1]));
+                let (v0, v1) = dequant_row(sums, cols, *dq.rows.add(r), dq.bias, (m0, m1), c.add(r * ldc));
                 let residual = step.residual.map(|(rp, ldr)| rp.add(r * ldr));
                 finish_row(v0, v1, residual, step.relu, (m0, m1), c.add(r * ldc));
             }
