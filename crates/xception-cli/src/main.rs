@@ -260,9 +260,10 @@ struct ModelArgs {
     /// CPU threads for the engine (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// The engine's arithmetic: f32; bf16 (the convs' products on AMX tiles with bf16 operands
-    /// and fp32 sums: faster, ~3 significant digits; needs an Intel Xeon with AMX); or bf16x3
-    /// (each fp32 operand as two bf16 values, three tile products: ~5 significant digits); or
+    /// The engine's arithmetic: f32; bf16 (the convs' products with bf16 operands and fp32 sums:
+    /// faster, ~3 significant digits; needs AMX tiles (Intel Xeon 4th gen.) or AVX512-BF16 (AMD
+    /// Zen 4)); or bf16x3 (each fp32 operand as two bf16 values, three tile products: ~5
+    /// significant digits; needs AMX); or
     /// int8 (the 1x1 convs' products on 8-bit operands, each weight column and activation row
     /// scaled on its own, exact integer sums: ~2 significant digits; needs AVX2, fastest with
     /// AMX, then AVX-512 VNNI or AVX-VNNI).
@@ -541,7 +542,7 @@ fn peak_rss_mb() -> Option<f64> {
 /// Which of the engine's kernels a bench runs (the burn backend has its own).
 fn kernels_name(args: &BenchArgs) -> &'static str {
     match (args.train, args.backend.as_str(), args.precision.as_str()) {
-        (false, "engine", "bf16") => "amx-bf16",
+        (false, "engine", "bf16") => xception::engine::bf16_kernels().unwrap_or("none"),
         (false, "engine", "bf16x3") => "amx-bf16x3",
         (false, "engine", "int8") => xception::engine::int8_kernels().unwrap_or("none"),
         (false, "engine", _) => xception::engine::simd_kernels(),
@@ -600,7 +601,7 @@ fn bench_layers(args: &BenchArgs, net: &Network) -> Result<()> {
     // The roofline: a layer type can at most run at its arithmetic intensity (FLOP per byte of
     // compulsory traffic) times the memory bandwidth, or at the peak; one without arithmetic
     // (pools, adds) at the bandwidth. "of bound" is the fraction of that it reaches. The peak is
-    // fp32's: bf16 products run on AMX tiles and int8 ones on integer instructions, whose peaks
+    // fp32's: bf16 products run on AMX tiles or VDPBF16PS and int8 ones on integer instructions, whose peaks
     // are not measured, so there the bound is the memory roof alone.
     let compute_roof = if parse_precision(&args.precision) == xception::Precision::F32 { peak } else { f64::INFINITY };
     let rows: Vec<serde_json::Value> = kinds

@@ -206,10 +206,11 @@ fn user_errors_exit_1_with_a_clear_message() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `--precision bf16` and `bf16x3` run where the CPU has AMX, `int8` on any x86-64 CPU with AVX2
-/// (the numbers are checked in the conformance tests), and are refused with a clear message,
-/// exit 1, where they cannot run. `bench` names the kernels: int8's follow what the CPU offers
-/// and what XCEPTION_ENGINE_NO_AVX512 and XCEPTION_ENGINE_NO_VNNI hold it to.
+/// `--precision bf16` runs where the CPU has AMX or AVX512-BF16, `bf16x3` where it has AMX,
+/// `int8` on any x86-64 CPU with AVX2 (the numbers are checked in the conformance tests), and
+/// are refused with a clear message, exit 1, where they cannot run. `bench` names the kernels:
+/// they follow what the CPU offers and what XCEPTION_ENGINE_NO_AVX512, XCEPTION_ENGINE_NO_VNNI
+/// and XCEPTION_ENGINE_NO_AMX hold it to.
 #[test]
 fn reduced_precisions_run_or_are_refused_clearly() {
     let dir = workdir("bf16");
@@ -240,8 +241,10 @@ fn reduced_precisions_run_or_are_refused_clearly() {
                 "avx2-int8"
             };
             (xception::engine::int8_available(), "AVX2", widest.to_string())
+        } else if precision == "bf16" {
+            (xception::engine::bf16_available(), "AMX", xception::engine::bf16_kernels().unwrap_or("none").to_string())
         } else {
-            (xception::engine::bf16_available(), "AMX", format!("amx-{precision}"))
+            (xception::engine::bf16x3_available(), "AMX", "amx-bf16x3".to_string())
         };
         let out = run(&["classify", "--weights", s(&timm), "--size", "96", "--precision", precision, "--json", s(&chelsea)]);
         if available {
@@ -290,6 +293,18 @@ fn reduced_precisions_run_or_are_refused_clearly() {
                 assert_eq!(json["kernels"], int8_kernels, "{env:?}");
             }
         }
+    }
+    // Without tiles (XCEPTION_ENGINE_NO_AMX, or a CPU without AMX) bf16 runs on VDPBF16PS where
+    // the CPU has AVX512-BF16, and bf16x3 is refused.
+    #[cfg(target_arch = "x86_64")]
+    if avx512 && is_x86_feature_detected!("avx512bf16") {
+        let bench = bin().args(["bench", "--model", "xception41", "--input-size", "96", "--runs", "1", "--precision", "bf16", "--json"]).env("XCEPTION_ENGINE_NO_AMX", "1").output().unwrap();
+        assert!(bench.status.success(), "{}", stderr(&bench));
+        let json: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+        assert_eq!(json["kernels"], "avx512-bf16");
+        let out = bin().args(["classify", "--weights", s(&timm), "--size", "96", "--precision", "bf16x3", s(&chelsea)]).env("XCEPTION_ENGINE_NO_AMX", "1").output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("bf16x3") && stderr(&out).contains("AMX") && !stderr(&out).contains("panicked"), "{}", stderr(&out));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

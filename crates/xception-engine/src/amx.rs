@@ -10,6 +10,11 @@
 //! of the product): each weight panel holds its hi pieces, then its lo pieces; each row of A its
 //! hi values, then its lo values.
 //!
+//! Without tiles, on AVX-512 CPUs with AVX512-BF16 (AMD Zen 4 and later), `Precision::Bf16` runs
+//! its products on VDPBF16PS instead (`dot_available`, `packed::gemm_rows_dot`): the same bf16
+//! operands and fp32 sums, A's rows laid out as here, the weights as pairs of k in fp32-shaped
+//! panels, twice the fp32 rate.
+//!
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands a
 //! process the 8 KiB of tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and each
 //! thread loads the tile shapes (`ldtilecfg`) before its first product.
@@ -32,11 +37,23 @@ pub const NP: usize = 2 * T;
 pub const KT8: usize = 64;
 
 /// Whether this process can run AMX bf16 tiles: the CPU has AMX-TILE and AMX-BF16, AVX-512 runs
-/// the stores (not disabled by XCEPTION_ENGINE_NO_AVX512), and the kernel granted the tile state.
+/// the stores (not disabled by XCEPTION_ENGINE_NO_AVX512), the kernel granted the tile state, and
+/// XCEPTION_ENGINE_NO_AMX is not set (which runs `Precision::Bf16` on `dot_available`'s
+/// instructions instead, to test or measure them on an AMX machine).
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // CPUID leaf 7: EDX bit 22 AMX-BF16.
-    *OK.get_or_init(|| tiles_granted(1 << 22))
+    *OK.get_or_init(|| std::env::var("XCEPTION_ENGINE_NO_AMX").is_err() && tiles_granted(1 << 22))
+}
+
+/// Whether `Precision::Bf16` runs here without tiles (where `available()` is false): AVX-512
+/// with AVX512-BF16, whose VDPBF16PS multiplies sixteen pairs of bf16 values into fp32 sums per
+/// instruction, twice the fp32 FMA's multiply-adds (AMD Zen 4 and later, Intel "Cooper Lake").
+/// Measured on a Zen 4 core: one VDPBF16PS on zmm a cycle, as one FMA on zmm. The products run
+/// on the fp32 register-tile micro-kernel (`packed::gemm_rows_dot`).
+pub fn dot_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| !available() && crate::packed::has_avx512() && is_x86_feature_detected!("avx512bf16"))
 }
 
 /// Whether this process can run AMX int8 tiles (AMX-INT8, CPUID leaf 7 EDX bit 25), as
@@ -143,6 +160,8 @@ pub fn split_into(src: &[f32], hi: &mut [u16], lo: &mut [u16]) {
 /// step, two 16-column tiles of 16 rows, each row holding its columns' two consecutive k values
 /// side by side (the layout TDPBF16PS multiplies). k and n are zero-padded to whole steps and
 /// panels. With two pieces each panel holds the hi pieces' steps, then the lo pieces'.
+/// Without tiles (`dot_available`) only the shape is here: the panels are pairs of k in the
+/// `PackedB`'s own fp32 panels (`PackedB::with_precision`), and `data` is empty.
 #[derive(Clone, Debug)]
 pub struct PackedBf16 {
     /// k rounded up to a whole step.
@@ -152,6 +171,8 @@ pub struct PackedBf16 {
     data: Vec<u16>,
     /// Where the first panel starts in `data` (on a 64-byte boundary).
     start: usize,
+    /// Whether AMX tiles run the product (else VDPBF16PS on the PackedB's pair panels).
+    tiles: bool,
 }
 
 impl PackedBf16 {
@@ -192,7 +213,24 @@ impl PackedBf16 {
                 }
             }
         }
-        PackedBf16 { kp, pieces, data, start }
+        PackedBf16 { kp, pieces, data, start, tiles: true }
+    }
+
+    /// The shape of a one-piece bf16 matrix whose products run on VDPBF16PS (`dot_available`):
+    /// k rounded up to a whole tile step as for the tiles, so that A's rows (`lhs_stride`,
+    /// `lhs_len`) are laid out alike whichever runs them.
+    pub(crate) fn pairs(k: usize) -> PackedBf16 {
+        PackedBf16 { kp: k.div_ceil(KT) * KT, pieces: 1, data: Vec::new(), start: 0, tiles: false }
+    }
+
+    /// Whether AMX tiles run the products (else VDPBF16PS, `dot_available`).
+    pub fn tiles(&self) -> bool {
+        self.tiles
+    }
+
+    /// k rounded up to a whole tile step.
+    pub(crate) fn kp(&self) -> usize {
+        self.kp
     }
 
     /// bf16 pieces per fp32 value (1, or 2 for `Precision::Bf16x3`).
@@ -222,7 +260,9 @@ pub fn lhs_len(m: usize, lda: usize, k: usize, pieces: usize) -> usize {
 /// rows do not overlap; overlapping rows (a direct conv's) keep their stride, in one piece (in
 /// two each row is laid out whole).
 pub fn lhs_stride(lda: usize, k: usize, pieces: usize) -> usize {
-    if lda >= k || pieces > 1 {
+    // (An odd stride would split VDPBF16PS's pairs across rows; no conv of ours has one, as
+    // dense convs of fewer than 16 input channels run in fp32.)
+    if lda >= k || pieces > 1 || !lda.is_multiple_of(2) {
         pieces * k.div_ceil(KT) * KT
     } else {
         lda
@@ -295,27 +335,35 @@ thread_local! {
 /// # Safety
 /// As `packed::gemm_rows`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, k: usize, n: usize, b: &PackedBf16, bias: &[f32], panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k, "gemm: lhs too short");
+    let b16 = b.bf16().expect("bf16 weights");
+    assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
     LHS.with_borrow_mut(|buf| {
-        let (a16, ld16) = round_lhs(m, a, lda, k, b.pieces, buf);
-        gemm_rows(m, a16, ld16, k, n, b, bias, panels, out, ldc, epi)
+        let (a16, ld16) = round_lhs(m, a, lda, b.k, b16.pieces, buf);
+        gemm_rows(m, a16, ld16, b, panels, out, ldc, epi)
     })
 }
 
 /// out[rows m, panels] = a (m x k bf16 in b's pieces, row stride `lda`, `lhs_len` values
-/// readable) x b + bias (or + out with `epi.accumulate`), then the epilogue, in fp32; out has
-/// row stride `ldc`.
+/// readable) x b (bf16 weights) + bias (or + out with `epi.accumulate`), then the epilogue, in
+/// fp32; out has row stride `ldc`. On AMX tiles, or where the matrix was packed without them, on
+/// VDPBF16PS (`packed::gemm_rows_dot`).
 ///
 /// # Safety
-/// As `packed::gemm_rows`; `available()` must be true.
+/// As `packed::gemm_rows`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, k: usize, n: usize, b: &PackedBf16, bias: &[f32], panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
+    }
+    let (k, n, bias, packed) = (b.k, b.n, b.bias(), b);
+    let b = packed.bf16().expect("bf16 weights");
+    if !b.tiles {
+        assert!(a.len() >= lhs_len(m, lda, k, 1), "gemm: bf16 lhs too short");
+        return crate::packed::gemm_rows_dot(m, a, lda, packed, panels, out, ldc, epi);
     }
     assert!(a.len() >= lhs_len(m, lda, k, b.pieces), "gemm: bf16 lhs too short");
     assert!(b.pieces == 1 || lda >= 2 * b.kp, "gemm: a row's two pieces overlap the next row");
@@ -709,17 +757,24 @@ mod tests {
     /// of the fp32 sums, bounded relative to the sum of the products' magnitudes. In bf16x3,
     /// against the f64 product of the fp32 operands themselves: each product within 3 x 2^-16
     /// of its magnitude (the pieces' error twice, the lo x lo term left out), where bf16 is
-    /// off by up to 2^-8.
+    /// off by up to 2^-8. On AMX tiles, or without them on VDPBF16PS (bf16 only; also on an
+    /// AMX machine under XCEPTION_ENGINE_NO_AMX).
     #[test]
     fn tile_product_matches_the_rounded_operands_product() {
         use crate::packed::Precision;
-        if !available() {
-            eprintln!("skipped: this CPU or kernel has no AMX bf16");
-            return;
-        }
-        // (m, k, n, lda): ragged rows (1, 17, 33), k not a whole step, ragged panels, and rows
-        // that overlap (lda < k, as a direct conv reads its input lines).
-        for (&(m, k, n, lda), precision) in [(1, 1, 1, 1), (17, 27, 32, 30), (33, 96, 45, 32), (50, 728, 97, 728), (64, 300, 64, 303), (5, 2048, 33, 2048)].iter().flat_map(|c| [(c, Precision::Bf16), (c, Precision::Bf16x3)]) {
+        let precisions: &[Precision] = match (available(), dot_available()) {
+            (true, _) => &[Precision::Bf16, Precision::Bf16x3],
+            (false, true) => &[Precision::Bf16],
+            _ => {
+                eprintln!("skipped: this CPU or kernel has no bf16 products");
+                return;
+            }
+        };
+        // (m, k, n, lda): ragged rows (1, 17, 33), k not a whole step, ragged panels, rows that
+        // overlap (lda < k, as a direct conv reads its input lines; an odd stride too), and k
+        // past one k block of the register tiles (KC pairs).
+        let cases = [(1, 1, 1, 1), (17, 27, 32, 30), (33, 96, 45, 32), (20, 64, 40, 32), (9, 30, 20, 15), (50, 728, 97, 728), (64, 300, 64, 303), (5, 2048, 33, 2048), (13, 3100, 35, 3100)];
+        for (&(m, k, n, lda), &precision) in cases.iter().flat_map(|c| precisions.iter().map(move |p| (c, p))) {
             let a = values((m - 1) * lda + k, 1);
             let w = values(k * n, 2);
             let bias = values(n, 3);

@@ -245,7 +245,7 @@ mod tests {
     /// that `fixed_top` takes, and a residual added as the last conv stores.
     #[test]
     fn chain_is_exactly_its_convs_in_turn() {
-        let precisions: &[Precision] = if crate::amx::available() { &[Precision::F32, Precision::Bf16] } else { &[Precision::F32] };
+        let precisions: &[Precision] = if crate::bf16_available() { &[Precision::F32, Precision::Bf16] } else { &[Precision::F32] };
         let (one, two, dilated) = ((1, 1, Padding::Symmetric(1)), (2, 1, Padding::Symmetric(1)), (1, 2, Padding::Symmetric(2)));
         type Geometry = (usize, usize, Padding);
         let cases: &[(usize, usize, &[Geometry])] = &[

@@ -255,7 +255,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
         return taken(&SCRATCH16, |buf| {
             let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k, b16.pieces());
             a16[..rows * ld16].par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
-            share_out16(a16, ld16, b, b16, rows, shared, &epi_at, threads);
+            share_out16(a16, ld16, b, rows, shared, &epi_at, threads);
         });
     }
     taken(&SCRATCH, |scratch| {
@@ -305,7 +305,7 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
             for (l, chunk) in lines.zip(a16.chunks_mut(per_line * ld16)) {
                 fill16(l, chunk);
             }
-            crate::amx::gemm_rows(rows.len(), &a16[rows.start * ld16..], ld16, k, n, b16, b.bias(), 0..b.panels(), out, n, epi)
+            crate::amx::gemm_rows(rows.len(), &a16[rows.start * ld16..], ld16, b, 0..b.panels(), out, n, epi)
         });
     }
     #[cfg(target_arch = "x86_64")]
@@ -388,7 +388,7 @@ fn share_out<'e>(a: &[f32], b: &PackedB, rows: usize, k: usize, n: usize, shared
             a16[..rows * ld16].par_chunks_mut(64 * ld16).enumerate().for_each(|(i, d)| {
                 crate::amx::round_rows(&a[i * 64 * k..], k, k, 0..d.len() / ld16, d, ld16, pieces);
             });
-            share_out16(a16, ld16, b, b16, rows, shared, epi_at, threads);
+            share_out16(a16, ld16, b, rows, shared, epi_at, threads);
         });
     }
     #[cfg(target_arch = "x86_64")]
@@ -437,11 +437,11 @@ fn shared_tasks(rows: usize, panels: usize, threads: usize, (granule, whole_rows
 /// values as `amx::lhs_len` asks).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn share_out16<'e>(a16: &[u16], ld16: usize, b: &PackedB, b16: &crate::amx::PackedBf16, rows: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
-    let (k, n) = (b.k, b.n);
+fn share_out16<'e>(a16: &[u16], ld16: usize, b: &PackedB, rows: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
+    let n = b.n;
     // SAFETY: each task owns its rows x panels of the output.
     shared_tasks(rows, b.panels(), threads, (crate::amx::T, false), |row0, m, ps| unsafe {
-        crate::amx::gemm_rows(m, &a16[row0 * ld16..], ld16, k, n, b16, b.bias(), ps, shared.offset(row0 * n), n, epi_at(row0))
+        crate::amx::gemm_rows(m, &a16[row0 * ld16..], ld16, b, ps, shared.offset(row0 * n), n, epi_at(row0))
     });
 }
 
@@ -957,17 +957,32 @@ pub(crate) mod dw3 {
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
             _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40))
         };
+        // In bf16 whole vectors are narrowed in a register and stored unmasked: VPMOVDW to memory
+        // (masked) ran the depthwise convs 1.6-2.7x slower on AMD Zen 4 (one thread, `bench --ops`:
+        // 74x74x256 1.07 -> 0.40 ms, 37x37x728 0.43 -> 0.26). A ragged last vector is stored
+        // whole too where the pixel's padding has room (`dw_line16` zeroes it after).
+        let c16 = s.channels.next_multiple_of(16);
+        let room = if lo == 0 { stride >= c16 } else { lo >= c16 && stride >= lo + c16 };
+        let whole = BF16 && room && (ow == 0 || len >= (ow - 1) * stride + lo + c16);
+        let narrow = |at: usize, m: __mmask16, h: __m512i| {
+            let to = out.cast::<u16>().add(at);
+            if m == 0xffff || whole {
+                _mm256_storeu_si256(to.cast(), _mm512_cvtepi32_epi16(h));
+            } else {
+                _mm512_mask_cvtepi32_storeu_epi16(to.cast(), m, h);
+            }
+        };
         let store = |at: usize, m: __mmask16, v: __m512| {
             if BF16 {
                 let h = round(v);
-                _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at).cast(), m, h);
+                narrow(at, m, h);
                 if lo > 0 {
                     // What the hi value leaves over, rounded in turn, zero where hi is not finite
                     // (amx::split_bf16).
                     let hf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h));
                     let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(hf), _mm512_set1_ps(f32::INFINITY));
                     let left = _mm512_maskz_mov_epi32(finite, round(_mm512_sub_ps(v, hf)));
-                    _mm512_mask_cvtepi32_storeu_epi16(out.cast::<u16>().add(at + lo).cast(), m, left);
+                    narrow(at + lo, m, left);
                 }
             } else {
                 _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
@@ -1723,7 +1738,7 @@ mod tests {
     /// the conv and both padding rules of the pool; chained after another separable conv too.
     #[test]
     fn sep_conv_pool_is_exactly_pool_after_conv() {
-        let precisions: &[Precision] = if crate::amx::available() { &[Precision::F32, Precision::Bf16] } else { &[Precision::F32] };
+        let precisions: &[Precision] = if crate::bf16_available() { &[Precision::F32, Precision::Bf16] } else { &[Precision::F32] };
         for &precision in precisions {
             // Runs of one band, and (100 wide: a band for each pool line) of up to eleven, whose
             // bands keep the conv lines (and the chain's first conv lines) they share.
@@ -1850,10 +1865,15 @@ mod tests {
     /// load transform, strides 1 and 2, dilation 2, both padding rules, ragged channel counts.
     #[test]
     fn bf16_depthwise_is_the_rounded_f32_depthwise() {
-        if !crate::amx::available() {
-            eprintln!("skipped: no AMX bf16 here");
-            return;
-        }
+        // bf16x3 on tiles only (`bf16x3_available`).
+        let precisions: &[Precision] = match (crate::bf16_available(), crate::bf16x3_available()) {
+            (_, true) => &[Precision::Bf16, Precision::Bf16x3],
+            (true, false) => &[Precision::Bf16],
+            _ => {
+                eprintln!("skipped: no bf16 products here");
+                return;
+            }
+        };
         // The last case's input has values near f32::MAX, so some outputs are infinities or NaN.
         for &(c, stride, dilation, padding, huge) in &[(40, 1, 1, Padding::Symmetric(1), false), (16, 2, 1, Padding::TfSame, false), (70, 1, 2, Padding::Symmetric(2), false), (33, 2, 1, Padding::Symmetric(1), false), (24, 1, 1, Padding::Symmetric(1), true)] {
             let (h, w) = (9, 11);
@@ -1861,7 +1881,7 @@ mod tests {
             let x = Activations { n: 1, h, w, c, data: (0..h * w * c).map(value).collect() };
             let weights = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| (((i + seed) * 104729 % 997) as f32 - 498.0) / 251.0).collect() };
             let transforms = || [(None, false), (None, true), (Some(Affine { scale: weights(c, 1), shift: weights(c, 2) }), true)];
-            for ((in_affine, in_relu), precision) in transforms().into_iter().map(|t| (t, Precision::Bf16)).chain(transforms().into_iter().map(|t| (t, Precision::Bf16x3))) {
+            for ((in_affine, in_relu), &precision) in precisions.iter().flat_map(|p| transforms().into_iter().map(move |t| (t, p))) {
                 let pieces = precision.pieces();
                 let pw = PackedB::with_precision(&weights(c * 8, 5), &[0.0; 8], c, 8, precision);
                 let s = SepConv { stride, dilation, padding, in_affine, in_relu, dw_bias: Some(weights(c, 4)), ..SepConv::relu_3x3(weights(9 * c, 3), pw) };

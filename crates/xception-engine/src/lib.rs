@@ -62,11 +62,15 @@ fn check_precision(precision: Precision) -> Result<()> {
         }
         return Ok(());
     }
-    if precision != Precision::F32 && !bf16_available() {
-        return Err(Error::Config(format!(
-            "engine: {} precision needs AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later), AVX-512 and Linux 5.16+, which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32",
-            precision.name()
-        )));
+    if precision == Precision::Bf16 && !bf16_available() {
+        return Err(Error::Config(
+            "engine: bf16 precision needs AVX-512 with AVX512-BF16 (AMD Zen 4 or later, Intel 'Cooper Lake') or AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later, Linux 5.16+), which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 is set): use f32 or int8".into(),
+        ));
+    }
+    if precision == Precision::Bf16x3 && !bf16x3_available() {
+        return Err(Error::Config(
+            "engine: bf16x3 precision needs AMX-BF16 tiles (Intel Xeon 4th generation 'Sapphire Rapids' or later), AVX-512 and Linux 5.16+, which this machine does not offer (or XCEPTION_ENGINE_NO_AVX512 or XCEPTION_ENGINE_NO_AMX is set; without tiles its three products would run slower than f32): use f32".into(),
+        ));
     }
     Ok(())
 }
@@ -102,9 +106,27 @@ pub fn int8_kernels() -> Option<&'static str> {
     None
 }
 
-/// Whether `Precision::Bf16` and `Precision::Bf16x3` run here (AMX bf16 tiles granted by the
-/// kernel).
+/// Whether `Precision::Bf16` runs here: on AMX bf16 tiles granted by the kernel, or on AVX-512
+/// with AVX512-BF16 (VDPBF16PS, twice the fp32 rate: AMD Zen 4 and later).
 pub fn bf16_available() -> bool {
+    bf16_kernels().is_some()
+}
+
+/// The kernels `Precision::Bf16` runs on here, if any: "amx-bf16" (AMX tiles) or "avx512-bf16"
+/// (VDPBF16PS on the AVX-512 micro-kernel; also where XCEPTION_ENGINE_NO_AMX passes over tiles).
+pub fn bf16_kernels() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        return Some("amx-bf16");
+    } else if amx::dot_available() {
+        return Some("avx512-bf16");
+    }
+    None
+}
+
+/// Whether `Precision::Bf16x3` runs here: AMX bf16 tiles only (its three products would run
+/// slower than fp32 on VDPBF16PS).
+pub fn bf16x3_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return amx::available();
     #[cfg(not(target_arch = "x86_64"))]
@@ -401,11 +423,14 @@ impl Compiler<'_> {
     ///   against fp32's 0.35 and 1.99 (Winograd), which is also exact (xception, 299, two
     ///   threads, per-step medians, 2026-12-07);
     /// - bf16: the first conv (3 input channels, products of depth 9): 0.41 ms against 0.35; the
-    ///   second runs in bf16 (1.22 ms against 1.99).
+    ///   second runs in bf16 on AMX tiles (1.22 ms against 1.99), in fp32 on VDPBF16PS (twice
+    ///   the fp32 rate, where Winograd's F(2x2, 3x3) does 2.25 times fewer multiply-adds).
     fn dense_precision(&self, kernel: usize, cin: usize) -> Precision {
         match self.precision {
             Precision::Int8 | Precision::Bf16x3 if kernel > 1 => Precision::F32,
-            Precision::Bf16 if kernel > 1 && cin < winograd::MIN_CHANNELS => Precision::F32,
+            // On VDPBF16PS (twice the fp32 rate) the fp32 Winograd convs do fewer multiply-adds
+            // by more than that; only AMX tiles beat them.
+            Precision::Bf16 if kernel > 1 && (cin < winograd::MIN_CHANNELS || bf16_kernels() != Some("amx-bf16")) => Precision::F32,
             p => p,
         }
     }

@@ -8,7 +8,9 @@
 //! CPUs each panel goes through the `gemm` crate and the epilogue runs as a second pass over the
 //! tile.
 //! In bf16 (`Precision::Bf16`) the weights are packed for AMX tiles instead and `amx` runs the
-//! product with the same epilogue. In int8 (`Precision::Int8`) the panels hold bytes, four k to
+//! product with the same epilogue; without tiles (AVX512-BF16) the panels hold pairs of bf16
+//! weights, one per 32-bit value, and the AVX-512 micro-kernel runs them with VDPBF16PS
+//! (`gemm_rows_dot`). In int8 (`Precision::Int8`) the panels hold bytes, four k to
 //! a 32-bit value, and the same micro-kernels run them with integer instructions, or AMX tiles
 //! do (`int8`).
 
@@ -25,8 +27,9 @@ pub enum Precision {
     /// fp32 throughout (the default; matches Keras and timm to float precision).
     #[default]
     F32,
-    /// The products' operands rounded to bfloat16, sums in fp32, on AMX tiles (`amx`); the
-    /// depthwise convs, norms, pools and the classifier stay fp32.
+    /// The products' operands rounded to bfloat16, sums in fp32, on AMX tiles (`amx`), or with
+    /// AVX512-BF16 alone on VDPBF16PS (`gemm_rows_dot`); the depthwise convs, norms, pools and
+    /// the classifier stay fp32 (the stem's too, without tiles).
     Bf16,
     /// As `Bf16`, but each fp32 operand split into two bf16 values (hi + lo, 16 significant
     /// bits) and multiplied as hi x hi + hi x lo + lo x hi: three tile products for one, each
@@ -118,7 +121,8 @@ impl PackedB {
         PackedB::with_precision(weight, bias, k, n, Precision::F32)
     }
 
-    /// In bf16 only the tile layout is kept (callers check `amx::available()` first); in int8 the
+    /// In bf16 only the tile layout is kept, or without tiles the pair panels (callers check
+    /// `lib::bf16_available()`, and `bf16x3_available()` for two pieces, first); in int8 the
     /// int8 panels (callers check `int8::available()`), or fp32 ones past `int8::MAX_K`.
     pub fn with_precision(weight: &[f32], bias: &[f32], k: usize, n: usize, precision: Precision) -> PackedB {
         assert_eq!(weight.len(), k * n, "weight shape");
@@ -131,8 +135,26 @@ impl PackedB {
         let panels = n.div_ceil(NR);
         let padded = padded_bias(bias, n);
         #[cfg(target_arch = "x86_64")]
-        if precision.pieces() > 0 {
+        if precision.pieces() > 0 && !crate::amx::dot_available() {
             return PackedB { k, n, steps: 0, data: Vec::new(), start: 0, int8: None, bf16: Some(crate::amx::PackedBf16::new(weight, k, n, precision.pieces())), bias: padded };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if precision.pieces() > 0 {
+            // VDPBF16PS: panels as the fp32 ones, each value a pair of consecutive k in bf16 (the
+            // even k in the low half), as A's rows hold them; k zero-padded to whole tile steps.
+            assert_eq!(precision, Precision::Bf16, "bf16x3 products need AMX tiles (check lib::bf16x3_available() first)");
+            let shape = crate::amx::PackedBf16::pairs(k);
+            let steps = shape.kp() / 2;
+            let (mut data, start) = line_aligned(panels * steps * NR);
+            let at = |row: usize, col: usize| if row < k { crate::amx::to_bf16(weight[row * n + col]) as u32 } else { 0 };
+            for p in 0..panels {
+                for col in p * NR..n.min((p + 1) * NR) {
+                    for step in 0..steps {
+                        data[start + (p * steps + step) * NR + col - p * NR] = f32::from_bits(at(2 * step, col) | at(2 * step + 1, col) << 16);
+                    }
+                }
+            }
+            return PackedB { k, n, steps, data, start, int8: None, bf16: Some(shape), bias: padded };
         }
         assert!(precision == Precision::F32 || cfg!(target_arch = "x86_64"), "bf16 and int8 products need x86-64");
         let (mut data, start) = line_aligned(panels * k * NR);
@@ -184,10 +206,11 @@ impl PackedB {
     /// Whether the products run so much faster than fp32 (bf16 on AMX tiles; int8 with VNNI or
     /// AMX, four times the fp32 rate or more) that a layer's output going to memory and back costs more than the
     /// lines two workers both make when layers are fused (`kernels::pool_fusion_pays`,
-    /// `chain::chain_pays`). int8 without VNNI runs at twice the fp32 rate and fuses as fp32.
+    /// `chain::chain_pays`). int8 without VNNI and bf16 without tiles (VDPBF16PS) run at twice
+    /// the fp32 rate and fuse as fp32.
     pub fn outruns_memory(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return self.bf16.is_some() || self.int8.is_some() && crate::int8::kernel().is_some_and(crate::int8::Int8Kernel::vnni);
+        return self.bf16.as_ref().is_some_and(crate::amx::PackedBf16::tiles) || self.int8.is_some() && crate::int8::kernel().is_some_and(crate::int8::Int8Kernel::vnni);
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -392,8 +415,8 @@ pub(crate) unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usiz
         return crate::int8::gemm_rows_f32(crate::int8::kernel().expect("int8 kernel"), m, a, lda, b, panels, out, ldc, epi);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(b16) = &b.bf16 {
-        return crate::amx::gemm_rows_f32(m, a, lda, b.k, b.n, b16, &b.bias, panels, out, ldc, epi);
+    if b.bf16.is_some() {
+        return crate::amx::gemm_rows_f32(m, a, lda, b, panels, out, ldc, epi);
     }
     assert!(a.len() >= (m - 1) * lda + b.k, "gemm: lhs too short");
     assert!(out.len >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");
@@ -429,6 +452,26 @@ pub(crate) unsafe fn gemm_rows_on(kernel: Kernel, m: usize, a: &[f32], lda: usiz
             }
         }
     }
+}
+
+/// `amx::gemm_rows` without tiles (`amx::dot_available`): A's bf16 rows (row stride `lda16`,
+/// even, `amx::lhs_len` values readable) taken as pairs, one 32-bit value each, through the fp32
+/// register tiles (`tiles`), with VDPBF16PS for the FMA; the sums, bias, residual and ReLU are
+/// fp32 as there, k blocks included (their partial sums are exact in the output).
+///
+/// # Safety
+/// As `gemm_rows`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows_dot(m: usize, a: &[u16], lda16: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+    assert!(lda16.is_multiple_of(2) && (a.as_ptr() as usize).is_multiple_of(4), "gemm: bf16 pairs across 32-bit values");
+    assert!(b.steps.is_multiple_of(4), "gemm: bf16 pairs not in whole rounds of four");
+    assert!(out.len >= (m - 1) * ldc + b.n.min(panels.end * NR), "gemm: output too short");
+    if let Some((r, ldr)) = epi.residual {
+        assert!(r.len() >= (m - 1) * ldr + b.n.min(panels.end * NR), "gemm: residual too short");
+    }
+    let pairs = std::slice::from_raw_parts(a.as_ptr().cast::<f32>(), a.len() / 2);
+    tiles(m, pairs, lda16 / 2, b, panels, out, ldc, epi, (avx512::KC, MR, NR), None, |t| avx512::tile_dot(t))
 }
 
 /// One register tile's work: `rows` rows of A (row stride `lda`) times `k` rows of a packed
@@ -533,7 +576,8 @@ impl Bursts {
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tiles(m: usize, a: &[f32], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue, (kc_max, mr, nr): (usize, usize, usize), row_scales: Option<&[f32]>, tile: impl Fn(Tile)) {
     let steps = b.steps;
-    let kc_even = steps.div_ceil(steps.div_ceil(kc_max));
+    // Blocks of whole rounds of four steps (the k loop's; bf16 pairs have no single steps).
+    let kc_even = steps.div_ceil(steps.div_ceil(kc_max)).next_multiple_of(4);
     // The caller's next values, shared out between every tile of the product.
     let regions = [epi.ahead, epi.writes].map(|f| (f.from as *const i8, f.len() * 4 / 64));
     let extra_total = regions[0].1 + regions[1].1;
@@ -674,6 +718,8 @@ const FMA: u8 = 0;
 const VNNI: u8 = 1;
 #[cfg(target_arch = "x86_64")]
 const MADD: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+const BF16: u8 = 3;
 
 /// Runs the micro-kernel `$kernel::<R>` (one monomorphised kernel per row count R) on the tile
 /// `$t`.
@@ -726,6 +772,11 @@ macro_rules! mac {
     };
     (dot $acc:tt $b:tt $a:tt) => {
         concat!("vpdpbusd ", $acc, ", ", $a, ", ", $b, "\n")
+    };
+    // bf16 (AVX512-BF16): each 32-bit lane of acc += the sum of the products of its two bf16
+    // values of a with those of b, in fp32.
+    (bdot $acc:tt $b:tt $a:tt) => {
+        concat!("vdpbf16ps ", $acc, ", ", $a, ", ", $b, "\n")
     };
     // The same on ymm registers in its VEX form (AVX-VNNI), which CPUs without AVX-512 run.
     (vdot $acc:tt $b:tt $a:tt) => {
@@ -820,7 +871,7 @@ macro_rules! k_loop_rows {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
-    use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile, FMA, MADD, VNNI};
+    use super::{prefetch_write, Ahead, Bursts, Start, Step, Tile, BF16, FMA, MADD, VNNI};
     use std::arch::x86_64::*;
 
     /// Largest depth of one k-block. Between blocks each tile's partial sums go back to memory;
@@ -836,6 +887,12 @@ pub(crate) mod avx512 {
         } else {
             by_rows!(t, kernel<FMA>, 1 2 3 4 5 6 7 8 9 10 11 12)
         }
+    }
+
+    /// One bf16 tile (`gemm_rows_dot`): A's values and the panel's pairs of bf16 (VDPBF16PS).
+    #[inline(always)]
+    pub unsafe fn tile_dot(t: Tile) {
+        by_rows!(t, kernel<BF16>, 1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
     /// One int8 tile with AVX-512BW alone (weights of 7 bits, `int8`).
@@ -925,7 +982,7 @@ pub(crate) mod avx512 {
                 }
             }
             Start::Partial => {
-                debug_assert!(DOT == FMA, "int8 sums run over all of k at once");
+                debug_assert!(DOT == FMA || DOT == BF16, "int8 sums run over all of k at once");
                 for r in 0..R {
                     acc[2 * r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
                     acc[2 * r + 1] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
@@ -933,7 +990,7 @@ pub(crate) mod avx512 {
             }
         }
         // Four k steps per round of the assembly loop, in chunks between prefetch bursts.
-        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 steps come in fours");
+        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 and bf16 steps come in fours");
         let mut bursts = Bursts::new(ahead, extra, k);
         let mut p = 0;
         macro_rules! rows_table {
@@ -951,6 +1008,7 @@ pub(crate) mod avx512 {
             let (ap, bp) = (a.add(p), b.add(p * 32));
             match DOT {
                 VNNI => rows_table!(dot, ap, bp, rounds),
+                BF16 => rows_table!(bdot, ap, bp, rounds),
                 MADD => rows_table!(zmadd [in("zmm27") _mm512_set1_epi16(1), out("zmm28") _,], ap, bp, rounds),
                 _ => rows_table!(fma, ap, bp, rounds),
             }
@@ -1107,7 +1165,7 @@ pub(crate) mod avx2 {
                     [1 2 3 4 5 6])
             };
         }
-        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 steps come in fours");
+        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 and bf16 steps come in fours");
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * super::NR));

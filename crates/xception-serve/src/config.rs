@@ -94,7 +94,7 @@ pub struct ModelEntry {
     /// Engine threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
-    /// The engine's arithmetic: `f32` (default) or `bf16` (AMX tiles; see `classify --precision`).
+    /// The engine's arithmetic: `f32` (default) or `bf16` (AMX tiles or AVX512-BF16; see `classify --precision`).
     pub precision: Option<String>,
     /// Most requests run in one forward pass (1: no batching).
     #[serde(default = "default_max_batch")]

@@ -69,7 +69,7 @@ pub struct LoadOptions {
     pub backend: Backend,
     /// Engine threads (0: all cores).
     pub threads: usize,
-    /// The engine's arithmetic (bf16: opt-in, needs AMX).
+    /// The engine's arithmetic (bf16: opt-in, needs AMX or AVX512-BF16).
     pub precision: Precision,
     /// What to do with the weights' classifier.
     pub head: Head,

@@ -4,7 +4,13 @@ use xception::{Engine, ModelConfig, Network, Precision};
 
 #[test]
 fn a_batch_gives_each_image_exactly_what_it_gets_alone() {
-    let mut precisions = if xception::engine::bf16_available() { vec![Precision::F32, Precision::Bf16, Precision::Bf16x3] } else { vec![Precision::F32] };
+    let mut precisions = vec![Precision::F32];
+    if xception::engine::bf16_available() {
+        precisions.push(Precision::Bf16);
+    }
+    if xception::engine::bf16x3_available() {
+        precisions.push(Precision::Bf16x3);
+    }
     if xception::engine::int8_available() {
         precisions.push(Precision::Int8);
     }

@@ -161,7 +161,11 @@ fn reduced_precision_engines_agree_with_keras() {
     let int8 = if matches!(xception::engine::int8_kernels(), Some("avx2-int8" | "avx512bw-int8")) { (Int8, INT8_AVX2_LOGITS, INT8_AVX2_POOLED, INT8_AVX2_FEATURES) } else { (Int8, INT8_LOGITS, INT8_POOLED, INT8_FEATURES) };
     for (precision, logits_bound, pooled_bound, feat_bound) in [(Bf16, 0.03, 2e-2, 3e-2), (Bf16x3, BF16X3_LOGITS, BF16X3_POOLED, BF16X3_FEATURES), int8] {
         let name = precision.name();
-        let available = if precision == Int8 { xception::engine::int8_available() } else { xception::engine::bf16_available() };
+        let available = match precision {
+            Int8 => xception::engine::int8_available(),
+            Bf16x3 => xception::engine::bf16x3_available(),
+            _ => xception::engine::bf16_available(),
+        };
         if !available {
             eprintln!("skipped: this machine cannot run the {name} engine (the f32 engine is tested above)");
             continue;

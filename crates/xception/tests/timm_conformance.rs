@@ -155,14 +155,15 @@ fn check_variant(variant: &str) {
         compare("logits", vec![n, out.logits.as_ref().unwrap().len() / n], bare.logits.unwrap());
         eprintln!("{}: engine {}", case.file, report.join(", "));
 
-        // The opt-in engines (bf16 and bf16x3 on AMX machines, int8 on AVX2 ones): the same
+        // The opt-in engines (bf16 on AMX or AVX512-BF16 machines, bf16x3 on AMX ones, int8 on
+        // AVX2 ones): the same
         // references, each precision's tolerance. Features are bounded only in bf16x3: on random
         // weights single feature values drift further in bf16 and int8 (int8: up to half the
         // scale measured); the real model's features are bounded in keras_conformance.
-        let (bf16, int8) = (xception::engine::bf16_available(), xception::engine::int8_available());
+        let (bf16, bf16x3, int8) = (xception::engine::bf16_available(), xception::engine::bf16x3_available(), xception::engine::int8_available());
         for (precision, tolerance, features, runs) in [
             (xception::Precision::Bf16, BF16_TOLERANCE, false, bf16),
-            (xception::Precision::Bf16x3, BF16X3_TOLERANCE, true, bf16),
+            (xception::Precision::Bf16x3, BF16X3_TOLERANCE, true, bf16x3),
             (xception::Precision::Int8, INT8_TOLERANCE, false, int8),
         ] {
             if !runs {
