@@ -3,9 +3,10 @@
 ONNX Runtime (all graph optimisations) and TensorFlow/Keras (compiled tf.function), on this
 machine, same thread count, fp32, and per-op figures for the depthwise and pointwise convs.
 
-Where our engine runs bf16 (AMX), also our `--precision bf16` and `bf16x3` against PyTorch in bf16
-(channels-last; oneDNN runs its convs on AMX) and Keras' mixed_bfloat16 policy (TensorFlow's
-oneDNN, xception only); where it runs int8 (AVX-512 VNNI or AVX-VNNI), our `--precision int8`
+Where our engine runs bf16 (AMX tiles, or VDPBF16PS on AVX512-BF16 CPUs such as AMD Zen 4), also
+our `--precision bf16` (and `bf16x3`, AMX only) against PyTorch in bf16 (channels-last; oneDNN runs
+its convs on the same instructions) and Keras' mixed_bfloat16 policy (TensorFlow's oneDNN,
+xception only); where it runs int8 (AVX-512 VNNI or AVX-VNNI), our `--precision int8`
 against ONNX Runtime's static int8 quantization of the same model. fp32 rows are compared with the
 fastest fp32 peer, bf16 and int8 rows with the fastest peer of any precision.
 
@@ -76,10 +77,23 @@ def ours(model, batch, threads, size, precision="f32", runs=1):
     return r["median_ms"] / 1e3
 
 
+def probe(precision):
+    """Our engine's `bench --json` on a tiny pass in `precision`, or None where it refuses (exit 1,
+    where the CPU lacks it)."""
+    cmd = [BIN, "bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--precision", precision, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
 def runs_precision(precision):
-    """Whether our engine runs `precision` here (it refuses, exit 1, where the CPU lacks it)."""
-    probe = [BIN, "bench", "--model", "xception41", "--input-size", "71", "--runs", "1", "--precision", precision, "--json"]
-    return subprocess.run(probe, capture_output=True).returncode == 0
+    """Whether our engine runs `precision` here."""
+    return probe(precision) is not None
+
+
+def our_kernels(args):
+    """The kernels our engine runs in each precision here, as `bench --json` names them."""
+    names = [(p, probe(p)) for p in ["f32", "bf16", "bf16x3", "int8"]]
+    return ", ".join(f"{p} {j['kernels']}" for p, j in names if j)
 
 
 # The environment that holds each contender to AVX2+FMA (`--isa avx2`).
@@ -213,8 +227,11 @@ def main():
     macs = {}
     rows = []
     args.bf16 = runs_precision("bf16")
+    args.bf16x3 = args.bf16 and runs_precision("bf16x3")
     if not args.bf16:
-        print("our engine has no bf16 here (no AMX)", flush=True)
+        print("our engine has no bf16 here (no AMX or AVX512-BF16)", flush=True)
+    elif not args.bf16x3:
+        print("our engine has no bf16x3 here (no AMX)", flush=True)
     args.int8 = runs_precision("int8")
     if not args.int8:
         print("our engine has no int8 here (no AVX-512 VNNI or AVX-VNNI)", flush=True)
@@ -255,7 +272,9 @@ def main():
             for f in contenders.values():  # warm-up
                 with torch.inference_mode():
                     f()
-            ours_bf16 = {"ours (engine, bf16)": "bf16", "ours (engine, bf16x3)": "bf16x3"} if args.bf16 else {}
+            ours_bf16 = {"ours (engine, bf16)": "bf16"} if args.bf16 else {}
+            if args.bf16x3:
+                ours_bf16["ours (engine, bf16x3)"] = "bf16x3"
             if args.int8:
                 ours_bf16["ours (engine, int8)"] = "int8"
             times = {k: [] for k in ["ours (engine)", *ours_bf16, *contenders, *tf_procs]}
@@ -370,7 +389,9 @@ def write(args, rows, op_rows):
         f"Machine: {cpu}, {os.cpu_count()} cores, {nominal:.2f} GHz nominal (/proc/cpuinfo), "
         f"{'AVX-512' if flops_per_cycle(args.isa) == 64 else 'AVX2'}; fp32 peak with {args.threads} threads, measured "
         f"(FMA chains on every thread, median of {len(MEASURED_PEAKS)} measurements) = {peak:.1f} GFLOP/s, "
-        f"i.e. {args.threads} x {ghz:.2f} GHz effective x 2 FMA x {flops_per_cycle(args.isa) // 4} lanes x 2.",
+        f"i.e. {args.threads} x {ghz:.2f} GHz effective x 2 FMA x {flops_per_cycle(args.isa) // 4} lanes x 2"
+        + (" (AMD Zen 4 runs one 512-bit FMA a cycle, at twice that clock)." if "AMD" in cpu and flops_per_cycle(args.isa) == 64 else ".")
+        + f" Our kernels: {our_kernels(args)}.",
         f"Input {args.size}x{args.size}, {args.threads} threads each, median of {args.rounds} interleaved rounds. "
         f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {onnxruntime.__version__}.",
         *([f"Held to AVX2+FMA: {', '.join(f'{k}={v}' for k, v in AVX2_ENV.items())} (PyTorch reports CPU capability "
@@ -400,7 +421,8 @@ def write(args, rows, op_rows):
     lines.append("")
     lines.append("Ratio: the fastest peer's median time divided by this contender's (above 1: faster than every peer); "
                  "for fp32 rows the fastest fp32 peer, for bf16 rows the fastest peer of either precision. "
-                 "bf16 rows run the convs' products with bf16 operands and fp32 sums (AMX tiles): "
+                 "bf16 rows run the convs' products with bf16 operands and fp32 sums (AMX tiles, or VDPBF16PS where the "
+                 "CPU has AVX512-BF16 and no AMX: ours then keeps the stem in fp32): "
                  "not comparable to fp32 in accuracy (see the README), and their % of the fp32 peak can pass 100%. "
                  "The bf16x3 row splits each fp32 operand into two bf16 values and runs three tile products "
                  "(16 significant bits: within 3e-5 of Keras on the real model, where bf16 is 1e-2 off; see the README); "
