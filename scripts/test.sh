@@ -17,3 +17,7 @@ XCEPTION_ENGINE_NO_AVX512=1 XCEPTION_ENGINE_NO_VNNI=1 cargo test --release --loc
 # int8 without VNNI on the AVX-512 kernels (AVX-512BW's VPMADDUBSW, as on Intel "Skylake-SP")
 # against the real Keras model; elsewhere this repeats the AVX2 case.
 XCEPTION_ENGINE_NO_VNNI=1 cargo test --release --locked -p xception --test keras_conformance reduced_precision
+# bf16 on VDPBF16PS (`avx512-bf16`, what AMD Zen 4 runs) on an AMX machine, and int8 on AVX-512
+# VNNI there: the product tests and the real Keras model; elsewhere this repeats the default run.
+XCEPTION_ENGINE_NO_AMX=1 cargo test --release --locked -p xception-engine
+XCEPTION_ENGINE_NO_AMX=1 cargo test --release --locked -p xception --test keras_conformance reduced_precision
