@@ -10,8 +10,9 @@ xception only); where it runs int8 (AVX-512 VNNI or AVX-VNNI), our `--precision 
 against ONNX Runtime's static int8 quantization of the same model. fp32 rows are compared with the
 fastest fp32 peer, bf16 and int8 rows with the fastest peer of any precision.
 
-Rounds are interleaved: every round times one forward of each contender in turn, so a slow
-patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
+Rounds are interleaved: every round times one forward of each contender in turn, each right
+after an untimed forward of its own (as our binary times a pass after its warm-up pass), so a
+slow patch of the machine hits all of them; the median over rounds is reported. TensorFlow runs in
 its own process (its thread pool cannot share one with torch) and is interleaved per round too.
 
 With `--isa avx2` every contender is held to AVX2+FMA (what a CPU without AVX-512 runs): our
@@ -282,15 +283,23 @@ def main():
                 times["ours (engine)"].append(ours(model_name, batch, args.threads, args.size))
                 for name, precision in ours_bf16.items():
                     times[name].append(ours(model_name, batch, args.threads, args.size, precision))
+                # Each contender's timed pass follows an untimed one of its own, as ours does (our
+                # binary times a pass after its warm-up pass): without it every peer's pass met
+                # caches and thread pools the other contenders had just used, ours did not.
+                # Measured on AMD Zen 4 (2026-12-07): ONNX Runtime int8 at batch 1 54-68 ms
+                # interleaved that way against 27.5 ms in blocks of passes (paired.py).
                 for name, f in contenders.items():
                     with torch.inference_mode():
+                        f()
                         t = time.perf_counter()
                         f()
                         times[name].append(time.perf_counter() - t)
                 for name, proc in tf_procs.items():
-                    proc.stdin.write("go\n")
-                    proc.stdin.flush()
-                    times[name].append(json.loads(proc.stdout.readline()))
+                    for _ in range(2):
+                        proc.stdin.write("go\n")
+                        proc.stdin.flush()
+                        dt = json.loads(proc.stdout.readline())
+                    times[name].append(dt)
             for proc in tf_procs.values():
                 proc.stdin.close()
                 proc.wait()
