@@ -436,7 +436,6 @@ fn shared_tasks(rows: usize, panels: usize, threads: usize, (granule, whole_rows
 /// `share_out` for bf16 weights, on A already rounded (`rows` rows at stride `ld16`, as many
 /// values as `amx::lhs_len` asks).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 fn share_out16<'e>(a16: &[u16], ld16: usize, b: &PackedB, rows: usize, shared: SharedOut, epi_at: &(dyn Fn(usize) -> Epilogue<'e> + Sync), threads: usize) {
     let n = b.n;
     // SAFETY: each task owns its rows x panels of the output.
@@ -689,8 +688,8 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
     dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
 }
 
-/// One output line of the 3x3 depthwise conv in bf16 (AVX-512 machines; bf16 products need AMX,
-/// which comes with it): each pixel's channels at `stride` values apart, zeros after them; with
+/// One output line of the 3x3 depthwise conv in bf16 (AVX-512 machines; bf16 products need AMX
+/// or AVX512-BF16, which come with it): each pixel's channels at `stride` values apart, zeros after them; with
 /// `lo` (bf16x3) split in two (`amx::split_bf16`), the lo values `lo` after the hi values.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
