@@ -1057,36 +1057,65 @@ pub(crate) mod dw3 {
         mid_relu: bool,
     }
 
-    /// Output pixels [first, first + R) of a stride-1, dilation-1 line (R <= V::RUN), a vector
+    /// A stride-1 line of `ow` pixels at dilation D, in register-blocked runs (`run`) of
+    /// V::RUN pixels, the line's last few in runs of 4, 2 and 1.
+    #[inline(always)]
+    unsafe fn runs<V: Vector, const AFFINE: bool, const RELU: bool, const D: usize>(at: &Run, ow: usize, store: &impl Fn(usize, V::Mask, V)) {
+        let mut first = 0;
+        while first < ow {
+            let r = match ow - first {
+                left if left >= 8 && V::RUN >= 8 => 8,
+                left if left >= 4 && V::RUN >= 4 => 4,
+                left if left >= 2 => 2,
+                _ => 1,
+            };
+            // Whether the run's window reaches into the padding left or right.
+            let ix0 = first as isize - at.pl as isize;
+            let edge = ix0 < 0 || ix0 + (r + 2 * D) as isize > at.w as isize;
+            match (r, edge) {
+                (8, false) => run::<V, AFFINE, RELU, 8, false, D>(at, first, store),
+                (8, true) => run::<V, AFFINE, RELU, 8, true, D>(at, first, store),
+                (4, false) => run::<V, AFFINE, RELU, 4, false, D>(at, first, store),
+                (4, true) => run::<V, AFFINE, RELU, 4, true, D>(at, first, store),
+                (2, false) => run::<V, AFFINE, RELU, 2, false, D>(at, first, store),
+                (2, true) => run::<V, AFFINE, RELU, 2, true, D>(at, first, store),
+                (_, false) => run::<V, AFFINE, RELU, 1, false, D>(at, first, store),
+                (_, true) => run::<V, AFFINE, RELU, 1, true, D>(at, first, store),
+            }
+            first += r;
+        }
+    }
+
+    /// Output pixels [first, first + R) of a stride-1 line at dilation D (R <= V::RUN), a vector
     /// of channels at a time: the nine weights in registers, each input vector loaded once and
-    /// used for each of the (up to three) pixels whose taps read it, 3 (R + 2) loads for 9 R
+    /// used for each of the (up to three) pixels whose taps read it, 3 (R + 2D) loads for 9 R
     /// multiply-adds. Taps in the padding (lines that are None, columns outside the image) are
     /// skipped, and each pixel takes its taps in the order (ky, kx): the same sums as one pixel
     /// at a time.
     #[inline(always)]
-    unsafe fn run<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool>(at: &Run, first: usize, store: &impl Fn(usize, V::Mask, V)) {
+    unsafe fn run<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const D: usize>(at: &Run, first: usize, store: &impl Fn(usize, V::Mask, V)) {
         debug_assert!(R <= V::RUN);
         let (c, ix0) = (at.c, first as isize - at.pl as isize);
-        debug_assert_eq!(EDGE, ix0 < 0 || ix0 + (R + 2) as isize > at.w as isize);
+        debug_assert_eq!(EDGE, ix0 < 0 || ix0 + (R + 2 * D) as isize > at.w as isize);
         // Whole vectors of channels, then the ragged last one under a mask.
         let whole = c - c % V::LANES;
         let mut cb = 0;
         while cb < whole {
-            block::<V, AFFINE, RELU, R, EDGE, true>(at, first, cb, store);
+            block::<V, AFFINE, RELU, R, EDGE, true, D>(at, first, cb, store);
             cb += V::LANES;
         }
         if cb < c {
-            block::<V, AFFINE, RELU, R, EDGE, false>(at, first, cb, store);
+            block::<V, AFFINE, RELU, R, EDGE, false, D>(at, first, cb, store);
         }
     }
 
     /// Channels [cb, cb + V::LANES) of `run`'s pixels (`FULL`: all of them valid, so every
     /// load is a plain one).
     #[inline(always)]
-    unsafe fn block<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const FULL: bool>(at: &Run, first: usize, cb: usize, store: &impl Fn(usize, V::Mask, V)) {
+    unsafe fn block<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const FULL: bool, const D: usize>(at: &Run, first: usize, cb: usize, store: &impl Fn(usize, V::Mask, V)) {
         let Run { lines, w, c, pl, dw, bias, scale, shift, stride, mid_relu } = *at;
         let zero = V::zero();
-        // Input column of the window's first tap; with EDGE some of the R + 2 columns are outside.
+        // Input column of the window's first tap; with EDGE some of the R + 2D columns are outside.
         let ix0 = first as isize - pl as isize;
         let m = V::mask(c - cb);
         let (affine, wt, b) = channel_taps::<V, AFFINE, FULL>(m, cb, c, dw, bias, scale, shift);
@@ -1098,15 +1127,15 @@ pub(crate) mod dw3 {
         macro_rules! taps {
             ($ky:literal) => {
                 if let Some(line) = lines[$ky] {
-                    for j in 0..R + 2 {
+                    for j in 0..R + 2 * D {
                         let ix = ix0 + j as isize;
                         if EDGE && (ix < 0 || ix >= w as isize) {
                             continue;
                         }
                         let v = load(line.add(ix as usize * c + cb));
                         for kx in 0..3 {
-                            if j >= kx && j - kx < R {
-                                acc[j - kx] = V::fmadd(v, wt[$ky * 3 + kx], acc[j - kx]);
+                            if j >= kx * D && j - kx * D < R {
+                                acc[j - kx * D] = V::fmadd(v, wt[$ky * 3 + kx], acc[j - kx * D]);
                             }
                         }
                     }
@@ -1149,37 +1178,20 @@ pub(crate) mod dw3 {
         });
         let zero = V::zero();
         let dw = s.dw.as_ptr();
-        if st == 1 && d == 1 {
+        if st == 1 && matches!(d, 1 | 2 | 4) {
             // Every pixel, the borders and the lines in the padding included, in register-blocked
             // runs of RUN pixels, the line's last few in runs of 4, 2 and 1. Against runs for the
             // interior only, with each border pixel (and every pixel of a line with a row in the
             // padding) taken one at a time: one thread, the kernel alone, best of five, 10-30%
             // faster at every flow shape (147x147x128: 2.02-2.09 -> 1.44-1.48 ms; 19x19x728:
             // 0.134-0.135 -> 0.124-0.128 ms; 2026-12-06); with the kernel rows written out, EDGE
-            // and unmasked loads (`block`) 1.24-1.34 and 0.098-0.100 ms.
+            // and unmasked loads (`block`) 1.24-1.34 and 0.098-0.100 ms. Dilated (DeepLab's
+            // output strides 16 and 8) the same runs read R + 2d columns a kernel row.
             let at = Run { lines, w: x.w, c, pl, dw, bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride, mid_relu: s.mid_relu };
-            let mut first = 0;
-            while first < ow {
-                let r = match ow - first {
-                    left if left >= 8 && V::RUN >= 8 => 8,
-                    left if left >= 4 && V::RUN >= 4 => 4,
-                    left if left >= 2 => 2,
-                    _ => 1,
-                };
-                // Whether the run's window reaches into the padding left or right.
-                let ix0 = first as isize - pl as isize;
-                let edge = ix0 < 0 || ix0 + (r + 2) as isize > x.w as isize;
-                match (r, edge) {
-                    (8, false) => run::<V, AFFINE, RELU, 8, false>(&at, first, &store),
-                    (8, true) => run::<V, AFFINE, RELU, 8, true>(&at, first, &store),
-                    (4, false) => run::<V, AFFINE, RELU, 4, false>(&at, first, &store),
-                    (4, true) => run::<V, AFFINE, RELU, 4, true>(&at, first, &store),
-                    (2, false) => run::<V, AFFINE, RELU, 2, false>(&at, first, &store),
-                    (2, true) => run::<V, AFFINE, RELU, 2, true>(&at, first, &store),
-                    (_, false) => run::<V, AFFINE, RELU, 1, false>(&at, first, &store),
-                    (_, true) => run::<V, AFFINE, RELU, 1, true>(&at, first, &store),
-                }
-                first += r;
+            match d {
+                1 => runs::<V, AFFINE, RELU, 1>(&at, ow, &store),
+                2 => runs::<V, AFFINE, RELU, 2>(&at, ow, &store),
+                _ => runs::<V, AFFINE, RELU, 4>(&at, ow, &store),
             }
             return;
         }
