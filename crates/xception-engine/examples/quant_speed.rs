@@ -1,7 +1,9 @@
 //! The int8 row quantizer alone (`int8::quantize_rows`: each row's scale from its largest value,
 //! then its bytes), on one thread, at the row lengths of the flows (64 to 728 values), best of
 //! 2000 calls: `cargo run --release -p xception-engine --example quant_speed`. On AMD Zen 4
-//! (2026-12-07): 14.4 ns a 64-value row, 20.6 ns a 128-value row, 76 ns a 728-value one.
+//! (2026-12-07): 14.4 ns a 64-value row, 20.6 ns a 128-value row, 76 ns a 728-value one; with
+//! rows two at a time (AVX-512) 12.0-13.9, 15.5-17.0 and 60-67 (alternated with the one-row loop,
+//! which ran 11.5-14.7, 20.9-21.1 and 64-80 meanwhile).
 #[global_allocator]
 static A: xception_engine::align::LineAligned = xception_engine::align::LineAligned;
 fn main() {

@@ -254,7 +254,23 @@ macro_rules! quantize_rows_with {
 
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn rows_avx512(a: &[f32], lda: usize, k: usize, rows: Range<usize>, dst: &mut [u8], ld8: usize, scales: &mut [f32]) {
-    quantize_rows_with!(quantize_row, a, lda, k, rows, dst, ld8, scales)
+    // Rows two at a time, both rows' largest values found before either is quantized: a row's
+    // steps form one chain of latencies (its largest value, the scale, the bytes), and two
+    // side by side keep the units busy.
+    let pairs = rows.start..rows.start + rows.len() / 2 * 2;
+    for r in pairs.clone().step_by(2) {
+        let (x0, x1) = (&a[r * lda..][..k], &a[(r + 1) * lda..][..k]);
+        let ((s0, i0), (s1, i1)) = (scale_of(row_max(x0), 127), scale_of(row_max(x1), 127));
+        let (d0, d1) = dst[r * ld8..][..2 * ld8].split_at_mut(ld8);
+        row_bytes(x0, &mut d0[..k], i0);
+        row_bytes(x1, &mut d1[..k], i1);
+        if k < ld8 {
+            d0[k..].fill(128);
+            d1[k..].fill(128);
+        }
+        (scales[r], scales[r + 1]) = (s0, s1);
+    }
+    quantize_rows_with!(quantize_row, a, lda, k, pairs.end..rows.end, dst, ld8, scales)
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -278,6 +294,14 @@ fn magnitude_of(bits: i32) -> f32 {
 /// scale.
 #[inline(always)]
 unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
+    let (scale, inv) = scale_of(row_max(src), 127);
+    row_bytes(src, dst, inv);
+    scale
+}
+
+/// A row's largest magnitude (NaN if it holds one).
+#[inline(always)]
+unsafe fn row_max(src: &[f32]) -> f32 {
     let (k, p) = (src.len(), src.as_ptr());
     let (whole, tail) = (k / 64 * 64, crate::packed::lane_mask(k % 16));
     // Largest magnitude bits (`magnitude_of`), four running maxima (so the loop is not one chain
@@ -295,8 +319,14 @@ unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
         let m = if i + 16 <= k { 0xffff } else { tail };
         look(_mm512_maskz_loadu_epi32(m, p.add(i).cast()), &mut m0);
     }
-    let max = magnitude_of(_mm512_reduce_max_epi32(_mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3))));
-    let (scale, inv) = scale_of(max, 127);
+    magnitude_of(_mm512_reduce_max_epi32(_mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3))))
+}
+
+/// A row's values times `inv` (1 / its scale), rounded, + 128, into `dst`.
+#[inline(always)]
+unsafe fn row_bytes(src: &[f32], dst: &mut [u8], inv: f32) {
+    let (k, p) = (src.len(), src.as_ptr());
+    let (whole, tail) = (k / 64 * 64, crate::packed::lane_mask(k % 16));
     let vinv = _mm512_set1_ps(inv);
     let q = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));
     let d = dst.as_mut_ptr();
@@ -323,7 +353,6 @@ unsafe fn quantize_row(src: &[f32], dst: &mut [u8]) -> f32 {
         _mm_storeu_si128(last.as_mut_ptr().cast(), bytes(_mm512_maskz_loadu_ps(tail, p.add(full))));
         dst[full..].copy_from_slice(&last[..k - full]);
     }
-    scale
 }
 
 /// `quantize_row` with AVX2: the same values (the conversion rounds as `quantize` does).
