@@ -355,11 +355,11 @@ pub unsafe fn gemm_rows_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, panels
 /// # Safety
 /// As `packed::gemm_rows`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, b: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
+pub unsafe fn gemm_rows(m: usize, a: &[u16], lda: usize, packed: &PackedB, panels: Range<usize>, out: SharedOut, ldc: usize, epi: Epilogue) {
     if m == 0 || panels.is_empty() {
         return;
     }
-    let (k, n, bias, packed) = (b.k, b.n, b.bias(), b);
+    let (k, n, bias) = (packed.k, packed.n, packed.bias());
     let b = packed.bf16().expect("bf16 weights");
     if !b.tiles {
         assert!(a.len() >= lhs_len(m, lda, k, 1), "gemm: bf16 lhs too short");
@@ -762,14 +762,11 @@ mod tests {
     #[test]
     fn tile_product_matches_the_rounded_operands_product() {
         use crate::packed::Precision;
-        let precisions: &[Precision] = match (available(), dot_available()) {
-            (true, _) => &[Precision::Bf16, Precision::Bf16x3],
-            (false, true) => &[Precision::Bf16],
-            _ => {
-                eprintln!("skipped: this CPU or kernel has no bf16 products");
-                return;
-            }
-        };
+        let precisions = crate::bf16_precisions();
+        if precisions.is_empty() {
+            eprintln!("skipped: this CPU or kernel has no bf16 products");
+            return;
+        }
         // (m, k, n, lda): ragged rows (1, 17, 33), k not a whole step, ragged panels, rows that
         // overlap (lda < k, as a direct conv reads its input lines; an odd stride too), and k
         // past one k block of the register tiles (KC pairs).

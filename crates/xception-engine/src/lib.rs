@@ -116,7 +116,7 @@ pub fn bf16_available() -> bool {
 /// (VDPBF16PS on the AVX-512 micro-kernel; also where XCEPTION_ENGINE_NO_AMX passes over tiles).
 pub fn bf16_kernels() -> Option<&'static str> {
     #[cfg(target_arch = "x86_64")]
-    if amx::available() {
+    if bf16_tiles() {
         return Some("amx-bf16");
     } else if amx::dot_available() {
         return Some("avx512-bf16");
@@ -127,10 +127,25 @@ pub fn bf16_kernels() -> Option<&'static str> {
 /// Whether `Precision::Bf16x3` runs here: AMX bf16 tiles only (its three products would run
 /// slower than fp32 on VDPBF16PS).
 pub fn bf16x3_available() -> bool {
+    bf16_tiles()
+}
+
+/// Whether bf16 products run on AMX tiles here (`amx::available`).
+fn bf16_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     return amx::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The reduced bf16 precisions this machine runs (bf16x3 on tiles only), for the tests.
+#[cfg(test)]
+pub(crate) fn bf16_precisions() -> &'static [Precision] {
+    match (bf16_available(), bf16x3_available()) {
+        (_, true) => &[Precision::Bf16, Precision::Bf16x3],
+        (true, false) => &[Precision::Bf16],
+        _ => &[],
+    }
 }
 
 use rayon::prelude::*;
@@ -430,7 +445,7 @@ impl Compiler<'_> {
             Precision::Int8 | Precision::Bf16x3 if kernel > 1 => Precision::F32,
             // On VDPBF16PS (twice the fp32 rate) the fp32 Winograd convs do fewer multiply-adds
             // by more than that; only AMX tiles beat them.
-            Precision::Bf16 if kernel > 1 && (cin < winograd::MIN_CHANNELS || bf16_kernels() != Some("amx-bf16")) => Precision::F32,
+            Precision::Bf16 if kernel > 1 && (cin < winograd::MIN_CHANNELS || !bf16_tiles()) => Precision::F32,
             p => p,
         }
     }

@@ -1167,7 +1167,7 @@ pub(crate) mod avx2 {
                     [1 2 3 4 5 6])
             };
         }
-        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 and bf16 steps come in fours");
+        debug_assert!(DOT == FMA || k.is_multiple_of(4), "int8 steps come in fours");
         while p + 4 <= k {
             let rounds = bursts.rounds(p, k);
             let (ap, bp) = (a.add(p), b.add(p * super::NR));
