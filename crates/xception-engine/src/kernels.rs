@@ -139,7 +139,8 @@ thread_local! {
 pub enum Lhs<'a> {
     /// Already in memory: (rows x k) row-major.
     Ready(&'a [f32]),
-    /// Made on demand, one output image line (`per_line` rows) at a time: `fill(line, rows)`;
+    /// Made on demand, output image lines (`per_line` rows each) at a time: `fill(line, rows)`
+    /// makes as many consecutive lines from `line` as `rows` holds;
     /// for bf16 weights `fill16`, where given, makes them in bf16 at once (rows of
     /// `amx::lhs_stride(k, k)` values, zeros past k), which saves rounding them afterwards.
     /// `reads`, where given, names the input values the fill of a range of lines reads, so a
@@ -150,9 +151,10 @@ pub enum Lhs<'a> {
 /// `reads` of `Lhs::Lines`: the input values the fill of lines `range` reads.
 pub type Reads<'a> = dyn Fn(Range<usize>) -> &'a [f32] + Sync + 'a;
 
-/// `fill` of `Lhs::Lines`: writes one line's rows.
+/// `fill` of `Lhs::Lines`: writes the rows of consecutive lines, from the first one given, as
+/// many as the buffer holds (a whole number of lines).
 pub type Fill<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
-/// `fill` of `Lhs::Lines` in bf16.
+/// `fill` of `Lhs::Lines` in bf16: one line's rows.
 pub type Fill16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
 /// GEMM rows produced in bands at least this large keep the micro-kernel's row tiles full.
@@ -261,7 +263,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
     taken(&SCRATCH, |scratch| {
         scratch.resize(scratch.len().max(rows * k), 0.0);
         let made = &mut scratch[..rows * k];
-        made.par_chunks_mut(per_line * k).enumerate().for_each(|(l, chunk)| fill(l, chunk));
+        made.par_chunks_mut(2 * per_line * k).enumerate().for_each(|(t, chunk)| fill(2 * t, chunk));
         share_out(made, b, rows, k, n, shared, &epi_at, threads);
     });
 }
@@ -310,17 +312,21 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
     }
     #[cfg(target_arch = "x86_64")]
     if b.int8().is_some() {
-        // Each line quantized as soon as it is made, from a line-sized fp32 buffer, into the
-        // band's bytes: the band is a quarter of its fp32 size and is never read back in fp32.
+        // Each pair of lines (the depthwise kernel makes two at once) quantized as soon as it
+        // is made, from a buffer of two lines in fp32, into the band's bytes: the band is a
+        // quarter of its fp32 size and is never read back in fp32.
         let ld8 = crate::int8::lhs_stride(b);
         return BAND8.with_borrow_mut(|bufs| {
             let (bytes, scales) = crate::int8::lhs_buffers(bufs, made, ld8);
-            BAND.with_borrow_mut(|line| {
-                line.resize(line.len().max(per_line * k), 0.0);
-                let line = &mut line[..per_line * k];
-                for (l, (d, sc)) in lines.zip(bytes.chunks_mut(per_line * ld8).zip(scales.chunks_mut(per_line))) {
-                    fill(l, line);
-                    crate::int8::quantize_rows(line, k, k, 0..per_line, d, ld8, sc);
+            BAND.with_borrow_mut(|two| {
+                two.resize(two.len().max(2 * per_line * k), 0.0);
+                let mut l = lines.start;
+                for (d, sc) in bytes[..made * ld8].chunks_mut(2 * per_line * ld8).zip(scales.chunks_mut(2 * per_line)) {
+                    let n = sc.len();
+                    let made = &mut two[..n * k];
+                    fill(l, made);
+                    crate::int8::quantize_rows(made, k, k, 0..n, d, ld8, sc);
+                    l += n / per_line;
                 }
             });
             // (The bytes past the band's rows: what AMX tiles read past them, see `lhs_buffers`.)
@@ -330,9 +336,7 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
     }
     BAND.with_borrow_mut(|buf| {
         buf.resize(buf.len().max(made * k), 0.0);
-        for (l, chunk) in lines.zip(buf.chunks_mut(per_line * k)) {
-            fill(l, chunk);
-        }
+        fill(lines.start, &mut buf[..made * k]);
         gemm_rows(rows.len(), &buf[rows.start * k..], k, b, 0..b.panels(), out, n, epi)
     })
 }
@@ -467,20 +471,21 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
     } else {
         let kk = d.k * d.k * d.cin;
         // Dilated or small convs: im2col, one output line at a time.
-        let fill = |line: usize, cols: &mut [f32]| {
-            let (b, oy) = (line / oh, line % oh);
-            for ox in 0..ow {
-                let dst = &mut cols[ox * kk..][..kk];
-                for ky in 0..d.k {
-                    let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
-                    for kx in 0..d.k {
-                        let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
-                        let tap = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];
-                        if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
-                            let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
-                            tap.copy_from_slice(&x.data[src..src + d.cin]);
-                        } else {
-                            tap.fill(0.0);
+        let fill = |first: usize, cols: &mut [f32]| {
+            for (line, cols) in (first..).zip(cols.chunks_mut(ow * kk)) {
+                let (b, oy) = (line / oh, line % oh);
+                for (ox, dst) in cols.chunks_mut(kk).enumerate() {
+                    for ky in 0..d.k {
+                        let iy = (oy * d.stride + ky * d.dilation) as isize - pt as isize;
+                        for kx in 0..d.k {
+                            let ix = (ox * d.stride + kx * d.dilation) as isize - pl as isize;
+                            let tap = &mut dst[(ky * d.k + kx) * d.cin..][..d.cin];
+                            if iy >= 0 && ix >= 0 && (iy as usize) < x.h && (ix as usize) < x.w {
+                                let src = ((b * x.h + iy as usize) * x.w + ix as usize) * x.c;
+                                tap.copy_from_slice(&x.data[src..src + d.cin]);
+                            } else {
+                                tap.fill(0.0);
+                            }
                         }
                     }
                 }
@@ -657,6 +662,36 @@ fn dw_row<const FMA: bool, L: Load>(x: &Activations, s: &SepConv, load: L, b: us
         if s.mid_relu {
             acc.iter_mut().for_each(|v| *v = v.max(0.0));
         }
+    }
+}
+
+/// Consecutive output lines of the depthwise conv from `line` (counted over the images, `oh` an
+/// image), as many as `out` holds (`ow` pixels of `s.channels` values each), with the best
+/// kernel this CPU runs: with AVX-512 two lines of an image at a time where the conv has
+/// stride 1 and no dilation (`dw3::avx512_pair`), else one at a time (`dw_line`).
+#[allow(clippy::too_many_arguments)]
+fn dw_lines<L: Load>(x: &Activations, s: &SepConv, load: L, (line, oh): (usize, usize), ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+    let per = ow * s.channels;
+    assert!(per > 0 && out.len().is_multiple_of(per), "depthwise lines: {} values for lines of {per}", out.len());
+    #[cfg(target_arch = "x86_64")]
+    let pairs = crate::packed::kernel() == crate::packed::Kernel::Avx512 && s.k == 3 && s.stride == 1 && s.dilation == 1;
+    #[cfg(not(target_arch = "x86_64"))]
+    let pairs = false;
+    let mut rest = out;
+    let mut l = line;
+    while !rest.is_empty() {
+        let (b, oy) = (l / oh, l % oh);
+        let n = if pairs && rest.len() >= 2 * per && oy + 1 < oh { 2 } else { 1 };
+        let (now, after) = rest.split_at_mut(n * per);
+        #[cfg(target_arch = "x86_64")]
+        if n == 2 {
+            // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
+            unsafe { dw3::avx512_pair(load.transform(), x, s, (b, oy, ow, pt, pl), now) };
+        }
+        if n == 1 {
+            dw_line(x, s, load, b, oy, ow, pt, pl, now);
+        }
+        (rest, l) = (after, l + n);
     }
 }
 
@@ -1009,6 +1044,31 @@ pub(crate) mod dw3 {
         line::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, s.channels, store)
     }
 
+    /// Output lines `oy` and `oy + 1` of image `b` of a stride-1, undilated 3x3 depthwise conv
+    /// with AVX-512 in fp32, into `out`: the first line's `ow` pixels of `s.channels` values,
+    /// then the second's. The same values as two calls of `avx512` (the same sums in the same
+    /// order), from four input lines loaded once instead of six, and each channel vector's
+    /// weights loaded once for both. The kernel alone (`xception bench --ops --threads 2`, four
+    /// alternations, AMD Zen 4, 2026-12-07): 74x74x256 0.178-0.189 -> 0.159-0.167 ms, 37x37x728
+    /// 0.132-0.134 -> 0.113-0.115, 19x19x728 0.039-0.041 -> 0.031-0.032, 10x10x1536 0.022 ->
+    /// 0.020; one thread (three alternations) 74x74x256 0.358-0.364 -> 0.305-0.366, 37x37x728
+    /// 0.256-0.257 -> 0.217-0.229, 19x19x728 0.076-0.083 -> 0.063-0.064, 10x10x1536 0.042-0.043
+    /// -> 0.033-0.036. Sixteen accumulators: AVX-512 only (AVX2's 16 registers would spill).
+    pub unsafe fn avx512_pair(t: Transform, x: &Activations, s: &SepConv, (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize), out: &mut [f32]) {
+        assert!(s.k == 3 && s.stride == 1 && s.dilation == 1 && out.len() >= 2 * ow * s.channels);
+        by_transform!(t, pair_avx512; x, s, (b, oy, ow, pt, pl), out.as_mut_ptr())
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn pair_avx512<const AFFINE: bool, const RELU: bool>(scale: &[f32], shift: &[f32], x: &Activations, s: &SepConv, (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize), out: *mut f32) {
+        let c = s.channels;
+        assert!(s.dw.len() >= 9 * c && (!AFFINE || (scale.len() >= c && shift.len() >= c)));
+        let lines = std::array::from_fn(|r| x.line(b, (oy + r) as isize - pt as isize).map(<[f32]>::as_ptr));
+        let at = Run { lines, w: x.w, c, pl, dw: s.dw.as_ptr(), bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride: c, mid_relu: s.mid_relu };
+        let store = |l: usize, at: usize, m: __mmask16, v: __m512| _mm512_mask_storeu_ps(out.add(l * ow * c + at), m, v);
+        runs::<__m512, AFFINE, RELU, 1, true>(&at, ow, &store)
+    }
+
     /// Channels [cb, cb + V::LANES) of a 3x3 depthwise conv (valid lanes `m`; `FULL`: all of
     /// them, loaded without a mask): the load transform's scale and shift, the nine tap weights
     /// (`dw`, tap-major, `c` channels a tap) and the bias, loaded once for a run of pixels.
@@ -1041,11 +1101,12 @@ pub(crate) mod dw3 {
         v
     }
 
-    /// What a stride-1, dilation-1 run reads and writes: the three input lines (None: in the
-    /// padding), the input width, channels and left padding, the taps' weights and bias, the
-    /// load transform's scale and shift, and the output pixel stride.
+    /// What a stride-1 run reads and writes: the input lines (None: in the padding; the first
+    /// three for one output line, all four for a pair), the input width, channels and left
+    /// padding, the taps' weights and bias, the load transform's scale and shift, and the output
+    /// pixel stride.
     struct Run<'a> {
-        lines: [Option<*const f32>; 3],
+        lines: [Option<*const f32>; 4],
         w: usize,
         c: usize,
         pl: usize,
@@ -1057,10 +1118,11 @@ pub(crate) mod dw3 {
         mid_relu: bool,
     }
 
-    /// A stride-1 line of `ow` pixels at dilation D, in register-blocked runs (`run`) of
-    /// V::RUN pixels, the line's last few in runs of 4, 2 and 1.
+    /// A stride-1 line of `ow` pixels at dilation D (with `PAIR`, two consecutive lines at
+    /// dilation 1), in register-blocked runs (`run`) of V::RUN pixels, the line's last few in
+    /// runs of 4, 2 and 1. `store(l, at, mask, vector)`: l the line of the pair.
     #[inline(always)]
-    unsafe fn runs<V: Vector, const AFFINE: bool, const RELU: bool, const D: usize>(at: &Run, ow: usize, store: &impl Fn(usize, V::Mask, V)) {
+    unsafe fn runs<V: Vector, const AFFINE: bool, const RELU: bool, const D: usize, const PAIR: bool>(at: &Run, ow: usize, store: &impl Fn(usize, usize, V::Mask, V)) {
         let mut first = 0;
         while first < ow {
             let r = match ow - first {
@@ -1073,14 +1135,14 @@ pub(crate) mod dw3 {
             let ix0 = first as isize - at.pl as isize;
             let edge = ix0 < 0 || ix0 + (r + 2 * D) as isize > at.w as isize;
             match (r, edge) {
-                (8, false) => run::<V, AFFINE, RELU, 8, false, D>(at, first, store),
-                (8, true) => run::<V, AFFINE, RELU, 8, true, D>(at, first, store),
-                (4, false) => run::<V, AFFINE, RELU, 4, false, D>(at, first, store),
-                (4, true) => run::<V, AFFINE, RELU, 4, true, D>(at, first, store),
-                (2, false) => run::<V, AFFINE, RELU, 2, false, D>(at, first, store),
-                (2, true) => run::<V, AFFINE, RELU, 2, true, D>(at, first, store),
-                (_, false) => run::<V, AFFINE, RELU, 1, false, D>(at, first, store),
-                (_, true) => run::<V, AFFINE, RELU, 1, true, D>(at, first, store),
+                (8, false) => run::<V, AFFINE, RELU, 8, false, D, PAIR>(at, first, store),
+                (8, true) => run::<V, AFFINE, RELU, 8, true, D, PAIR>(at, first, store),
+                (4, false) => run::<V, AFFINE, RELU, 4, false, D, PAIR>(at, first, store),
+                (4, true) => run::<V, AFFINE, RELU, 4, true, D, PAIR>(at, first, store),
+                (2, false) => run::<V, AFFINE, RELU, 2, false, D, PAIR>(at, first, store),
+                (2, true) => run::<V, AFFINE, RELU, 2, true, D, PAIR>(at, first, store),
+                (_, false) => run::<V, AFFINE, RELU, 1, false, D, PAIR>(at, first, store),
+                (_, true) => run::<V, AFFINE, RELU, 1, true, D, PAIR>(at, first, store),
             }
             first += r;
         }
@@ -1091,9 +1153,10 @@ pub(crate) mod dw3 {
     /// used for each of the (up to three) pixels whose taps read it, 3 (R + 2D) loads for 9 R
     /// multiply-adds. Taps in the padding (lines that are None, columns outside the image) are
     /// skipped, and each pixel takes its taps in the order (ky, kx): the same sums as one pixel
-    /// at a time.
+    /// at a time. With `PAIR` the same pixels of two consecutive lines: the two input lines they
+    /// share loaded once for both, 4 (R + 2) loads for 18 R multiply-adds.
     #[inline(always)]
-    unsafe fn run<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const D: usize>(at: &Run, first: usize, store: &impl Fn(usize, V::Mask, V)) {
+    unsafe fn run<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const D: usize, const PAIR: bool>(at: &Run, first: usize, store: &impl Fn(usize, usize, V::Mask, V)) {
         debug_assert!(R <= V::RUN);
         let (c, ix0) = (at.c, first as isize - at.pl as isize);
         debug_assert_eq!(EDGE, ix0 < 0 || ix0 + (R + 2 * D) as isize > at.w as isize);
@@ -1101,18 +1164,19 @@ pub(crate) mod dw3 {
         let whole = c - c % V::LANES;
         let mut cb = 0;
         while cb < whole {
-            block::<V, AFFINE, RELU, R, EDGE, true, D>(at, first, cb, store);
+            block::<V, AFFINE, RELU, R, EDGE, true, D, PAIR>(at, first, cb, store);
             cb += V::LANES;
         }
         if cb < c {
-            block::<V, AFFINE, RELU, R, EDGE, false, D>(at, first, cb, store);
+            block::<V, AFFINE, RELU, R, EDGE, false, D, PAIR>(at, first, cb, store);
         }
     }
 
     /// Channels [cb, cb + V::LANES) of `run`'s pixels (`FULL`: all of them valid, so every
     /// load is a plain one).
     #[inline(always)]
-    unsafe fn block<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const FULL: bool, const D: usize>(at: &Run, first: usize, cb: usize, store: &impl Fn(usize, V::Mask, V)) {
+    unsafe fn block<V: Vector, const AFFINE: bool, const RELU: bool, const R: usize, const EDGE: bool, const FULL: bool, const D: usize, const PAIR: bool>(at: &Run, first: usize, cb: usize, store: &impl Fn(usize, usize, V::Mask, V)) {
+        debug_assert!(!PAIR || D == 1);
         let Run { lines, w, c, pl, dw, bias, scale, shift, stride, mid_relu } = *at;
         let zero = V::zero();
         // Input column of the window's first tap; with EDGE some of the R + 2D columns are outside.
@@ -1120,13 +1184,16 @@ pub(crate) mod dw3 {
         let m = V::mask(c - cb);
         let (affine, wt, b) = channel_taps::<V, AFFINE, FULL>(m, cb, c, dw, bias, scale, shift);
         let load = |p: *const f32| load_input::<V, AFFINE, RELU, FULL>(m, p, affine);
+        // The first line's sums, and the second's with PAIR.
         let mut acc = [b; R];
-        // One kernel row's taps, written out for each row (a macro: a closure would be
-        // compiled without this function's target features), so that the rows unroll and
-        // the weights stay in registers (a loop over ky kept them on the stack).
+        let mut acc2 = [b; R];
+        // One input line's taps, written out for each line (a macro: a closure would be
+        // compiled without this function's target features), so that the lines unroll and
+        // the weights stay in registers (a loop over ky kept them on the stack). Input line
+        // `$r` is kernel row $r of the first output line and row $r - 1 of the second.
         macro_rules! taps {
-            ($ky:literal) => {
-                if let Some(line) = lines[$ky] {
+            ($r:literal) => {
+                if let Some(line) = lines[$r] {
                     for j in 0..R + 2 * D {
                         let ix = ix0 + j as isize;
                         if EDGE && (ix < 0 || ix >= w as isize) {
@@ -1135,7 +1202,13 @@ pub(crate) mod dw3 {
                         let v = load(line.add(ix as usize * c + cb));
                         for kx in 0..3 {
                             if j >= kx * D && j - kx * D < R {
-                                acc[j - kx * D] = V::fmadd(v, wt[$ky * 3 + kx], acc[j - kx * D]);
+                                // (Indices modulo 3 only so that every arm compiles.)
+                                if $r < 3 {
+                                    acc[j - kx * D] = V::fmadd(v, wt[$r % 3 * 3 + kx], acc[j - kx * D]);
+                                }
+                                if PAIR && $r >= 1 {
+                                    acc2[j - kx * D] = V::fmadd(v, wt[($r + 2) % 3 * 3 + kx], acc2[j - kx * D]);
+                                }
                             }
                         }
                     }
@@ -1145,11 +1218,16 @@ pub(crate) mod dw3 {
         taps!(0);
         taps!(1);
         taps!(2);
-        for (i, mut a) in acc.into_iter().enumerate() {
-            if mid_relu {
-                a = V::max(a, zero);
+        if PAIR {
+            taps!(3);
+        }
+        for (l, acc) in [acc, acc2].into_iter().take(1 + PAIR as usize).enumerate() {
+            for (i, mut a) in acc.into_iter().enumerate() {
+                if mid_relu {
+                    a = V::max(a, zero);
+                }
+                store(l, (first + i) * stride + cb, m, a);
             }
-            store((first + i) * stride + cb, m, a);
         }
     }
 
@@ -1176,6 +1254,7 @@ pub(crate) mod dw3 {
             let iy = (oy * st + ky * d) as isize - pt as isize;
             x.line(b, iy).map(<[f32]>::as_ptr)
         });
+        let [l0, l1, l2] = lines;
         let zero = V::zero();
         let dw = s.dw.as_ptr();
         if st == 1 && matches!(d, 1 | 2 | 4) {
@@ -1187,11 +1266,12 @@ pub(crate) mod dw3 {
             // 0.134-0.135 -> 0.124-0.128 ms; 2026-12-06); with the kernel rows written out, EDGE
             // and unmasked loads (`block`) 1.24-1.34 and 0.098-0.100 ms. Dilated (DeepLab's
             // output strides 16 and 8) the same runs read R + 2d columns a kernel row.
-            let at = Run { lines, w: x.w, c, pl, dw, bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride, mid_relu: s.mid_relu };
+            let at = Run { lines: [l0, l1, l2, None], w: x.w, c, pl, dw, bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride, mid_relu: s.mid_relu };
+            let store = |_, at, m, v| store(at, m, v);
             match d {
-                1 => runs::<V, AFFINE, RELU, 1>(&at, ow, &store),
-                2 => runs::<V, AFFINE, RELU, 2>(&at, ow, &store),
-                _ => runs::<V, AFFINE, RELU, 4>(&at, ow, &store),
+                1 => runs::<V, AFFINE, RELU, 1, false>(&at, ow, &store),
+                2 => runs::<V, AFFINE, RELU, 2, false>(&at, ow, &store),
+                _ => runs::<V, AFFINE, RELU, 4, false>(&at, ow, &store),
             }
             return;
         }
@@ -1264,7 +1344,7 @@ pub(crate) fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwL
     fn lines<L: Load, R>(x: &Activations, s: &SepConv, load: L, f: impl FnOnce(DwLines) -> R) -> R {
         let (pt, oh) = out_size(s.padding, x.h, s.k, s.stride, s.dilation);
         let (pl, ow) = out_size(s.padding, x.w, s.k, s.stride, s.dilation);
-        let fill = |line: usize, out: &mut [f32]| dw_line(x, s, load, line / oh, line % oh, ow, pt, pl, out);
+        let fill = |line: usize, out: &mut [f32]| dw_lines(x, s, load, (line, oh), ow, pt, pl, out);
         #[cfg(target_arch = "x86_64")]
         if let (Some(b16), 3, true) = (s.pw.bf16(), s.k, crate::packed::has_avx512()) {
             let stride = crate::amx::lhs_stride(s.channels, s.channels, b16.pieces());
@@ -1327,7 +1407,7 @@ pub(crate) fn input_lines<'x>(x: &'x Activations, s: &SepConv, oh: usize, lines:
 pub fn depthwise_into(x: &Activations, s: &SepConv, mid: &mut Vec<f32>) -> (usize, usize) {
     with_depthwise(x, s, |(oh, ow, fill, _)| {
         mid.resize(x.n * oh * ow * s.channels, 0.0);
-        mid.par_chunks_mut(ow * s.channels).enumerate().for_each(|(line, out)| fill(line, out));
+        mid.par_chunks_mut(2 * ow * s.channels).enumerate().for_each(|(t, out)| fill(2 * t, out));
         (oh, ow)
     })
 }
@@ -1853,6 +1933,17 @@ mod tests {
                                 let mut got = vec![f32::NAN; ow * c];
                                 unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), (c, 0)) };
                                 kernels.push(("avx512", got));
+                            }
+                            // The pair kernel's lines oy and oy + 1 (the second checked against the
+                            // scalar line too).
+                            if avx512 && stride == 1 && dilation == 1 && oy + 1 < oh {
+                                let mut pair = vec![f32::NAN; 2 * ow * c];
+                                unsafe { dw3::avx512_pair(t, &x, &s, (b, oy, ow, pt, pl), &mut pair) };
+                                let mut next = vec![0f32; ow * c];
+                                load(b, oy + 1, &mut next);
+                                let (first, second) = pair.split_at(ow * c);
+                                assert!(second.iter().zip(&next).all(|(g, w)| g.to_bits() == w.to_bits()), "avx512 pair {what} c {c} mid_relu {mid_relu}: line {} differs", line + 1);
+                                kernels.push(("avx512 pair", first.to_vec()));
                             }
                             for (name, got) in kernels {
                                 assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{name} {what} c {c} stride {stride} dilation {dilation} mid_relu {mid_relu}: line {line} differs");
