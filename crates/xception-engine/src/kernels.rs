@@ -154,7 +154,7 @@ pub type Reads<'a> = dyn Fn(Range<usize>) -> &'a [f32] + Sync + 'a;
 /// `fill` of `Lhs::Lines`: writes the rows of consecutive lines, from the first one given, as
 /// many as the buffer holds (a whole number of lines).
 pub type Fill<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
-/// `fill` of `Lhs::Lines` in bf16: one line's rows.
+/// `fill` of `Lhs::Lines` in bf16, the same way.
 pub type Fill16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
 /// GEMM rows produced in bands at least this large keep the micro-kernel's row tiles full.
@@ -256,7 +256,7 @@ pub fn matmul(lhs: Lhs, b: &PackedB, out: &mut [f32], residual: Option<&[f32]>, 
         let ld16 = crate::amx::lhs_stride(k, k, b16.pieces());
         return taken(&SCRATCH16, |buf| {
             let a16 = crate::amx::lhs_buffer(buf, rows, ld16, k, b16.pieces());
-            a16[..rows * ld16].par_chunks_mut(per_line * ld16).enumerate().for_each(|(l, chunk)| fill16(l, chunk));
+            a16[..rows * ld16].par_chunks_mut(2 * per_line * ld16).enumerate().for_each(|(t, chunk)| fill16(2 * t, chunk));
             share_out16(a16, ld16, b, rows, shared, &epi_at, threads);
         });
     }
@@ -304,9 +304,7 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
         let ld16 = crate::amx::lhs_stride(k, k, b16.pieces());
         return BAND16.with_borrow_mut(|buf| {
             let a16 = crate::amx::lhs_buffer_rows(buf, made, rows.clone(), ld16, k, b16.pieces());
-            for (l, chunk) in lines.zip(a16.chunks_mut(per_line * ld16)) {
-                fill16(l, chunk);
-            }
+            fill16(lines.start, &mut a16[..made * ld16]);
             crate::amx::gemm_rows(rows.len(), &a16[rows.start * ld16..], ld16, b, 0..b.panels(), out, n, epi)
         });
     }
@@ -665,34 +663,41 @@ fn dw_row<const FMA: bool, L: Load>(x: &Activations, s: &SepConv, load: L, b: us
     }
 }
 
+/// Whether the depthwise conv `s` makes two output lines at a time here (`dw3::run`'s PAIR):
+/// with AVX-512, for a 3x3 conv of stride 1 without dilation.
+fn in_pairs(s: &SepConv) -> bool {
+    cfg!(target_arch = "x86_64") && crate::packed::has_avx512() && s.k == 3 && s.stride == 1 && s.dilation == 1
+}
+
+/// Calls `f(at, b, oy, n)` for `lines` consecutive output lines from `line` (counted over the
+/// images, `oh` an image), `n` of them at a time from image `b`'s line `oy` (`at` lines after
+/// `line`): two where `pairs` and both are in the image, else one.
+fn by_pairs(line: usize, lines: usize, oh: usize, pairs: bool, mut f: impl FnMut(usize, usize, usize, usize)) {
+    let mut at = 0;
+    while at < lines {
+        let (b, oy) = ((line + at) / oh, (line + at) % oh);
+        let n = if pairs && at + 1 < lines && oy + 1 < oh { 2 } else { 1 };
+        f(at, b, oy, n);
+        at += n;
+    }
+}
+
 /// Consecutive output lines of the depthwise conv from `line` (counted over the images, `oh` an
 /// image), as many as `out` holds (`ow` pixels of `s.channels` values each), with the best
-/// kernel this CPU runs: with AVX-512 two lines of an image at a time where the conv has
-/// stride 1 and no dilation (`dw3::avx512_pair`), else one at a time (`dw_line`).
+/// kernel this CPU runs, two at a time where it can (`in_pairs`).
 #[allow(clippy::too_many_arguments)]
 fn dw_lines<L: Load>(x: &Activations, s: &SepConv, load: L, (line, oh): (usize, usize), ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
     let per = ow * s.channels;
     assert!(per > 0 && out.len().is_multiple_of(per), "depthwise lines: {} values for lines of {per}", out.len());
-    #[cfg(target_arch = "x86_64")]
-    let pairs = crate::packed::kernel() == crate::packed::Kernel::Avx512 && s.k == 3 && s.stride == 1 && s.dilation == 1;
-    #[cfg(not(target_arch = "x86_64"))]
-    let pairs = false;
-    let mut rest = out;
-    let mut l = line;
-    while !rest.is_empty() {
-        let (b, oy) = (l / oh, l % oh);
-        let n = if pairs && rest.len() >= 2 * per && oy + 1 < oh { 2 } else { 1 };
-        let (now, after) = rest.split_at_mut(n * per);
+    by_pairs(line, out.len() / per, oh, in_pairs(s), |at, b, oy, n| {
+        let now = &mut out[at * per..(at + n) * per];
         #[cfg(target_arch = "x86_64")]
         if n == 2 {
-            // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
-            unsafe { dw3::avx512_pair(load.transform(), x, s, (b, oy, ow, pt, pl), now) };
+            // SAFETY: the CPU has AVX-512F and FMA (`in_pairs`).
+            return unsafe { dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 2, now.as_mut_ptr().cast(), now.len(), (s.channels, 0)) };
         }
-        if n == 1 {
-            dw_line(x, s, load, b, oy, ow, pt, pl, now);
-        }
-        (rest, l) = (after, l + n);
-    }
+        dw_line(x, s, load, b, oy, ow, pt, pl, now);
+    });
 }
 
 /// One output line of the depthwise conv with the best kernel this CPU runs.
@@ -705,7 +710,7 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
         match crate::packed::kernel() {
             // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
             Kernel::Avx512 if s.k == 3 => {
-                return unsafe { dw3::avx512::<false>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), (s.channels, 0)) };
+                return unsafe { dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 1, out.as_mut_ptr().cast(), out.len(), (s.channels, 0)) };
             }
             // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
             Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, b, oy, ow, pt, pl, out) },
@@ -723,17 +728,23 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
     dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
 }
 
-/// One output line of the 3x3 depthwise conv in bf16 (AVX-512 machines; bf16 products need AMX
-/// or AVX512-BF16, which come with it): each pixel's channels at `stride` values apart, zeros after them; with
-/// `lo` (bf16x3) split in two (`amx::split_bf16`), the lo values `lo` after the hi values.
+/// Consecutive output lines of the 3x3 depthwise conv in bf16 from `line`, as many as `out`
+/// holds, two at a time where it can (`in_pairs`; AVX-512 machines: bf16 products need AMX or
+/// AVX512-BF16, which come with it): each pixel's channels at `stride` values apart, zeros after
+/// them; with `lo` (bf16x3) split in two (`amx::split_bf16`), the lo values `lo` after the hi
+/// values.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn dw_line16<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [u16], (stride, lo): (usize, Option<usize>)) {
-    let c = s.channels;
+fn dw_lines16<L: Load>(x: &Activations, s: &SepConv, load: L, (line, oh): (usize, usize), ow: usize, pt: usize, pl: usize, out: &mut [u16], (stride, lo): (usize, Option<usize>)) {
+    let (c, per) = (s.channels, ow * stride);
     assert!(s.k == 3 && crate::packed::has_avx512() && stride >= lo.map_or(c, |lo| lo + c), "bf16 depthwise: 3x3 on AVX-512 only");
-    // SAFETY: the CPU has AVX-512F and FMA (checked above).
-    unsafe { dw3::avx512::<true>(load.transform(), x, s, b, oy, ow, pt, pl, out.as_mut_ptr().cast(), out.len(), (stride, lo.unwrap_or(0))) };
-    for px in out.chunks_mut(stride).take(ow) {
+    assert!(per > 0 && out.len().is_multiple_of(per), "bf16 depthwise lines: {} values for lines of {per}", out.len());
+    by_pairs(line, out.len() / per, oh, in_pairs(s), |at, b, oy, n| {
+        let now = &mut out[at * per..(at + n) * per];
+        // SAFETY: the CPU has AVX-512F and FMA (checked above).
+        unsafe { dw3::avx512::<true>(load.transform(), x, s, (b, oy, ow, pt, pl), n, now.as_mut_ptr().cast(), now.len(), (stride, lo.unwrap_or(0))) };
+    });
+    for px in out.chunks_mut(stride) {
         match lo {
             None => px[c..].fill(0),
             Some(lo) => {
@@ -909,12 +920,23 @@ pub(crate) mod dw3 {
         };
     }
 
-    /// One output line with AVX-512 for the load transform `t`: out holds `len` values (f32,
-    /// or bf16 with `BF16`), pixels `stride` values apart; with `BF16` and `lo` > 0 each value
-    /// split in two (`amx::split_bf16`), the lo values `lo` after the hi values.
+    /// Output line `oy` of image `b` with AVX-512 for the load transform `t`, and with `lines`
+    /// = 2 line oy + 1 after it (`ow * stride` values on; stride 1 and no dilation only): out
+    /// holds `len` values (f32, or bf16 with `BF16`), pixels `stride` values apart; with `BF16`
+    /// and `lo` > 0 each value split in two (`amx::split_bf16`), the lo values `lo` after the hi
+    /// values.
+    ///
+    /// Two lines at once load the four input lines they read once for both, and each channel
+    /// vector's weights once: the same values as one at a time (the same sums in the same
+    /// order). The fp32 kernel alone (`xception bench --ops --threads 2`, four alternations, AMD
+    /// Zen 4, 2026-12-07): 74x74x256 0.178-0.189 -> 0.159-0.167 ms, 37x37x728 0.132-0.134 ->
+    /// 0.113-0.115, 19x19x728 0.039-0.041 -> 0.031-0.032, 10x10x1536 0.022 -> 0.020; one thread
+    /// (three alternations) 74x74x256 0.358-0.364 -> 0.305-0.366, 37x37x728 0.256-0.257 ->
+    /// 0.217-0.229, 19x19x728 0.076-0.083 -> 0.063-0.064, 10x10x1536 0.042-0.043 -> 0.033-0.036.
+    /// Sixteen accumulators: AVX-512 only (AVX2's 16 registers would spill).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx512<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: *mut u8, len: usize, (stride, lo): (usize, usize)) {
-        by_transform!(t, on_avx512, BF16; x, s, b, oy, ow, pt, pl, out, len, stride, lo)
+    pub unsafe fn avx512<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, at: (usize, usize, usize, usize, usize), lines: usize, out: *mut u8, len: usize, (stride, lo): (usize, usize)) {
+        by_transform!(t, on_avx512, BF16; x, s, at, lines, out, len, stride, lo)
     }
 
     /// One output line of a max pool (+ `residual`), a vector of channels at a time: the
@@ -971,17 +993,18 @@ pub(crate) mod dw3 {
         shift: &[f32],
         x: &Activations,
         s: &SepConv,
-        b: usize,
-        oy: usize,
-        ow: usize,
-        pt: usize,
-        pl: usize,
+        (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize),
+        lines: usize,
         out: *mut u8,
         len: usize,
         stride: usize,
         lo: usize,
     ) {
-        assert!(lo == 0 || (BF16 && lo >= s.channels && stride >= lo + s.channels && (ow == 0 || len >= (ow - 1) * stride + lo + s.channels)));
+        assert!(lines == 1 || (lines == 2 && s.k == 3 && s.stride == 1 && s.dilation == 1));
+        // Where the last line starts, and the values from there.
+        let (last, len1) = ((lines - 1) * ow * stride, len.saturating_sub((lines - 1) * ow * stride));
+        assert!(ow == 0 || (stride >= s.channels && len1 >= (ow - 1) * stride + s.channels));
+        assert!(lo == 0 || (BF16 && lo >= s.channels && stride >= lo + s.channels && (ow == 0 || len1 >= (ow - 1) * stride + lo + s.channels)));
         // Round to nearest even on the bits (AVX-512F only: vpmovdw narrows and stores), NaN
         // kept quiet, as amx::to_bf16; the bf16 as 32-bit lanes.
         let round = |v: __m512| {
@@ -997,7 +1020,7 @@ pub(crate) mod dw3 {
         // whole too where the pixel's padding has room (`dw_line16` zeroes it after).
         let c16 = s.channels.next_multiple_of(16);
         let room = if lo == 0 { stride >= c16 } else { lo >= c16 && stride >= lo + c16 };
-        let whole = BF16 && room && (ow == 0 || len >= (ow - 1) * stride + lo + c16);
+        let whole = BF16 && room && (ow == 0 || len1 >= (ow - 1) * stride + lo + c16);
         let narrow = |at: usize, m: __mmask16, h: __m512i| {
             let to = out.cast::<u16>().add(at);
             if m == 0xffff || whole {
@@ -1022,7 +1045,11 @@ pub(crate) mod dw3 {
                 _mm512_mask_storeu_ps(out.cast::<f32>().add(at), m, v);
             }
         };
-        line::<__m512, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, stride, store)
+        if lines == 2 {
+            pair::<__m512, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), stride, |l, at, m, v| store(l * last + at, m, v))
+        } else {
+            line::<__m512, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, stride, store)
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -1042,31 +1069,6 @@ pub(crate) mod dw3 {
     ) {
         let store = |at: usize, m: Lanes8, v: __m256| __m256::store(m, out.add(at), v);
         line::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, s.channels, store)
-    }
-
-    /// Output lines `oy` and `oy + 1` of image `b` of a stride-1, undilated 3x3 depthwise conv
-    /// with AVX-512 in fp32, into `out`: the first line's `ow` pixels of `s.channels` values,
-    /// then the second's. The same values as two calls of `avx512` (the same sums in the same
-    /// order), from four input lines loaded once instead of six, and each channel vector's
-    /// weights loaded once for both. The kernel alone (`xception bench --ops --threads 2`, four
-    /// alternations, AMD Zen 4, 2026-12-07): 74x74x256 0.178-0.189 -> 0.159-0.167 ms, 37x37x728
-    /// 0.132-0.134 -> 0.113-0.115, 19x19x728 0.039-0.041 -> 0.031-0.032, 10x10x1536 0.022 ->
-    /// 0.020; one thread (three alternations) 74x74x256 0.358-0.364 -> 0.305-0.366, 37x37x728
-    /// 0.256-0.257 -> 0.217-0.229, 19x19x728 0.076-0.083 -> 0.063-0.064, 10x10x1536 0.042-0.043
-    /// -> 0.033-0.036. Sixteen accumulators: AVX-512 only (AVX2's 16 registers would spill).
-    pub unsafe fn avx512_pair(t: Transform, x: &Activations, s: &SepConv, (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize), out: &mut [f32]) {
-        assert!(s.k == 3 && s.stride == 1 && s.dilation == 1 && out.len() >= 2 * ow * s.channels);
-        by_transform!(t, pair_avx512; x, s, (b, oy, ow, pt, pl), out.as_mut_ptr())
-    }
-
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn pair_avx512<const AFFINE: bool, const RELU: bool>(scale: &[f32], shift: &[f32], x: &Activations, s: &SepConv, (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize), out: *mut f32) {
-        let c = s.channels;
-        assert!(s.dw.len() >= 9 * c && (!AFFINE || (scale.len() >= c && shift.len() >= c)));
-        let lines = std::array::from_fn(|r| x.line(b, (oy + r) as isize - pt as isize).map(<[f32]>::as_ptr));
-        let at = Run { lines, w: x.w, c, pl, dw: s.dw.as_ptr(), bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride: c, mid_relu: s.mid_relu };
-        let store = |l: usize, at: usize, m: __mmask16, v: __m512| _mm512_mask_storeu_ps(out.add(l * ow * c + at), m, v);
-        runs::<__m512, AFFINE, RELU, 1, true>(&at, ow, &store)
     }
 
     /// Channels [cb, cb + V::LANES) of a 3x3 depthwise conv (valid lanes `m`; `FULL`: all of
@@ -1231,6 +1233,27 @@ pub(crate) mod dw3 {
         }
     }
 
+    /// Output lines `oy` and `oy + 1` of image `b` of a stride-1, undilated conv, as `line`
+    /// makes each, through `store(l, at, mask, vector)` (l: 0 or 1, the line).
+    #[inline(always)]
+    unsafe fn pair<V: Vector, const AFFINE: bool, const RELU: bool>(
+        scale: &[f32],
+        shift: &[f32],
+        x: &Activations,
+        s: &SepConv,
+        (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize),
+        stride: usize,
+        store: impl Fn(usize, usize, V::Mask, V),
+    ) {
+        let c = s.channels;
+        assert!(s.k == 3 && s.stride == 1 && s.dilation == 1);
+        assert!(s.dw.len() >= 9 * c && (!AFFINE || (scale.len() >= c && shift.len() >= c)));
+        // The four input lines the taps read (None: in the padding).
+        let lines = std::array::from_fn(|r| x.line(b, (oy + r) as isize - pt as isize).map(<[f32]>::as_ptr));
+        let at = Run { lines, w: x.w, c, pl, dw: s.dw.as_ptr(), bias: s.dw_bias.as_ref().map(|b| b.as_ptr()), scale, shift, stride, mid_relu: s.mid_relu };
+        runs::<V, AFFINE, RELU, 1, true>(&at, ow, &store)
+    }
+
     /// Output line `oy` of image `b` (`ow` pixels; `pt`, `pl` the padding before), each pixel
     /// `stride` values after the previous one, through `store(at, mask, vector)`.
     /// `AFFINE`: each input value goes through `v * scale + shift` as it loads; `RELU`: then max(0).
@@ -1350,7 +1373,7 @@ pub(crate) fn with_depthwise<R>(x: &Activations, s: &SepConv, f: impl FnOnce(DwL
             let stride = crate::amx::lhs_stride(s.channels, s.channels, b16.pieces());
             // In two pieces a pixel's lo values follow its hi values.
             let lo = (b16.pieces() > 1).then_some(stride / 2);
-            let fill16 = move |line: usize, out: &mut [u16]| dw_line16(x, s, load, line / oh, line % oh, ow, pt, pl, out, (stride, lo));
+            let fill16 = move |line: usize, out: &mut [u16]| dw_lines16(x, s, load, (line, oh), ow, pt, pl, out, (stride, lo));
             return f((oh, ow, &fill, Some(&fill16)));
         }
         f((oh, ow, &fill, None))
@@ -1931,14 +1954,14 @@ mod tests {
                             kernels.push(("avx2", got));
                             if avx512 {
                                 let mut got = vec![f32::NAN; ow * c];
-                                unsafe { dw3::avx512::<false>(t, &x, &s, b, oy, ow, pt, pl, got.as_mut_ptr().cast(), got.len(), (c, 0)) };
+                                unsafe { dw3::avx512::<false>(t, &x, &s, (b, oy, ow, pt, pl), 1, got.as_mut_ptr().cast(), got.len(), (c, 0)) };
                                 kernels.push(("avx512", got));
                             }
                             // The pair kernel's lines oy and oy + 1 (the second checked against the
                             // scalar line too).
                             if avx512 && stride == 1 && dilation == 1 && oy + 1 < oh {
                                 let mut pair = vec![f32::NAN; 2 * ow * c];
-                                unsafe { dw3::avx512_pair(t, &x, &s, (b, oy, ow, pt, pl), &mut pair) };
+                                unsafe { dw3::avx512::<false>(t, &x, &s, (b, oy, ow, pt, pl), 2, pair.as_mut_ptr().cast(), pair.len(), (c, 0)) };
                                 let mut next = vec![0f32; ow * c];
                                 load(b, oy + 1, &mut next);
                                 let (first, second) = pair.split_at(ow * c);
@@ -1964,7 +1987,8 @@ mod tests {
     /// The bf16 depthwise output (what a bf16 product multiplies) is the f32 output rounded to
     /// nearest even, value for value, with zeros in each pixel's padding; in bf16x3 the f32
     /// output split in two (`amx::split_bf16`), the lo values after the hi values; for every
-    /// load transform, strides 1 and 2, dilation 2, both padding rules, ragged channel counts.
+    /// load transform, strides 1 and 2, dilation 2, both padding rules, ragged channel counts,
+    /// lines made one and two at a time.
     #[test]
     fn bf16_depthwise_is_the_rounded_f32_depthwise() {
         let precisions = crate::bf16_precisions();
@@ -1988,12 +2012,16 @@ mod tests {
                     let stride16 = crate::amx::lhs_stride(c, c, pieces);
                     let lo = stride16 / 2;
                     let mut infinite = 0;
+                    // Two lines a call (in pairs where the kernel makes them so), against the
+                    // f32 lines made one at a time.
                     for line in 0..oh {
                         let mut f = vec![0f32; ow * c];
                         fill(line, &mut f);
                         infinite += f.iter().filter(|v| v.is_infinite()).count();
-                        let mut h = vec![7u16; ow * stride16];
-                        fill16(line, &mut h);
+                        let first = line - line % 2;
+                        let mut two = vec![7u16; (oh - first).min(2) * ow * stride16];
+                        fill16(first, &mut two);
+                        let h = &two[(line - first) * ow * stride16..][..ow * stride16];
                         for px in 0..ow {
                             for ch in 0..stride16 {
                                 let want = match (pieces, ch) {
