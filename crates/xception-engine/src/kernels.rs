@@ -782,6 +782,8 @@ pub(crate) mod dw3 {
         /// Stores a whole vector.
         unsafe fn store_full(p: *mut f32, v: Self);
         unsafe fn zero() -> Self;
+        /// Every lane `v`.
+        unsafe fn splat(v: f32) -> Self;
         unsafe fn add(a: Self, b: Self) -> Self;
         unsafe fn sub(a: Self, b: Self) -> Self;
         unsafe fn mul(a: Self, b: Self) -> Self;
@@ -809,6 +811,10 @@ pub(crate) mod dw3 {
         #[inline(always)]
         unsafe fn store(m: __mmask16, p: *mut f32, v: __m512) {
             _mm512_mask_storeu_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m512 {
+            _mm512_set1_ps(v)
         }
         #[inline(always)]
         unsafe fn zero() -> __m512 {
@@ -876,6 +882,10 @@ pub(crate) mod dw3 {
             } else {
                 _mm256_maskstore_ps(p, m.mask, v)
             }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            _mm256_set1_ps(v)
         }
         #[inline(always)]
         unsafe fn zero() -> __m256 {

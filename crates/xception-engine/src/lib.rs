@@ -450,6 +450,16 @@ impl Compiler<'_> {
         }
     }
 
+    /// Output pixels a side of a Winograd conv's tiles (`winograd`): F(4x4, 3x3) under int8 and
+    /// bf16, whose errors are a hundred times its rounding's, F(2x2, 3x3) in fp32 and bf16x3,
+    /// which are held to 1e-4 of Keras and timm.
+    fn winograd_tile(&self) -> usize {
+        match self.precision {
+            Precision::Int8 | Precision::Bf16 => 4,
+            Precision::F32 | Precision::Bf16x3 => 2,
+        }
+    }
+
     fn affine(&self, n: &Norm) -> Result<Affine> {
         let c = n.channels;
         let g = self.tensor(format!("{}.weight", n.key), c)?;
@@ -542,7 +552,7 @@ impl Compiler<'_> {
                         used += 1;
                     }
                     let precision = self.dense_precision(k, cin);
-                    let winograd = (k == 3 && c.stride == 1 && c.dilation == 1 && precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout));
+                    let winograd = (k == 3 && c.stride == 1 && c.dilation == 1 && precision == Precision::F32 && winograd::available(cin, cout)).then(|| winograd::Winograd::new(&weight, &bias, cin, cout, self.winograd_tile()));
                     steps.push(Step::Dense(DenseConv {
                         k,
                         stride: c.stride,

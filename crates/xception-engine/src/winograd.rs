@@ -1,8 +1,15 @@
-//! 3x3 convolutions of stride 1 by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray,
-//! "Fast Algorithms for Convolutional Neural Networks", 2016): each 2x2 block of output pixels
-//! comes from its 4x4 input patch with 16 multiplies per channel pair instead of 36. The
-//! products become 16 GEMMs (tiles x cin by cin x cout, one per position of the transformed
-//! 4x4 patch), between an input transform and an output transform that only add and subtract.
+//! 3x3 convolutions of stride 1 by Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms
+//! for Convolutional Neural Networks", 2016). F(2x2, 3x3): each 2x2 block of output pixels comes
+//! from its 4x4 input patch with 16 multiplies per channel pair instead of 36; the products
+//! become 16 GEMMs (tiles x cin by cin x cout, one per position of the transformed 4x4 patch),
+//! between an input transform and an output transform that only add and subtract.
+//! F(4x4, 3x3) (`Winograd::new` with m = 4): 4x4 blocks from 6x6 patches, 36 multiplies per
+//! channel pair instead of 144 (1.78 times fewer than F(2x2, 3x3)), in 36 GEMMs, with transforms
+//! whose entries reach 5 and 8 and weights transformed by sixths and 24ths: in a simulation of
+//! the stem conv (32 -> 64 channels, fp32) 2.6e-6 of the largest output off against 2.2e-7 for
+//! F(2x2, 3x3) and 1.6e-7 for the direct conv. So it runs only under the reduced precisions
+//! (int8, and bf16 where the stem stays fp32), whose own errors are 1e-2 or more; fp32 and bf16x3
+//! keep F(2x2, 3x3).
 //!
 //! It serves the stem's second conv (32 -> 64 channels at 147x147 or 150x150), the one dense
 //! 3x3 conv in the Xception family with channels enough to make the GEMMs pay. The transforms'
@@ -20,22 +27,41 @@
 //! conv): xception's stem conv2 2.70-2.87 -> 2.19-2.30 ms, xception65's (padded) 3.17-3.27 ->
 //! 2.18-2.32 (ONNX Runtime's NCHWc conv: 2.47 and 2.69). One thread on hot data, 147x147: 4.2
 //! ms, of which the 16 products (depth 32) 2.8, the input transform 0.6, the output 0.8; the
-//! direct conv 4.7.
+//! direct conv 4.7. F(4x4, 3x3) against F(2x2, 3x3) (AMD Zen 4, the three fastest of six
+//! passes' steps, three alternations): 2.17-2.41 -> 1.41-1.67 ms under int8, 2.17-2.46 ->
+//! 1.41-1.91 under bf16; whole passes, four alternations of 21, int8 28.6-30.1 -> 27.7-28.5 ms
+//! (one 34.7), bf16 46.1-51.3 -> 44.7-45.8. Under fp32 it would put xception71's timm fixture
+//! past the fp32 tests' bound (and the real Keras model's logits 1.4e-5 -> 2.2e-5 off).
 
 use crate::packed::{gemm_rows, Epilogue, Fetch, Kernel, PackedB, SharedOut};
 use crate::Activations;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// A 3x3 conv's weights transformed for F(2x2, 3x3).
+/// A 3x3 conv's weights transformed for F(m x m, 3x3).
 #[derive(Clone, Debug)]
 pub(crate) struct Winograd {
-    /// U[p] (cin x cout) for each of the 16 positions p = 4 * i + j of the transformed patch.
+    /// Output pixels a tile a side: 2 or 4.
+    m: usize,
+    /// U[p] (cin x cout) for each of the (m + 2)^2 positions p = (m + 2) i + j of the
+    /// transformed patch.
     u: Vec<PackedB>,
     bias: Vec<f32>,
     cin: usize,
     cout: usize,
 }
+
+/// F(2x2, 3x3)'s G (4 x 3), by which the weights are transformed (U = G w G^T).
+const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+/// F(4x4, 3x3)'s G (6 x 3), interpolation points 0, 1, -1, 2, -2 and infinity (Lavin & Gray).
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
 
 /// The fewest input channels for which the 16 products (of depth cin) beat the direct conv's
 /// (of depth 3 x cin): not the 3-channel first stem conv.
@@ -50,28 +76,32 @@ pub(crate) fn available(cin: usize, cout: usize) -> bool {
 
 impl Winograd {
     /// From a 3x3 conv's weights, rows in (ky, kx, ci) order by cout columns (`DenseConv`'s
-    /// layout, BatchNorm folded), and its bias.
-    pub(crate) fn new(weight: &[f32], bias: &[f32], cin: usize, cout: usize) -> Winograd {
+    /// layout, BatchNorm folded), and its bias, for F(m x m, 3x3) (m = 2 or 4).
+    pub(crate) fn new(weight: &[f32], bias: &[f32], cin: usize, cout: usize, m: usize) -> Winograd {
         assert_eq!(weight.len(), 9 * cin * cout, "winograd: 3x3 weights of {cin} -> {cout} channels");
         assert!(cin.is_multiple_of(LANES) && cout.is_multiple_of(LANES), "winograd: {cin} -> {cout} channels, not multiples of {LANES}");
-        // U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
-        let g_rows = |g: [f32; 3]| [g[0], 0.5 * (g[0] + g[1] + g[2]), 0.5 * (g[0] - g[1] + g[2]), g[2]];
-        let mut u = vec![vec![0f32; cin * cout]; 16];
+        let g: &[[f64; 3]] = match m {
+            2 => &G2,
+            4 => &G4,
+            _ => panic!("winograd: F({m}x{m}, 3x3) is not one of F(2x2, 3x3) and F(4x4, 3x3)"),
+        };
+        let a = m + 2;
+        // U = G w G^T, in f64 and rounded once (F(4x4, 3x3)'s G has sixths).
+        let mut u = vec![vec![0f32; cin * cout]; a * a];
         for ci in 0..cin {
             for co in 0..cout {
-                let g = |ky: usize, kx: usize| weight[((ky * 3 + kx) * cin + ci) * cout + co];
-                // G g: 4 x 3, column by column.
-                let cols: [[f32; 4]; 3] = std::array::from_fn(|kx| g_rows([g(0, kx), g(1, kx), g(2, kx)]));
-                for i in 0..4 {
-                    let row = g_rows([cols[0][i], cols[1][i], cols[2][i]]);
-                    for (j, v) in row.into_iter().enumerate() {
-                        u[4 * i + j][ci * cout + co] = v;
+                let w = |ky: usize, kx: usize| weight[((ky * 3 + kx) * cin + ci) * cout + co] as f64;
+                // G w: a x 3.
+                let gw: Vec<[f64; 3]> = g.iter().map(|gi| std::array::from_fn(|kx| (0..3).map(|ky| gi[ky] * w(ky, kx)).sum())).collect();
+                for i in 0..a {
+                    for j in 0..a {
+                        u[a * i + j][ci * cout + co] = (0..3).map(|kx| gw[i][kx] * g[j][kx]).sum::<f64>() as f32;
                     }
                 }
             }
         }
         let zero = vec![0f32; cout];
-        Winograd { u: u.iter().map(|w| PackedB::new(w, &zero, cin, cout)).collect(), bias: bias.to_vec(), cin, cout }
+        Winograd { m, u: u.iter().map(|w| PackedB::new(w, &zero, cin, cout)).collect(), bias: bias.to_vec(), cin, cout }
     }
 
     /// The conv of `x` (NHWC, `cin` channels) into `out` (x.n x oh x ow x cout), the input
@@ -83,49 +113,52 @@ impl Winograd {
 
     /// `conv` with the transforms of `kernel` (AVX-512 or AVX2; the CPU must have it).
     fn conv_on(&self, kernel: Kernel, x: &Activations, (pt, oh): (usize, usize), (pl, ow): (usize, usize), relu: bool, out: &mut [f32]) {
-        let (cin, cout) = (self.cin, self.cout);
+        let (cin, cout, m) = (self.cin, self.cout, self.m);
         assert!(x.c == cin && out.len() == x.n * oh * ow * cout, "winograd: {}x{}x{}x{} into {} values", x.n, x.h, x.w, x.c, out.len());
-        let tiles = ow.div_ceil(2);
-        let rows = oh.div_ceil(2);
+        // Positions of a transformed patch.
+        let at = (m + 2) * (m + 2);
+        let tiles = ow.div_ceil(m);
+        let rows = oh.div_ceil(m);
         let shared = SharedOut::new(out);
         (0..x.n * rows).into_par_iter().for_each(|task| {
             let (b, ty) = (task / rows, task % rows);
-            BUFFERS.with_borrow_mut(|(v, m)| {
-                v.resize(v.len().max(16 * tiles * cin), 0.0);
-                m.resize(m.len().max(16 * tiles * cout), 0.0);
-                let (v, m) = (&mut v[..16 * tiles * cin], &mut m[..16 * tiles * cout]);
-                transforms::input(kernel, x, b, 2 * ty as isize - pt as isize, pl, tiles, v);
-                // The next row of tiles (most likely this worker's next task): its two new input
-                // lines and its two output lines are fetched while the products run, a
-                // sixteenth with each.
+            BUFFERS.with_borrow_mut(|(v, p)| {
+                v.resize(v.len().max(at * tiles * cin), 0.0);
+                p.resize(p.len().max(at * tiles * cout), 0.0);
+                let (v, p) = (&mut v[..at * tiles * cin], &mut p[..at * tiles * cout]);
+                transforms::input(kernel, m, x, b, (m * ty) as isize - pt as isize, pl, tiles, v);
+                // The next row of tiles (most likely this worker's next task): its m new input
+                // lines and its m output lines are fetched while the products run, a share with
+                // each.
                 let next = task + 1 < x.n * rows;
                 let (ahead, writes) = if next {
                     let (b1, ty1) = ((task + 1) / rows, (task + 1) % rows);
-                    let iy = (2 * ty1 + 2).saturating_sub(pt).min(x.h);
+                    let iy = (m * ty1 + 2).saturating_sub(pt).min(x.h);
                     let from = (b1 * x.h + iy) * x.w * cin;
-                    let lines = 2 * ty1..(2 * ty1 + 2).min(oh);
-                    (Fetch::of(&x.data[from..(from + 2 * x.w * cin).min((b1 + 1) * x.h * x.w * cin)]), Fetch::output(shared, (b1 * oh + lines.start) * ow * cout, lines.len() * ow * cout))
+                    let lines = m * ty1..(m * ty1 + m).min(oh);
+                    (Fetch::of(&x.data[from..(from + m * x.w * cin).min((b1 + 1) * x.h * x.w * cin)]), Fetch::output(shared, (b1 * oh + lines.start) * ow * cout, lines.len() * ow * cout))
                 } else {
                     (Fetch::NONE, Fetch::NONE)
                 };
-                for (p, u) in self.u.iter().enumerate() {
-                    let epi = Epilogue { ahead: ahead.share(p, 16), writes: writes.share(p, 16), ..Epilogue::PLAIN };
-                    // SAFETY: `m` is this thread's own buffer.
-                    unsafe { gemm_rows(tiles, &v[p * tiles * cin..], cin, u, 0..u.panels(), SharedOut::new(&mut m[p * tiles * cout..][..tiles * cout]), cout, epi) };
+                for (i, u) in self.u.iter().enumerate() {
+                    let epi = Epilogue { ahead: ahead.share(i, at), writes: writes.share(i, at), ..Epilogue::PLAIN };
+                    // SAFETY: `p` is this thread's own buffer.
+                    unsafe { gemm_rows(tiles, &v[i * tiles * cin..], cin, u, 0..u.panels(), SharedOut::new(&mut p[i * tiles * cout..][..tiles * cout]), cout, epi) };
                 }
-                let lines = (2 * ty..(2 * ty + 2).min(oh)).map(|oy| {
-                    // SAFETY: this task alone writes output lines 2ty and 2ty + 1 of image b.
+                let lines = (m * ty..(m * ty + m).min(oh)).map(|oy| {
+                    // SAFETY: this task alone writes output lines m ty to m ty + m - 1 of image b.
                     unsafe { std::slice::from_raw_parts_mut(shared.offset((b * oh + oy) * ow * cout).ptr(), ow * cout) }
                 });
                 let mut lines: Vec<&mut [f32]> = lines.collect();
-                transforms::output(kernel, m, &self.bias, relu, tiles, ow, cout, &mut lines);
+                transforms::output(kernel, m, p, &self.bias, relu, tiles, ow, cout, &mut lines);
             });
         });
     }
 }
 
 thread_local! {
-    /// A task's transformed input (16 x tiles x cin) and products (16 x tiles x cout).
+    /// A task's transformed input ((m + 2)^2 x tiles x cin) and products ((m + 2)^2 x tiles x
+    /// cout).
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -142,42 +175,102 @@ mod transforms {
     use crate::Activations;
     use std::arch::x86_64::*;
 
-    /// V = B^T d B for the row of tiles whose 4x4 patches start at input line `iy0` (negative:
-    /// padding) and pixel 2 * t - pl, into v[p][t][ci]; B^T = [[1, 0, -1, 0], [0, 1, 1, 0],
-    /// [0, -1, 1, 0], [0, 1, 0, -1]].
+    /// One F(m x m, 3x3): B^T and A^T applied to a column of A = m + 2 vectors, written out
+    /// (F(2x2, 3x3)'s only add and subtract). Plain code, no closures or coefficient tables: a
+    /// closure is compiled without the caller's target features (its intrinsics become calls),
+    /// and loops over tables of coefficients were left rolled (the stem conv 1.5x slower).
+    trait Tiling<V: Vector, const A: usize, const M: usize> {
+        /// B^T x.
+        unsafe fn bt(x: &[V; A]) -> [V; A];
+        /// A^T x.
+        unsafe fn at(x: &[V; A]) -> [V; M];
+    }
+
+    /// F(2x2, 3x3): B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    /// A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+    struct F2;
+    impl<V: Vector> Tiling<V, 4, 2> for F2 {
+        #[inline(always)]
+        unsafe fn bt(x: &[V; 4]) -> [V; 4] {
+            [V::sub(x[0], x[2]), V::add(x[1], x[2]), V::sub(x[2], x[1]), V::sub(x[1], x[3])]
+        }
+        #[inline(always)]
+        unsafe fn at(x: &[V; 4]) -> [V; 2] {
+            [V::add(V::add(x[0], x[1]), x[2]), V::sub(V::sub(x[1], x[2]), x[3])]
+        }
+    }
+
+    /// F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2 and infinity: B^T = [[4, 0, -5, 0, 1,
+    /// 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1,
+    /// 0], [0, 4, 0, -5, 0, 1]], A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4,
+    /// 0], [0, 1, -1, 8, -8, 1]].
+    struct F4;
+    impl<V: Vector> Tiling<V, 6, 4> for F4 {
+        #[inline(always)]
+        unsafe fn bt(x: &[V; 6]) -> [V; 6] {
+            let (four, five, two) = (V::splat(4.0), V::splat(5.0), V::splat(2.0));
+            // Shared terms: x4 - 4 x2, x3 - 4 x1, x4 - x2, x3 - x1.
+            let (a, b) = (V::sub(x[4], V::mul(x[2], four)), V::sub(x[3], V::mul(x[1], four)));
+            let (c, d) = (V::sub(x[4], x[2]), V::sub(x[3], x[1]));
+            [
+                V::fmadd(x[0], four, V::sub(x[4], V::mul(x[2], five))),
+                V::add(a, b),
+                V::sub(a, b),
+                V::fmadd(d, two, c),
+                V::sub(c, V::mul(d, two)),
+                V::fmadd(x[1], four, V::sub(x[5], V::mul(x[3], five))),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn at(x: &[V; 6]) -> [V; 4] {
+            // Shared terms: x1 + x2, x1 - x2, x3 + x4, x3 - x4.
+            let (p, q) = (V::add(x[1], x[2]), V::sub(x[1], x[2]));
+            let (r, s) = (V::add(x[3], x[4]), V::sub(x[3], x[4]));
+            [V::add(V::add(x[0], p), r), V::fmadd(s, V::splat(2.0), q), V::fmadd(r, V::splat(4.0), p), V::add(V::fmadd(s, V::splat(8.0), q), x[5])]
+        }
+    }
+
+    /// V = B^T d B for the row of tiles whose A x A patches (A = m + 2) start at input line `iy0`
+    /// (negative: padding) and pixel m t - pl, into v[p][t][ci].
     #[inline(always)]
-    unsafe fn input_in<V: Vector>(x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
+    unsafe fn input_in<V: Vector, T: Tiling<V, A, M>, const A: usize, const M: usize>(x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
         let c = x.c;
-        assert!(v.len() >= 16 * tiles * c && c.is_multiple_of(V::LANES));
+        assert!(v.len() >= A * A * tiles * c && c.is_multiple_of(V::LANES));
         let v = v.as_mut_ptr();
-        let lines: [Option<*const f32>; 4] = std::array::from_fn(|i| x.line(b, iy0 + i as isize).map(<[f32]>::as_ptr));
+        let mut lines: [Option<*const f32>; A] = [None; A];
+        for (i, l) in lines.iter_mut().enumerate() {
+            *l = x.line(b, iy0 + i as isize).map(<[f32]>::as_ptr);
+        }
         for tile in 0..tiles {
-            let ix0 = 2 * tile as isize - pl as isize;
+            let ix0 = (M * tile) as isize - pl as isize;
             let mut cb = 0;
             while cb < c {
-                let mut d = [[V::zero(); 4]; 4];
+                // The patch by columns: d[j][i] is line i, pixel j.
+                let mut d = [[V::zero(); A]; A];
                 for (i, l) in lines.iter().enumerate() {
                     if let Some(l) = l {
-                        for (j, dij) in d[i].iter_mut().enumerate() {
+                        for (j, dj) in d.iter_mut().enumerate() {
                             let ix = ix0 + j as isize;
                             if ix >= 0 && (ix as usize) < x.w {
-                                *dij = V::load_full(l.add(ix as usize * c + cb));
+                                dj[i] = V::load_full(l.add(ix as usize * c + cb));
                             }
                         }
                     }
                 }
-                // Rows: t = B^T d.
-                let t: [[V; 4]; 4] = [
-                    std::array::from_fn(|j| V::sub(d[0][j], d[2][j])),
-                    std::array::from_fn(|j| V::add(d[1][j], d[2][j])),
-                    std::array::from_fn(|j| V::sub(d[2][j], d[1][j])),
-                    std::array::from_fn(|j| V::sub(d[1][j], d[3][j])),
-                ];
-                // Columns: V = t B.
-                for (i, r) in t.iter().enumerate() {
-                    let out = [V::sub(r[0], r[2]), V::add(r[1], r[2]), V::sub(r[2], r[1]), V::sub(r[1], r[3])];
+                // Rows: t = B^T d, a column at a time (t[i][j] = tc[j][i]).
+                let mut tc = [[V::zero(); A]; A];
+                for (t, dj) in tc.iter_mut().zip(&d) {
+                    *t = T::bt(dj);
+                }
+                // Columns: V = t B, a row at a time.
+                for i in 0..A {
+                    let mut row = [V::zero(); A];
+                    for (r, t) in row.iter_mut().zip(&tc) {
+                        *r = t[i];
+                    }
+                    let out = T::bt(&row);
                     for (j, val) in out.into_iter().enumerate() {
-                        V::store_full(v.add(((4 * i + j) * tiles + tile) * c + cb), val);
+                        V::store_full(v.add(((A * i + j) * tiles + tile) * c + cb), val);
                     }
                 }
                 cb += V::LANES;
@@ -185,26 +278,35 @@ mod transforms {
         }
     }
 
-    /// Y = A^T M A + bias (then ReLU) for each tile, from m[p][t][co], into the output lines
-    /// (one or two, `ow` pixels of `cout` values each); A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+    /// Y = A^T P A + bias (then ReLU) for each tile, from p[p][t][co], into the output lines
+    /// (up to M, `ow` pixels of `cout` values each).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output_in<V: Vector>(m: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
+    unsafe fn output_in<V: Vector, T: Tiling<V, A, M>, const A: usize, const M: usize>(p: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
         let n = cout;
-        assert!(m.len() >= 16 * tiles * n && bias.len() >= n && n.is_multiple_of(V::LANES) && ow <= 2 * tiles && lines.iter().all(|l| l.len() >= ow * n));
+        assert!(p.len() >= A * A * tiles * n && bias.len() >= n && n.is_multiple_of(V::LANES) && ow <= M * tiles && lines.len() <= M && lines.iter().all(|l| l.len() >= ow * n));
         for tile in 0..tiles {
-            let cols = (ow - 2 * tile).min(2);
+            let cols = (ow - M * tile).min(M);
             let mut cb = 0;
             while cb < n {
-                let e = |i: usize, j: usize| V::load_full(m.as_ptr().add(((4 * i + j) * tiles + tile) * n + cb));
-                // Rows: s = A^T M.
-                let s: [[V; 4]; 2] = [std::array::from_fn(|j| V::add(V::add(e(0, j), e(1, j)), e(2, j))), std::array::from_fn(|j| V::sub(V::sub(e(1, j), e(2, j)), e(3, j)))];
+                // Rows: s = A^T P, a column of P at a time (s[r][j] = sc[j][r]).
+                let mut sc = [[V::zero(); M]; A];
+                for (j, s) in sc.iter_mut().enumerate() {
+                    let mut col = [V::zero(); A];
+                    for (i, e) in col.iter_mut().enumerate() {
+                        *e = V::load_full(p.as_ptr().add(((A * i + j) * tiles + tile) * n + cb));
+                    }
+                    *s = T::at(&col);
+                }
                 let z = V::load_full(bias.as_ptr().add(cb));
                 for (r, line) in lines.iter_mut().enumerate() {
-                    let y = [V::add(V::add(s[r][0], s[r][1]), s[r][2]), V::sub(V::sub(s[r][1], s[r][2]), s[r][3])];
-                    for (dx, val) in y.into_iter().enumerate().take(cols) {
+                    let mut row = [V::zero(); A];
+                    for (x, s) in row.iter_mut().zip(&sc) {
+                        *x = s[r];
+                    }
+                    for (dx, val) in T::at(&row).into_iter().enumerate().take(cols) {
                         let val = V::add(val, z);
-                        V::store_full(line.as_mut_ptr().add((2 * tile + dx) * n + cb), if relu { V::max(val, V::zero()) } else { val });
+                        V::store_full(line.as_mut_ptr().add((M * tile + dx) * n + cb), if relu { V::max(val, V::zero()) } else { val });
                     }
                 }
                 cb += V::LANES;
@@ -212,45 +314,50 @@ mod transforms {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    unsafe fn input_avx512(x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
-        input_in::<__m512>(x, b, iy0, pl, tiles, v)
-    }
+    /// The transforms of F(m x m, 3x3) for one SIMD width.
+    macro_rules! widths {
+        ($input:ident, $output:ident, $v:ty, $feature:literal) => {
+            #[target_feature(enable = $feature)]
+            unsafe fn $input(m: usize, x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
+                match m {
+                    2 => input_in::<$v, F2, 4, 2>(x, b, iy0, pl, tiles, v),
+                    _ => input_in::<$v, F4, 6, 4>(x, b, iy0, pl, tiles, v),
+                }
+            }
 
-    #[target_feature(enable = "avx2")]
-    unsafe fn input_avx2(x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
-        input_in::<__m256>(x, b, iy0, pl, tiles, v)
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $output(m: usize, p: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
+                match m {
+                    2 => output_in::<$v, F2, 4, 2>(p, bias, relu, tiles, ow, cout, lines),
+                    _ => output_in::<$v, F4, 6, 4>(p, bias, relu, tiles, ow, cout, lines),
+                }
+            }
+        };
     }
+    widths!(input_avx512, output_avx512, __m512, "avx512f,fma");
+    widths!(input_avx2, output_avx2, __m256, "avx2,fma");
 
-    #[target_feature(enable = "avx512f")]
+    /// The input transform of F(m x m, 3x3) with `kernel`'s vectors.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output_avx512(m: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
-        output_in::<__m512>(m, bias, relu, tiles, ow, cout, lines)
-    }
-
-    #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn output_avx2(m: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
-        output_in::<__m256>(m, bias, relu, tiles, ow, cout, lines)
-    }
-
-    /// The input transform with `kernel`'s vectors.
-    pub(super) fn input(kernel: Kernel, x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
+    pub(super) fn input(kernel: Kernel, m: usize, x: &Activations, b: usize, iy0: isize, pl: usize, tiles: usize, v: &mut [f32]) {
+        assert!(m == 2 || m == 4);
         match kernel {
             // SAFETY: `kernel` names vectors this CPU has (`packed::kernel`, or checked by the tests).
-            Kernel::Avx512 => unsafe { input_avx512(x, b, iy0, pl, tiles, v) },
-            Kernel::Avx2 => unsafe { input_avx2(x, b, iy0, pl, tiles, v) },
+            Kernel::Avx512 => unsafe { input_avx512(m, x, b, iy0, pl, tiles, v) },
+            Kernel::Avx2 => unsafe { input_avx2(m, x, b, iy0, pl, tiles, v) },
             Kernel::Portable => unreachable!("winograd: no SIMD transforms (`available` is false)"),
         }
     }
 
-    /// The output transform with `kernel`'s vectors.
+    /// The output transform of F(m x m, 3x3) with `kernel`'s vectors.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn output(kernel: Kernel, m: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
+    pub(super) fn output(kernel: Kernel, m: usize, p: &[f32], bias: &[f32], relu: bool, tiles: usize, ow: usize, cout: usize, lines: &mut [&mut [f32]]) {
+        assert!(m == 2 || m == 4);
         match kernel {
             // SAFETY: as for `input`.
-            Kernel::Avx512 => unsafe { output_avx512(m, bias, relu, tiles, ow, cout, lines) },
-            Kernel::Avx2 => unsafe { output_avx2(m, bias, relu, tiles, ow, cout, lines) },
+            Kernel::Avx512 => unsafe { output_avx512(m, p, bias, relu, tiles, ow, cout, lines) },
+            Kernel::Avx2 => unsafe { output_avx2(m, p, bias, relu, tiles, ow, cout, lines) },
             Kernel::Portable => unreachable!("winograd: no SIMD transforms (`available` is false)"),
         }
     }
@@ -262,12 +369,13 @@ mod transforms {
     use crate::packed::Kernel;
     use crate::Activations;
 
-    pub(super) fn input(_: Kernel, _: &Activations, _: usize, _: isize, _: usize, _: usize, _: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn input(_: Kernel, _: usize, _: &Activations, _: usize, _: isize, _: usize, _: usize, _: &mut [f32]) {
         unreachable!("winograd: x86-64 only")
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn output(_: Kernel, _: &[f32], _: &[f32], _: bool, _: usize, _: usize, _: usize, _: &mut [&mut [f32]]) {
+    pub(super) fn output(_: Kernel, _: usize, _: &[f32], _: &[f32], _: bool, _: usize, _: usize, _: usize, _: &mut [&mut [f32]]) {
         unreachable!("winograd: x86-64 only")
     }
 }
@@ -330,14 +438,17 @@ mod tests {
             let bias: Vec<f32> = (0..cout).map(|i| i as f32 * 0.01 - 0.2).collect();
             let (oh, ow) = (h + 2 * pad - 2, w + 2 * pad - 2);
             let want = direct(&x, &wt, &bias, cout, (pad, oh), (pad, ow), relu);
-            let wg = Winograd::new(&wt, &bias, cin, cout);
-            for kernel in kernels() {
-                let mut got = vec![f32::NAN; want.len()];
-                pool.install(|| wg.conv_on(kernel, &x, (pad, oh), (pad, ow), relu, &mut got));
-                assert!(got.iter().all(|v| v.is_finite()), "every output written ({kernel:?})");
-                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(worst <= 1e-5 * scale, "{n}x{h}x{w}x{cin} -> {cout}, pad {pad}, {kernel:?}: off by {worst} (largest {scale})");
+            for (m, bound) in [(2, 1e-5), (4, 3e-5)] {
+                let wg = Winograd::new(&wt, &bias, cin, cout, m);
+                for kernel in kernels() {
+                    let mut got = vec![f32::NAN; want.len()];
+                    pool.install(|| wg.conv_on(kernel, &x, (pad, oh), (pad, ow), relu, &mut got));
+                    assert!(got.iter().all(|v| v.is_finite()), "every output written (F({m}x{m}, 3x3), {kernel:?})");
+                    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    eprintln!("{n}x{h}x{w}x{cin} -> {cout}, pad {pad}, F({m}x{m}, 3x3), {kernel:?}: {:.1e} of the largest output", worst / scale);
+                    assert!(worst <= bound * scale, "{n}x{h}x{w}x{cin} -> {cout}, pad {pad}, F({m}x{m}, 3x3), {kernel:?}: off by {worst} (largest {scale})");
+                }
             }
         }
     }
