@@ -664,9 +664,9 @@ fn dw_row<const FMA: bool, L: Load>(x: &Activations, s: &SepConv, load: L, b: us
 }
 
 /// Whether the depthwise conv `s` makes two output lines at a time here (`dw3::run`'s PAIR):
-/// with AVX-512, for a 3x3 conv of stride 1 without dilation.
+/// with the AVX-512 or AVX2 kernels, for a 3x3 conv of stride 1 without dilation.
 fn in_pairs(s: &SepConv) -> bool {
-    cfg!(target_arch = "x86_64") && crate::packed::has_avx512() && s.k == 3 && s.stride == 1 && s.dilation == 1
+    cfg!(target_arch = "x86_64") && matches!(crate::packed::kernel(), crate::packed::Kernel::Avx512 | crate::packed::Kernel::Avx2) && s.k == 3 && s.stride == 1 && s.dilation == 1
 }
 
 /// Calls `f(at, b, oy, n)` for `lines` consecutive output lines from `line` (counted over the
@@ -693,8 +693,13 @@ fn dw_lines<L: Load>(x: &Activations, s: &SepConv, load: L, (line, oh): (usize, 
         let now = &mut out[at * per..(at + n) * per];
         #[cfg(target_arch = "x86_64")]
         if n == 2 {
-            // SAFETY: the CPU has AVX-512F and FMA (`in_pairs`).
-            return unsafe { dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 2, now.as_mut_ptr().cast(), now.len(), (s.channels, 0)) };
+            // SAFETY: the CPU has AVX-512F or AVX2, and FMA (`in_pairs`).
+            return unsafe {
+                match crate::packed::kernel() {
+                    crate::packed::Kernel::Avx512 => dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 2, now.as_mut_ptr().cast(), now.len(), (s.channels, 0)),
+                    _ => dw3::avx2(load.transform(), x, s, (b, oy, ow, pt, pl), 2, now),
+                }
+            };
         }
         dw_line(x, s, load, b, oy, ow, pt, pl, now);
     });
@@ -713,7 +718,7 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
                 return unsafe { dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 1, out.as_mut_ptr().cast(), out.len(), (s.channels, 0)) };
             }
             // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
-            Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, b, oy, ow, pt, pl, out) },
+            Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, (b, oy, ow, pt, pl), 1, out) },
             // Other kernel sizes: the plain loop, which `simd` compiles for AVX-512 or AVX2, both
             // with FMA.
             Kernel::Avx512 | Kernel::Avx2 => {
@@ -943,7 +948,11 @@ pub(crate) mod dw3 {
     /// 0.113-0.115, 19x19x728 0.039-0.041 -> 0.031-0.032, 10x10x1536 0.022 -> 0.020; one thread
     /// (three alternations) 74x74x256 0.358-0.364 -> 0.305-0.366, 37x37x728 0.256-0.257 ->
     /// 0.217-0.229, 19x19x728 0.076-0.083 -> 0.063-0.064, 10x10x1536 0.042-0.043 -> 0.033-0.036.
-    /// Sixteen accumulators: AVX-512 only (AVX2's 16 registers would spill).
+    /// The AVX2 kernel (`avx2`) makes pairs too, with runs of four pixels: its eight
+    /// accumulators and nine weights pass its 16 registers, yet alone, one thread, five
+    /// alternations, `XCEPTION_ENGINE_NO_AVX512=1`: 37x37x728 0.335-0.556 -> 0.257-0.265 ms,
+    /// 19x19x728 0.095-0.097 -> 0.071-0.074, 10x10x1536 0.053-0.054 -> 0.044 (mostly), 74x74x256
+    /// 0.49-0.99 -> 0.42-0.80.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn avx512<const BF16: bool>(t: Transform, x: &Activations, s: &SepConv, at: (usize, usize, usize, usize, usize), lines: usize, out: *mut u8, len: usize, (stride, lo): (usize, usize)) {
         by_transform!(t, on_avx512, BF16; x, s, at, lines, out, len, stride, lo)
@@ -989,10 +998,10 @@ pub(crate) mod dw3 {
         pool::<__m256>(ow, c, taps, residual, dst)
     }
 
-    /// One output line with AVX2 (f32, pixels `s.channels` values apart).
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx2(t: Transform, x: &Activations, s: &SepConv, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
-        by_transform!(t, on_avx2; x, s, b, oy, ow, pt, pl, out.as_mut_ptr(), out.len())
+    /// Output line `oy` of image `b` with AVX2 (f32, pixels `s.channels` values apart), and with
+    /// `lines` = 2 line oy + 1 after it, as `avx512` makes them.
+    pub unsafe fn avx2(t: Transform, x: &Activations, s: &SepConv, at: (usize, usize, usize, usize, usize), lines: usize, out: &mut [f32]) {
+        by_transform!(t, on_avx2; x, s, at, lines, out.as_mut_ptr(), out.len())
     }
 
     /// `BF16`: the outputs are rounded to bf16 (nearest, ties to even) as they are stored.
@@ -1069,16 +1078,19 @@ pub(crate) mod dw3 {
         shift: &[f32],
         x: &Activations,
         s: &SepConv,
-        b: usize,
-        oy: usize,
-        ow: usize,
-        pt: usize,
-        pl: usize,
+        (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize),
+        lines: usize,
         out: *mut f32,
         len: usize,
     ) {
+        let c = s.channels;
+        assert!(ow == 0 || len >= (lines - 1) * ow * c + (ow - 1) * c + c);
         let store = |at: usize, m: Lanes8, v: __m256| __m256::store(m, out.add(at), v);
-        line::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, s.channels, store)
+        if lines == 2 {
+            pair::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), c, |l, at, m, v| store(l * ow * c + at, m, v))
+        } else {
+            line::<__m256, AFFINE, RELU>(scale, shift, x, s, (b, oy, ow, pt, pl), len, c, store)
+        }
     }
 
     /// Channels [cb, cb + V::LANES) of a 3x3 depthwise conv (valid lanes `m`; `FULL`: all of
@@ -1960,23 +1972,32 @@ mod tests {
                             load(b, oy, &mut want);
                             let mut kernels: Vec<(&str, Vec<f32>)> = Vec::new();
                             let mut got = vec![f32::NAN; ow * c];
-                            unsafe { dw3::avx2(t, &x, &s, b, oy, ow, pt, pl, &mut got) };
+                            unsafe { dw3::avx2(t, &x, &s, (b, oy, ow, pt, pl), 1, &mut got) };
                             kernels.push(("avx2", got));
                             if avx512 {
                                 let mut got = vec![f32::NAN; ow * c];
                                 unsafe { dw3::avx512::<false>(t, &x, &s, (b, oy, ow, pt, pl), 1, got.as_mut_ptr().cast(), got.len(), (c, 0)) };
                                 kernels.push(("avx512", got));
                             }
-                            // The pair kernel's lines oy and oy + 1 (the second checked against the
+                            // The pair kernels' lines oy and oy + 1 (the second checked against the
                             // scalar line too).
-                            if avx512 && stride == 1 && dilation == 1 && oy + 1 < oh {
-                                let mut pair = vec![f32::NAN; 2 * ow * c];
-                                unsafe { dw3::avx512::<false>(t, &x, &s, (b, oy, ow, pt, pl), 2, pair.as_mut_ptr().cast(), pair.len(), (c, 0)) };
+                            if stride == 1 && dilation == 1 && oy + 1 < oh {
                                 let mut next = vec![0f32; ow * c];
                                 load(b, oy + 1, &mut next);
-                                let (first, second) = pair.split_at(ow * c);
-                                assert!(second.iter().zip(&next).all(|(g, w)| g.to_bits() == w.to_bits()), "avx512 pair {what} c {c} mid_relu {mid_relu}: line {} differs", line + 1);
-                                kernels.push(("avx512 pair", first.to_vec()));
+                                for wide in [false, true].into_iter().filter(|&w| !w || avx512) {
+                                    let mut pair = vec![f32::NAN; 2 * ow * c];
+                                    unsafe {
+                                        if wide {
+                                            dw3::avx512::<false>(t, &x, &s, (b, oy, ow, pt, pl), 2, pair.as_mut_ptr().cast(), pair.len(), (c, 0))
+                                        } else {
+                                            dw3::avx2(t, &x, &s, (b, oy, ow, pt, pl), 2, &mut pair)
+                                        }
+                                    };
+                                    let name = if wide { "avx512 pair" } else { "avx2 pair" };
+                                    let (first, second) = pair.split_at(ow * c);
+                                    assert!(second.iter().zip(&next).all(|(g, w)| g.to_bits() == w.to_bits()), "{name} {what} c {c} mid_relu {mid_relu}: line {} differs", line + 1);
+                                    kernels.push((name, first.to_vec()));
+                                }
                             }
                             for (name, got) in kernels {
                                 assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{name} {what} c {c} stride {stride} dilation {dilation} mid_relu {mid_relu}: line {line} differs");
