@@ -468,7 +468,7 @@ pub fn dense_conv(x: &Activations, d: &DenseConv, threads: usize, bufs: &Buffers
         matmul(Lhs::Ready(&x.data), &d.weight, &mut out, None, d.relu, threads);
     } else {
         let kk = d.k * d.k * d.cin;
-        // Dilated or small convs: im2col, one output line at a time.
+        // Dilated or small convs: im2col, line by line.
         let fill = |first: usize, cols: &mut [f32]| {
             for (line, cols) in (first..).zip(cols.chunks_mut(ow * kk)) {
                 let (b, oy) = (line / oh, line % oh);
