@@ -12,16 +12,16 @@
 //! keep F(2x2, 3x3).
 //!
 //! It serves the stem's second conv (32 -> 64 channels at 147x147 or 150x150), the one dense
-//! 3x3 conv in the Xception family with channels enough to make the GEMMs pay. The transforms'
-//! entries are 0, +-1 and +-1/2, so the outputs differ from the direct conv's by float rounding
-//! only: within 1e-5 of the largest output in the tests here, and the whole networks' distance
+//! 3x3 conv in the Xception family with channels enough to make the GEMMs pay. F(2x2, 3x3)'s
+//! transforms' entries are 0, +-1 and +-1/2, so its outputs differ from the direct conv's by float
+//! rounding only: within 1e-5 of the largest output in the tests here, and the whole networks' distance
 //! to timm and Keras is unchanged (xception at 299: features 5.6e-6 of their scale, 7.5e-6 with
 //! the direct conv; logits 1.4e-6 and 1.5e-6). XCEPTION_ENGINE_NO_WINOGRAD keeps the direct
 //! conv.
 //!
-//! Work is shared out by rows of tiles (two output lines each): a task transforms its tiles'
-//! input into a cache-resident buffer, runs the 16 products into a second one and transforms
-//! them into its two output lines, so neither buffer goes to memory.
+//! Work is shared out by rows of tiles (m output lines each): a task transforms its tiles'
+//! input into a cache-resident buffer, runs the (m + 2)^2 products into a second one and
+//! transforms them into its output lines, so neither buffer goes to memory.
 //!
 //! Measured (2026-12-07, two threads, per-step medians, three alternations against the direct
 //! conv): xception's stem conv2 2.70-2.87 -> 2.19-2.30 ms, xception65's (padded) 3.17-3.27 ->
