@@ -321,9 +321,9 @@ unsafe fn band_rows(lines: Range<usize>, rows: Range<usize>, per_line: usize, fi
                 let mut l = lines.start;
                 for (d, sc) in bytes[..made * ld8].chunks_mut(2 * per_line * ld8).zip(scales.chunks_mut(2 * per_line)) {
                     let n = sc.len();
-                    let made = &mut two[..n * k];
-                    fill(l, made);
-                    crate::int8::quantize_rows(made, k, k, 0..n, d, ld8, sc);
+                    let rows_f32 = &mut two[..n * k];
+                    fill(l, rows_f32);
+                    crate::int8::quantize_rows(rows_f32, k, k, 0..n, d, ld8, sc);
                     l += n / per_line;
                 }
             });
@@ -689,39 +689,27 @@ fn by_pairs(line: usize, lines: usize, oh: usize, pairs: bool, mut f: impl FnMut
 fn dw_lines<L: Load>(x: &Activations, s: &SepConv, load: L, (line, oh): (usize, usize), ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
     let per = ow * s.channels;
     assert!(per > 0 && out.len().is_multiple_of(per), "depthwise lines: {} values for lines of {per}", out.len());
-    by_pairs(line, out.len() / per, oh, in_pairs(s), |at, b, oy, n| {
-        let now = &mut out[at * per..(at + n) * per];
-        #[cfg(target_arch = "x86_64")]
-        if n == 2 {
-            // SAFETY: the CPU has AVX-512F or AVX2, and FMA (`in_pairs`).
-            return unsafe {
-                match crate::packed::kernel() {
-                    crate::packed::Kernel::Avx512 => dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 2, now.as_mut_ptr().cast(), now.len(), (s.channels, 0)),
-                    _ => dw3::avx2(load.transform(), x, s, (b, oy, ow, pt, pl), 2, now),
-                }
-            };
-        }
-        dw_line(x, s, load, b, oy, ow, pt, pl, now);
-    });
+    by_pairs(line, out.len() / per, oh, in_pairs(s), |at, b, oy, n| dw_line(x, s, load, (b, oy, ow, pt, pl), n, &mut out[at * per..(at + n) * per]));
 }
 
-/// One output line of the depthwise conv with the best kernel this CPU runs.
+/// Output line `oy` of image `b` of the depthwise conv with the best kernel this CPU runs, and
+/// with `lines` = 2 line oy + 1 after it (the 3x3 SIMD kernels only: `in_pairs`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, ow: usize, pt: usize, pl: usize, out: &mut [f32]) {
+fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, (b, oy, ow, pt, pl): (usize, usize, usize, usize, usize), lines: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::packed::Kernel;
         match crate::packed::kernel() {
             // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`).
             Kernel::Avx512 if s.k == 3 => {
-                return unsafe { dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), 1, out.as_mut_ptr().cast(), out.len(), (s.channels, 0)) };
+                return unsafe { dw3::avx512::<false>(load.transform(), x, s, (b, oy, ow, pt, pl), lines, out.as_mut_ptr().cast(), out.len(), (s.channels, 0)) };
             }
             // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`).
-            Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, (b, oy, ow, pt, pl), 1, out) },
+            Kernel::Avx2 if s.k == 3 => return unsafe { dw3::avx2(load.transform(), x, s, (b, oy, ow, pt, pl), lines, out) },
             // Other kernel sizes: the plain loop, which `simd` compiles for AVX-512 or AVX2, both
             // with FMA.
             Kernel::Avx512 | Kernel::Avx2 => {
+                assert_eq!(lines, 1, "depthwise: the plain loop makes one line at a time");
                 return simd(
                     #[inline(always)]
                     || dw_row::<true, L>(x, s, load, b, oy, ow, pt, pl, out),
@@ -730,6 +718,7 @@ fn dw_line<L: Load>(x: &Activations, s: &SepConv, load: L, b: usize, oy: usize, 
             Kernel::Portable => {}
         }
     }
+    assert_eq!(lines, 1, "depthwise: the plain loop makes one line at a time");
     dw_row::<false, L>(x, s, load, b, oy, ow, pt, pl, out);
 }
 
