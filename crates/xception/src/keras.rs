@@ -718,5 +718,20 @@ mod tests {
         let p = crate::weights::permute4(&t, [3, 2, 0, 1]);
         assert_eq!(p.shape, vec![3, 1, 1, 2]);
         assert_eq!(p.data, vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
+        // Larger than the tiles it is made in, ragged, every permutation the loaders use: each
+        // value where its indices say.
+        for (shape, perm) in [([1, 1, 35, 50], [3, 2, 0, 1]), ([3, 3, 40, 17], [3, 2, 0, 1]), ([3, 3, 33, 1], [2, 3, 0, 1])] {
+            let t = HostTensor::new(shape.to_vec(), (0..shape.iter().product::<usize>()).map(|v| v as f32).collect());
+            let p = crate::weights::permute4(&t, perm);
+            assert_eq!(p.shape, perm.iter().map(|&i| shape[i]).collect::<Vec<_>>());
+            for (at, v) in p.data.iter().enumerate() {
+                let (d, c, b, a) = (at % p.shape[3], at / p.shape[3] % p.shape[2], at / (p.shape[3] * p.shape[2]) % p.shape[1], at / (p.shape[3] * p.shape[2] * p.shape[1]));
+                let mut src = [0; 4];
+                for (axis, i) in perm.iter().zip([a, b, c, d]) {
+                    src[*axis] = i;
+                }
+                assert_eq!(*v as usize, ((src[0] * shape[1] + src[1]) * shape[2] + src[2]) * shape[3] + src[3], "{shape:?} {perm:?} at {at}");
+            }
+        }
     }
 }
