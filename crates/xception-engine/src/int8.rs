@@ -193,7 +193,7 @@ pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32, k_align: usize) -> 
     // Each column's largest magnitude; NaN magnitudes win, so a NaN weight makes its column NaN
     // (as in fp32).
     let mut max = vec![0f32; n];
-    for row in weight.chunks_exact(n) {
+    for row in weight.chunks_exact(n.max(1)) {
         for (m, v) in max.iter_mut().zip(row) {
             let a = v.abs();
             if a > *m || a.is_nan() {
@@ -209,7 +209,7 @@ pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32, k_align: usize) -> 
     // Row r's weights are byte r % 4 of the 32-bit values of step r / 4, little-endian.
     let mut bytes = vec![0u8; panels * groups * NR * 4];
     let mut sums = vec![0i32; n];
-    for (r, row) in weight.chunks_exact(n).enumerate() {
+    for (r, row) in weight.chunks_exact(n.max(1)).enumerate() {
         let (g, i) = (r / 4, r % 4);
         for (j, (v, inv)) in row.iter().zip(&inv).enumerate() {
             let q = quantize_weight(*v, *inv, levels);
