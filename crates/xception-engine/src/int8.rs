@@ -154,9 +154,18 @@ pub struct Scales {
 }
 
 /// `v` rounded to the nearest of [-levels, levels] after multiplying by `inv` (ties to even).
+///
+/// Without a call: `round_ties_even` is the C library's rintf on x86-64's baseline (SSE2), which
+/// was 15% of `embed --precision int8`'s time in the weights' packing (real Keras model,
+/// 2026-12-07). Adding and subtracting 1.5 x 2^23 rounds to the nearest integer, ties to even
+/// (the default rounding mode), any value under 2^22 in magnitude; a value here is at most
+/// `levels` (its vector's largest magnitude times `inv`), or NaN, which it keeps.
 #[inline(always)]
 fn quantize(v: f32, inv: f32, levels: i32) -> i32 {
-    (v * inv).round_ties_even().clamp(-levels as f32, levels as f32) as i32
+    const ROUND: f32 = 12_582_912.0;
+    let x = v * inv;
+    let rounded = if x.abs() < 4_194_304.0 { (x + ROUND) - ROUND } else { x.round_ties_even() };
+    rounded.clamp(-levels as f32, levels as f32) as i32
 }
 
 /// The scale of a vector of `levels` a side whose largest magnitude is `max` (NaN if a value is
@@ -165,19 +174,6 @@ fn quantize(v: f32, inv: f32, levels: i32) -> i32 {
 fn scale_of(max: f32, levels: i32) -> (f32, f32) {
     let l = levels as f32;
     (max / l, if max > 0.0 && max.is_finite() { l / max } else { 0.0 })
-}
-
-/// `quantize` without a call: `round_ties_even` is the C library's rintf on x86-64's baseline
-/// (SSE2), which was 15% of `embed --precision int8`'s time, the packing's loop another 13%
-/// (real Keras model, 2026-12-07). Adding and subtracting 1.5 x 2^23 rounds to the nearest
-/// integer, ties to even (the default rounding mode), any value under 2^22 in magnitude; a value
-/// here is at most `levels` (a column's largest magnitude times `inv`), or NaN, which it keeps.
-#[inline(always)]
-fn quantize_weight(v: f32, inv: f32, levels: i32) -> i32 {
-    const ROUND: f32 = 12_582_912.0;
-    let x = v * inv;
-    let rounded = if x.abs() < 4_194_304.0 { (x + ROUND) - ROUND } else { x.round_ties_even() };
-    rounded.clamp(-levels as f32, levels as f32) as i32
 }
 
 /// The (k x n) weights (row-major) as int8 panels of `levels` a side (see the module doc), k
@@ -212,7 +208,7 @@ pub fn pack(weight: &[f32], k: usize, n: usize, levels: i32, k_align: usize) -> 
     for (r, row) in weight.chunks_exact(n.max(1)).enumerate() {
         let (g, i) = (r / 4, r % 4);
         for (j, (v, inv)) in row.iter().zip(&inv).enumerate() {
-            let q = quantize_weight(*v, *inv, levels);
+            let q = quantize(*v, *inv, levels);
             sums[j] += q;
             bytes[((j / NR * groups + g) * NR + j % NR) * 4 + i] = q as i8 as u8;
         }
@@ -604,18 +600,18 @@ mod tests {
         }
     }
 
-    /// The weights' rounding without rintf rounds as `quantize` (ties to even, clamped, NaN to
+    /// `quantize`, without rintf, rounds as `round_ties_even` (ties to even, clamped, NaN to
     /// zero), and `pack` puts each column's weights, scale and zero-point sum where the kernels
     /// read them: row r of column j is byte r % 4 of step r / 4 of j's panel.
     #[test]
     fn weights_pack_row_by_row_as_quantize_rounds_them() {
         for v in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5, 63.5, 0.49999997, 127.0, -127.0, 0.0, -0.0, 3.7, -3.7, 1e-30] {
             for levels in [127, 63] {
-                assert_eq!(quantize_weight(v, 1.0, levels), quantize(v, 1.0, levels), "{v} at {levels} levels");
+                assert_eq!(quantize(v, 1.0, levels), v.round_ties_even().clamp(-levels as f32, levels as f32) as i32, "{v} at {levels} levels");
             }
         }
-        assert_eq!(quantize_weight(f32::NAN, 1.0, 127), 0);
-        assert_eq!(quantize_weight(1.0, f32::INFINITY, 127), 127);
+        assert_eq!(quantize(f32::NAN, 1.0, 127), 0);
+        assert_eq!(quantize(1.0, f32::INFINITY, 127), 127);
         // Column 0 has ties (its largest magnitude 127 makes the scale 1), column 1 a NaN, the rest values.
         let (k, n) = (6, 35);
         let mut w = values(k * n, 9);
